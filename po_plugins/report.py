@@ -1,0 +1,528 @@
+"""Offline report for the disentanglement-band (DB) monitor trace ``<RUN_DIR>/po_band.jsonl``.
+
+The trainer writes one JSON object per optimizer step (keys ``step, loss_name, z_w, z_l, log_r,
+log_r_star, rho, band_lower, band_upper, slack, in_band, alpha, ...``), optionally preceded by a
+header line ``{"meta": {...}}``. This module reads such traces, summarises them and renders PNG
+figures plus a self-contained ``index.html``.
+
+Only :func:`write_report` needs matplotlib; it is imported lazily so that :func:`load_trace` and
+:func:`summarize` work in a bare install (``pip install po-plugins[report]`` adds it).
+
+Non-finite values (``null``, ``NaN``, ``Infinity``) are tolerated everywhere: they are excluded from
+means and are simply not drawn. An unbounded band (rho <= 0: ``band_lower = -inf``,
+``band_upper = +inf``, ``slack = +inf``) is therefore not shaded at those steps.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+TRACE_NAME = "po_band.jsonl"
+INSTALL_HINT = "pip install po-plugins[report]"
+
+# name -> (file name, caption). Order is the order in index.html.
+FIGURES: dict[str, tuple[str, str]] = {
+    "band": ("band.png", "log r = log(mean d_w / mean d_l) against the disentanglement band "
+                         "[log r* + log rho, log r* - log rho]; crosses mark out-of-band steps."),
+    "likelihood": ("likelihood.png", "Policy log-likelihoods z_w (solid, chosen) and z_l (dashed, "
+                                     "rejected), and their change relative to the first step."),
+    "in_band": ("in_band.png", "Running fraction of optimizer steps inside the band."),
+    "alpha": ("alpha.png", "Calibration factor alpha (1.0 when not calibrating)."),
+    "slack": ("slack.png", "Band slack = distance of log r to the nearer band edge (>= 0 means in band)."),
+}
+
+
+class TraceError(ValueError):
+    """A ``po_band.jsonl`` file that cannot be read (malformed line in the middle, wrong type, ...)."""
+
+
+class MissingDependencyError(ImportError):
+    """matplotlib is not installed."""
+
+
+class Trace(list):
+    """A list of per-step records (dicts) that also carries the header ``meta`` and the source path."""
+
+    def __init__(self, records=(), meta: dict | None = None, path: Path | None = None):
+        super().__init__(records)
+        self.meta: dict = dict(meta or {})
+        self.path: Path | None = path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+def load_trace(path: str | Path) -> Trace:
+    """Read a monitor trace.
+
+    ``path`` is either a run directory (``<path>/po_band.jsonl`` is read) or the JSONL file itself.
+    Returns a :class:`Trace` (a ``list[dict]`` of step records, with ``.meta`` and ``.path``).
+
+    * Blank lines are ignored.
+    * ``{"meta": {...}}`` lines are merged into ``.meta`` (normally only the first line is one).
+    * An unparsable *last* line (a run that crashed mid-write) is skipped with a warning.
+    * An unparsable line anywhere else, or a line that is not a JSON object, raises :class:`TraceError`
+      naming the file and the 1-based line number.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / TRACE_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+
+    with open(p, encoding="utf-8", errors="replace") as fh:
+        lines = fh.read().splitlines()
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+
+    records: list[dict] = []
+    meta: dict[str, Any] = {}
+    for pos, (lineno, line) in enumerate(numbered):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if pos == len(numbered) - 1:
+                warnings.warn(f"{p}:{lineno}: skipping truncated last line ({exc.msg})", stacklevel=2)
+                break
+            raise TraceError(f"{p}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
+        if not isinstance(obj, dict):
+            raise TraceError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        if set(obj) == {"meta"}:
+            if not isinstance(obj["meta"], dict):
+                raise TraceError(f"{p}:{lineno}: 'meta' must be a JSON object")
+            meta.update(obj["meta"])
+            continue
+        records.append(obj)
+    return Trace(records, meta=meta, path=p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Numeric helpers (pure Python: no numpy needed for summaries)
+# ---------------------------------------------------------------------------------------------------
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for null / NaN / +-inf / non-numeric values."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return float(value)
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _flag(value: Any) -> bool | None:
+    """in_band as a bool; None when missing/null/NaN."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("true", "yes"):
+            return True
+        if low in ("false", "no"):
+            return False
+    f = _num(value)
+    return None if f is None else f > 0.5
+
+
+def _series(records: list[dict], key: str) -> list[float | None]:
+    return [_num(r.get(key)) for r in records]
+
+
+def _steps(records: list[dict]) -> list[float]:
+    """The ``step`` of each record; its 1-based position where the step is missing or invalid."""
+    out = []
+    for i, r in enumerate(records):
+        s = _num(r.get("step"))
+        out.append(float(i + 1) if s is None else s)
+    return out
+
+
+def _first_last(values: list[float | None]) -> tuple[float | None, float | None]:
+    finite = [v for v in values if v is not None]
+    return (finite[0], finite[-1]) if finite else (None, None)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return sum(finite) / len(finite) if finite else None
+
+
+def summarize(records: list[dict]) -> dict:
+    """Summary numbers for one run.
+
+    Keys: ``steps`` (number of step records), ``first_step``, ``last_step``, ``loss_name``,
+    ``delta_z_w`` / ``delta_z_l`` (last finite z minus first finite z), ``in_band_frac`` (over records
+    whose in_band is not null), ``alpha_mean`` and ``slack_mean`` (over finite values; an unbounded
+    band's ``slack = +inf`` is excluded). Values that cannot be computed are None.
+    """
+    steps = _steps(records)
+    zw0, zw1 = _first_last(_series(records, "z_w"))
+    zl0, zl1 = _first_last(_series(records, "z_l"))
+    flags = [f for f in (_flag(r.get("in_band")) for r in records) if f is not None]
+    loss_names = [r.get("loss_name") for r in records if isinstance(r.get("loss_name"), str)]
+    return {
+        "steps": len(records),
+        "first_step": steps[0] if steps else None,
+        "last_step": steps[-1] if steps else None,
+        "loss_name": loss_names[-1] if loss_names else None,
+        "delta_z_w": None if zw0 is None else zw1 - zw0,
+        "delta_z_l": None if zl0 is None else zl1 - zl0,
+        "in_band_frac": sum(flags) / len(flags) if flags else None,
+        "alpha_mean": _mean(_series(records, "alpha")),
+        "slack_mean": _mean(_series(records, "slack")),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plotting
+# ---------------------------------------------------------------------------------------------------
+
+def _require_matplotlib():
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"the po_plugins report needs matplotlib, which is not installed: {INSTALL_HINT}"
+        ) from exc
+    return matplotlib, Figure
+
+
+def _arr(values):
+    import numpy as np
+
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _smooth(y, n: int):
+    """Trailing NaN-aware moving average over ``n`` points (identity for n <= 1)."""
+    import numpy as np
+
+    if n <= 1 or y.size == 0:
+        return y
+    ok = np.isfinite(y)
+    vals = np.where(ok, y, 0.0)
+    csum = np.concatenate([[0.0], np.cumsum(vals)])
+    ccnt = np.concatenate([[0], np.cumsum(ok)])
+    idx = np.arange(y.size)
+    lo = np.maximum(idx + 1 - n, 0)
+    s = csum[idx + 1] - csum[lo]
+    c = ccnt[idx + 1] - ccnt[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(c > 0, s / np.maximum(c, 1), np.nan)
+    # do not invent values where the raw series itself is missing
+    return np.where(ok, out, np.nan)
+
+
+def _colour(i: int) -> str:
+    return f"C{i % 10}"
+
+
+def _marker_kw(n: int) -> dict:
+    # lines do not show isolated points between gaps; small markers keep short traces visible
+    return {"marker": "o", "markersize": 2.5} if n <= 60 else {}
+
+
+def _no_data(ax, what: str = "no data") -> None:
+    ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center", color="0.5")
+
+
+def _plot_lines(ax, runs, key, smooth, *, style="-", label_fmt="{label}", raw_alpha=0.25) -> bool:
+    """One line per run (colour = run). With smoothing the raw series is drawn faintly behind."""
+    import numpy as np
+
+    drew = False
+    for i, (label, records) in enumerate(runs.items()):
+        x = np.array(_steps(records))
+        y = _arr(_series(records, key))
+        if not np.isfinite(y).any():
+            continue
+        drew = True
+        c = _colour(i)
+        if smooth > 1:
+            ax.plot(x, y, style, color=c, lw=0.8, alpha=raw_alpha)
+        ax.plot(x, _smooth(y, smooth), style, color=c, lw=1.6, label=label_fmt.format(label=label),
+                **_marker_kw(len(x)))
+    return drew
+
+
+def _fig_band(Figure, runs, smooth):
+    import numpy as np
+
+    n = len(runs)
+    fig = Figure(figsize=(10, 2.9 * n + 0.6), layout="constrained")
+    axes = fig.subplots(n, 1, squeeze=False)[:, 0]
+    for i, ((label, records), ax) in enumerate(zip(runs.items(), axes, strict=True)):
+        x = np.array(_steps(records))
+        log_r = _arr(_series(records, "log_r"))
+        centre = _arr(_series(records, "log_r_star"))
+        lower = _arr(_series(records, "band_lower"))
+        upper = _arr(_series(records, "band_upper"))
+        summ = summarize(records)
+        frac = summ["in_band_frac"]
+        ax.set_title(f"{label}" + ("" if frac is None else f"  (in band: {frac:.0%} of steps)"),
+                     loc="left", fontsize=11)
+        ax.set_ylabel("log(d_w / d_l)")
+        ax.grid(alpha=0.3)
+        if not x.size or not (np.isfinite(log_r).any() or np.isfinite(centre).any()):
+            _no_data(ax)
+            continue
+        ax.fill_between(x, _smooth(lower, smooth), _smooth(upper, smooth), color="tab:green", alpha=0.18,
+                        lw=0, label="band (log r* ± log ρ)")
+        ax.plot(x, _smooth(centre, smooth), "--", color="tab:green", lw=1.3, label="centre log r*")
+        if smooth > 1:
+            ax.plot(x, log_r, color=_colour(i), lw=0.8, alpha=0.3)
+        ax.plot(x, _smooth(log_r, smooth), color=_colour(i), lw=1.6, label="log r", **_marker_kw(len(x)))
+        flags = [_flag(r.get("in_band")) for r in records]
+        out = np.array([f is False for f in flags]) & np.isfinite(log_r)
+        if out.any():
+            ax.plot(x[out], log_r[out], "x", color="tab:red", ms=5, mew=1.2, label="out of band")
+        ax.legend(loc="best", fontsize=8, ncol=4)
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle("Incentive ratio against the disentanglement band", fontsize=12)
+    return fig
+
+
+def _fig_likelihood(Figure, runs, smooth):
+    import numpy as np
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(10, 7.5), layout="constrained")
+    ax_z, ax_d = fig.subplots(2, 1, sharex=True)
+    handles = []
+    drew = False
+    for i, (label, records) in enumerate(runs.items()):
+        x = np.array(_steps(records))
+        c = _colour(i)
+        handles.append(Line2D([], [], color=c, lw=2, label=label))
+        for key, style in (("z_w", "-"), ("z_l", "--")):
+            y = _arr(_series(records, key))
+            if not np.isfinite(y).any():
+                continue
+            drew = True
+            base = y[np.isfinite(y)][0]
+            for ax, vals in ((ax_z, y), (ax_d, y - base)):
+                if smooth > 1:
+                    ax.plot(x, vals, style, color=c, lw=0.8, alpha=0.25)
+                ax.plot(x, _smooth(vals, smooth), style, color=c, lw=1.6, **_marker_kw(len(x)))
+    handles += [Line2D([], [], color="k", ls="-", label="chosen z_w"),
+                Line2D([], [], color="k", ls="--", label="rejected z_l")]
+    ax_z.set_title("Policy log-likelihoods", loc="left", fontsize=11)
+    ax_z.set_ylabel("z = log π(y|x)")
+    ax_d.set_title("Change relative to the first step", loc="left", fontsize=11)
+    ax_d.set_ylabel("z(t) − z(first)")
+    ax_d.set_xlabel("optimizer step")
+    ax_d.axhline(0, color="0.3", lw=0.8)
+    for ax in (ax_z, ax_d):
+        ax.grid(alpha=0.3)
+        if not drew:
+            _no_data(ax)
+    ax_z.legend(handles=handles, loc="best", fontsize=8, ncol=2)
+    return fig
+
+
+def _fig_in_band(Figure, runs, smooth):
+    import numpy as np
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax = fig.subplots()
+    drew = False
+    for i, (label, records) in enumerate(runs.items()):
+        x = np.array(_steps(records))
+        flags = [_flag(r.get("in_band")) for r in records]
+        ok = np.array([f is not None for f in flags], dtype=bool)
+        if not ok.any():
+            continue
+        drew = True
+        hits = np.cumsum([1.0 if f else 0.0 for f in flags])
+        counts = np.cumsum(ok)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
+        ax.plot(x, frac, color=_colour(i), lw=1.6, label=label, **_marker_kw(len(x)))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Running fraction of steps in the band", loc="left", fontsize=11)
+    ax.set_ylabel("fraction in band")
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    if drew:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        _no_data(ax)
+    return fig
+
+
+def _fig_alpha(Figure, runs, smooth):
+    import numpy as np
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax = fig.subplots()
+    drew = _plot_lines(ax, runs, "alpha", smooth)
+    ax.axhline(1.0, color="0.3", lw=0.8, ls=":")
+    vals = np.concatenate([_arr(_series(r, "alpha")) for r in runs.values()] or [np.array([])])
+    vals = vals[np.isfinite(vals)]
+    if vals.size and (vals > 0).all() and vals.max() / vals.min() > 20:
+        ax.set_yscale("log")
+    ax.set_title("Calibration factor α (1 = no calibration)", loc="left", fontsize=11)
+    ax.set_ylabel("α")
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    if drew:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        _no_data(ax)
+    return fig
+
+
+def _fig_slack(Figure, runs, smooth):
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax = fig.subplots()
+    drew = _plot_lines(ax, runs, "slack", smooth)
+    ax.axhline(0.0, color="tab:red", lw=1.0)
+    ax.set_title("Band slack (≥ 0: in band; unbounded-band steps are not drawn)", loc="left", fontsize=11)
+    ax.set_ylabel("slack")
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    if drew:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        _no_data(ax)
+    return fig
+
+
+_BUILDERS = {
+    "band": _fig_band,
+    "likelihood": _fig_likelihood,
+    "in_band": _fig_in_band,
+    "alpha": _fig_alpha,
+    "slack": _fig_slack,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------------------
+
+def _fmt(value: Any, kind: str = "num") -> str:
+    if value is None:
+        return "—"
+    if kind == "int":
+        return str(int(value))
+    if kind == "pct":
+        return f"{100.0 * value:.1f}%"
+    return f"{value:+.4g}" if kind == "signed" else f"{value:.4g}"
+
+
+def _html(
+    runs: dict[str, list[dict]], summaries: dict[str, dict], figures: dict[str, str], smooth: int
+) -> str:
+    esc = html.escape
+    rows = []
+    for label, records in runs.items():
+        s = summaries[label]
+        meta = getattr(records, "meta", {}) or {}
+        loss = meta.get("loss") or meta.get("loss_name") or s["loss_name"]
+        rows.append(
+            "<tr>"
+            f"<td>{esc(str(label))}</td><td>{esc(str(loss)) if loss else '—'}</td>"
+            f"<td>{_fmt(s['steps'], 'int')}</td>"
+            f"<td>{_fmt(s['delta_z_w'], 'signed')}</td><td>{_fmt(s['delta_z_l'], 'signed')}</td>"
+            f"<td>{_fmt(s['in_band_frac'], 'pct')}</td>"
+            f"<td>{_fmt(s['alpha_mean'])}</td><td>{_fmt(s['slack_mean'], 'signed')}</td>"
+            "</tr>"
+        )
+    details = []
+    for label, records in runs.items():
+        meta = getattr(records, "meta", {}) or {}
+        path = getattr(records, "path", None)
+        if not meta and path is None:
+            continue
+        body = ""
+        if path is not None:
+            body += f"<p>source: <code>{esc(str(path))}</code></p>"
+        if meta:
+            body += f"<pre>{esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre>"
+        details.append(f"<details><summary>{esc(str(label))}: run metadata</summary>{body}</details>")
+    figs = []
+    for name, fname in figures.items():
+        caption = FIGURES[name][1]
+        figs.append(
+            f'<figure><img src="{esc(fname)}" alt="{esc(name)}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
+        )
+    smooth_note = f" Lines are trailing moving averages over {smooth} steps." if smooth > 1 else ""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Disentanglement-band report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th:first-child, td:first-child, td:nth-child(2) {{ text-align: left; }}
+th {{ background: #f3f3f3; }}
+figure {{ margin: 2em 0; }}
+img {{ max-width: 100%; border: 1px solid #eee; }}
+figcaption {{ color: #555; font-size: 0.9em; }}
+pre {{ background: #f7f7f7; padding: 0.6em; overflow-x: auto; }}
+</style>
+</head>
+<body>
+<h1>Disentanglement-band report</h1>
+<p>Trace: <code>{TRACE_NAME}</code> (one record per optimizer step). Δz is the last minus the
+first finite value; means skip null/NaN/±inf; in-band fraction counts steps with a non-null
+indicator.{smooth_note}</p>
+<table>
+<thead><tr><th>run</th><th>loss</th><th>steps</th><th>Δz_w</th><th>Δz_l</th><th>in band</th>
+<th>mean α</th><th>mean slack</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody>
+</table>
+{chr(10).join(details)}
+{chr(10).join(figs)}
+</body>
+</html>
+"""
+
+
+def write_report(
+    runs: dict[str, list[dict]], out_dir: str | Path, *, smooth: int = 1, dpi: int = 110
+) -> Path:
+    """Render the five figures and ``index.html`` into ``out_dir``; return the path of ``index.html``.
+
+    ``runs`` maps a label to the records of one run (e.g. a :class:`Trace` from :func:`load_trace`;
+    its ``.meta`` and ``.path`` are shown in the page when present). ``smooth`` > 1 draws trailing
+    moving averages over that many steps (the raw series is drawn faintly behind).
+    """
+    if not runs:
+        raise ValueError("write_report: no runs given")
+    smooth = max(int(smooth), 1)
+    _, Figure = _require_matplotlib()
+    from matplotlib.ticker import MaxNLocator
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    figures: dict[str, str] = {}
+    for name, builder in _BUILDERS.items():
+        fname = FIGURES[name][0]
+        fig = builder(Figure, runs, smooth)
+        for ax in fig.axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.savefig(out / fname, dpi=dpi, format="png")
+        figures[name] = fname
+
+    summaries = {label: summarize(records) for label, records in runs.items()}
+    index = out / "index.html"
+    index.write_text(_html(runs, summaries, figures, smooth), encoding="utf-8")
+    return index
