@@ -1,0 +1,76 @@
+"""Head score statistics: norms and inner product of s_w = grad_W mean(z_w), s_l = grad_W mean(z_l).
+
+The disentanglement band (arXiv 2604.18239, §1.4 of papers.md) needs ‖s_w‖, ‖s_l‖ and ⟨s_w, s_l⟩ restricted to
+the LM-head weight W (V×d). With logits = hidden @ Wᵀ, the gradient of a summed response log-prob is
+sum_t (e_{y_t} − softmax(logits_t)) h_tᵀ, so the three statistics follow from hidden states and logits alone:
+no V×d matrix is materialised at once (the vocabulary is processed in chunks) and W itself is never read,
+which is what makes this work when ZeRO-3 shards W.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class ScoreStats(NamedTuple):
+    """Scalar statistics of the chosen/rejected score vectors (0-dim tensors)."""
+
+    sw_norm: torch.Tensor
+    sl_norm: torch.Tensor
+    sw_dot_sl: torch.Tensor
+
+
+@torch.no_grad()
+def head_score_stats(
+    hidden: torch.Tensor,  # [N, T, d]   inputs of the LM head
+    logits: torch.Tensor,  # [N, T, V]   hidden @ W.T (any dtype; computed in fp32)
+    labels: torch.Tensor,  # [N, T]      next-token ids aligned with logits
+    mask: torch.Tensor,  # [N, T]      1 on response positions
+    is_chosen: torch.Tensor,  # [N] bool
+    chunk_size: int = 4096,
+) -> ScoreStats:
+    """‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩ where s = ∇_W of the mean over chosen (rejected) rows of summed response logps.
+
+    Cost: one pass over the vocabulary, O(M·V·d) for M response tokens; memory O(M·chunk + chunk·d).
+    """
+    if hidden.dim() != 3 or logits.dim() != 3 or logits.shape[:2] != hidden.shape[:2]:
+        raise ValueError(f"hidden [N,T,d] and logits [N,T,V] must agree, got {tuple(hidden.shape)}, {tuple(logits.shape)}")
+    mask = mask.bool()
+    is_chosen = is_chosen.bool().to(mask.device)
+    n_w = int(is_chosen.sum())
+    n_l = int((~is_chosen).sum())
+    # per-token scale: 1/n_w on chosen rows, 1/n_l on rejected rows (mean over rows of summed logps)
+    row_scale = torch.where(is_chosen, 1.0 / max(n_w, 1), 1.0 / max(n_l, 1)).to(torch.float32)
+    side_w = is_chosen[:, None].expand_as(mask)[mask]  # [M] True for chosen tokens
+    h = hidden[mask].float() * row_scale[:, None].expand_as(mask)[mask][:, None]  # [M, d], scaled
+    lg = logits[mask]  # [M, V]
+    y = labels[mask].long()  # [M]
+    lse = torch.logsumexp(lg.float(), dim=-1, keepdim=True)  # [M, 1]
+    hw, hl = h[side_w], h[~side_w]
+    lw, ll = lg[side_w], lg[~side_w]
+    yw, yl = y[side_w], y[~side_w]
+    lsew, lsel = lse[side_w], lse[~side_w]
+    vocab = lg.shape[-1]
+    sw2 = torch.zeros((), dtype=torch.float32, device=h.device)
+    sl2 = torch.zeros_like(sw2)
+    dot = torch.zeros_like(sw2)
+    for start in range(0, vocab, chunk_size):
+        stop = min(start + chunk_size, vocab)
+        gw = _chunk_grad(lw, lsew, yw, hw, start, stop)  # [chunk, d]
+        gl = _chunk_grad(ll, lsel, yl, hl, start, stop)
+        sw2 += gw.pow(2).sum()
+        sl2 += gl.pow(2).sum()
+        dot += (gw * gl).sum()
+    return ScoreStats(sw2.sqrt(), sl2.sqrt(), dot)
+
+
+def _chunk_grad(logits, lse, y, h, start, stop):
+    """Rows [start, stop) of sum_t (e_{y_t} − p_t) h_tᵀ: (onehot − softmax)[:, chunk]ᵀ @ h."""
+    a = -(logits[:, start:stop].float() - lse).exp()  # −p on the chunk, [M, c]
+    hit = (y >= start) & (y < stop)
+    if hit.any():
+        rows = hit.nonzero(as_tuple=True)[0]
+        a[rows, y[rows] - start] += 1.0
+    return a.transpose(0, 1) @ h

@@ -1,0 +1,101 @@
+"""A one-layer softmax toy for the disentanglement band (papers.md §1.8).
+
+Fixed context features h_k ∈ R^d, a trainable unembedding W ∈ R^{V×d}, responses as (context, token) sequences;
+z = Σ_t log softmax(W h_{k_t})[y_t]. The default pair reproduces likelihood displacement: the rejected response
+repeats the chosen one's tokens in nearly collinear contexts, so ρ ≈ 1 and ‖s_l‖ > ‖s_w‖/ρ, and plain DPO lowers
+z_w. Everything is exact: the score statistics come from po_plugins.scores on the toy's own logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import incentives
+from .band import band_stats, predicted_signs
+from .losses import PairBatch, build
+from .scores import head_score_stats
+
+
+@dataclasses.dataclass
+class Toy:
+    contexts: torch.Tensor  # [K, d]
+    chosen: list[tuple[int, int]]  # (context, token)
+    rejected: list[tuple[int, int]]
+    vocab: int
+
+
+def default_toy(d: int = 16, vocab: int = 32, seed: int = 0, spread: float = 0.3) -> Toy:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=g, dtype=torch.float64)
+    ctx = u + spread * torch.randn(6, d, generator=g, dtype=torch.float64)
+    ctx = 2.0 * ctx / ctx.norm(dim=1, keepdim=True)
+    chosen = [(0, 3), (1, 5)]
+    rejected = [(0, 3), (1, 5), (2, 3), (3, 5), (4, 3), (5, 7)]
+    return Toy(ctx, chosen, rejected, vocab)
+
+
+def _side(toy: Toy, seq, W):
+    k = torch.tensor([c for c, _ in seq])
+    y = torch.tensor([t for _, t in seq])
+    h = toy.contexts[k]
+    logits = h @ W.T
+    return h, logits, y
+
+
+def logps(toy: Toy, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = []
+    for seq in (toy.chosen, toy.rejected):
+        _, logits, y = _side(toy, seq, W)
+        out.append(torch.log_softmax(logits, -1).gather(-1, y[:, None]).sum())
+    return out[0], out[1]
+
+
+def score_stats(toy: Toy, W: torch.Tensor):
+    """ScoreStats of the pair via the chunked closed form (rows padded to a common length)."""
+    sides = [_side(toy, s, W.detach()) for s in (toy.chosen, toy.rejected)]
+    T = max(len(toy.chosen), len(toy.rejected))
+    d = toy.contexts.shape[1]
+    hidden = torch.zeros(2, T, d, dtype=W.dtype)
+    logits = torch.zeros(2, T, toy.vocab, dtype=W.dtype)
+    labels = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    for i, (h, lg, y) in enumerate(sides):
+        n = len(y)
+        hidden[i, :n], logits[i, :n], labels[i, :n], mask[i, :n] = h, lg, y, True
+    return head_score_stats(hidden, logits, labels, mask, torch.tensor([True, False]), chunk_size=7)
+
+
+def train(loss_name: str, steps: int = 200, lr: float = 0.05, seed: int = 0, toy: Toy | None = None,
+          **hparams) -> list[dict]:
+    """Plain gradient descent on the toy with a po_plugins loss; one record per step (before/after the step)."""
+    toy = toy or default_toy(seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    W = (0.5 * torch.randn(toy.vocab, toy.contexts.shape[1], generator=g, dtype=torch.float64)).requires_grad_(True)
+    with torch.no_grad():
+        ref_w, ref_l = logps(toy, W)
+    loss_fn = build(loss_name, **hparams)
+    n_w, n_l = torch.tensor([len(toy.chosen)]), torch.tensor([len(toy.rejected)])
+    records = []
+    for step in range(1, steps + 1):
+        zw, zl = logps(toy, W)
+        batch = PairBatch(zw[None], zl[None], ref_w[None], ref_l[None], n_w, n_l,
+                          score_stats=score_stats(toy, W))
+        loss = loss_fn(batch).mean()
+        W.grad = None
+        loss.backward()
+        dw, dl = incentives(loss_fn, batch)  # effective incentives (after RC, if any)
+        st = batch.score_stats
+        band = band_stats(dw, dl, *st)
+        pred = predicted_signs(float(dw), float(dl), float(st.sw_norm), float(st.sl_norm), float(st.sw_dot_sl))
+        with torch.no_grad():
+            W -= lr * W.grad
+            zw2, zl2 = logps(toy, W)
+        records.append({
+            "step": step, "loss": float(loss.detach()), "z_w": float(zw.detach()), "z_l": float(zl.detach()),
+            "delta_z_w": float(zw2 - zw), "delta_z_l": float(zl2 - zl),
+            "d_w": float(dw), "d_l": float(dl), "alpha": float(getattr(loss_fn, "alpha", 1.0)),
+            "pred_sign_w": pred[0], "pred_sign_l": pred[1], **band,
+        })
+    return records
