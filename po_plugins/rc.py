@@ -60,8 +60,9 @@ class RewardCalibrated(PairLoss):
         self.check(b)
         alpha = self.update(b) if self.update_state else self.alpha
         zw, zl = b.policy_chosen, b.policy_rejected
-        zw_rc = alpha * zw + (1.0 - alpha) * zw.detach()
-        zl_rc = (1.0 / alpha) * zl + (1.0 - 1.0 / alpha) * zl.detach()
+        # = α z + (1−α) sg(z) of the paper, written so the forward value is bit-identical to z
+        zw_rc = zw.detach() + alpha * (zw - zw.detach())
+        zl_rc = zl.detach() + (1.0 / alpha) * (zl - zl.detach())
         return self.base(dataclasses.replace(b, policy_chosen=zw_rc, policy_rejected=zl_rc))
 
     def update(self, b: PairBatch) -> float:

@@ -1,0 +1,131 @@
+"""Reward calibration against its invariants and the authors' update rule (papers.md §1.5)."""
+
+import math
+
+import pytest
+import torch
+
+import po_plugins
+from po_plugins.losses import PairBatch, build, names
+from po_plugins.scores import ScoreStats
+
+
+def batch(seed=0, B=8, sw=1.0, sl=3.0, dot=0.5, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    aw, al = -20 - 5 * torch.rand(B, generator=g), -25 - 5 * torch.rand(B, generator=g)
+    zw = (aw + torch.randn(B, generator=g)).requires_grad_(requires_grad)
+    zl = (al + torch.randn(B, generator=g)).requires_grad_(requires_grad)
+    n = torch.randint(5, 30, (B,), generator=g)
+    return PairBatch(zw, zl, aw, al, n, n + 3, margins=torch.randn(B, generator=g),
+                     score_stats=ScoreStats(torch.tensor(sw), torch.tensor(sl), torch.tensor(dot)))
+
+
+CALIBRATED = [n for n in names() if n.startswith("rc_")]
+
+
+@pytest.mark.parametrize("name", CALIBRATED)
+def test_forward_unchanged_and_paths_scaled_by_alpha(name):
+    b = batch()
+    rc, base = build(name), build(name[3:])
+    if name == "rc_beta_dpo":  # same sampler seed and statistics on both sides
+        rc.base.load_state_dict(base.state_dict())
+    out = rc(b)
+    ref = base(b)
+    assert torch.equal(out, ref)  # bit-identical forward
+    gw, gl = torch.autograd.grad(out.sum(), [b.policy_chosen, b.policy_rejected])
+    gw0, gl0 = torch.autograd.grad(ref.sum(), [b.policy_chosen, b.policy_rejected])
+    a = rc.alpha
+    assert math.isfinite(a) and a > 0
+    torch.testing.assert_close(gw, a * gw0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gl, gl0 / a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["rc_dpo", "rc_simpo", "rc_bce", "rc_cpo", "rc_lsif", "rc_madpo"])
+def test_alpha_squared_is_rstar_over_r_on_first_call(name):
+    b = batch(sw=0.7, sl=2.1)
+    rc = build(name)
+    d_w, d_l = po_plugins.incentives(build(name[3:]), b)
+    rc(b)
+    r = float(d_w.double().mean() / d_l.double().mean())
+    assert rc.alpha ** 2 == pytest.approx((2.1 / 0.7) / r, rel=1e-6)
+
+
+def test_ema_follows_the_authors_update():
+    rc = build("rc_bce", ema_decay=0.9)
+    stats = [(1.0, 2.0), (1.5, 1.0), (0.5, 4.0)]
+    e = None
+    for i, (sw, sl) in enumerate(stats):
+        b = batch(seed=i, sw=sw, sl=sl, dot=0.1)
+        d_w, d_l = po_plugins.incentives(rc.base, b)
+        x = [math.log(float(d_w.double().mean())), math.log(float(d_l.double().mean())), math.log(sw), math.log(sl)]
+        e = x if e is None else [0.9 * p + 0.1 * v for p, v in zip(e, x)]
+        rc(b)
+        assert rc.alpha == pytest.approx(math.exp(0.5 * ((e[3] - e[2]) - (e[0] - e[1]))), rel=1e-9)
+
+
+def test_state_dict_resume_gives_identical_alpha_sequence():
+    seq = [batch(seed=s, sw=1 + s, sl=2 + 0.5 * s) for s in range(6)]
+    full = build("rc_dpo")
+    alphas = [(full(b), full.alpha)[1] for b in seq]
+    first = build("rc_dpo")
+    for b in seq[:3]:
+        first(b)
+    resumed = build("rc_dpo")
+    resumed.load_state_dict(first.state_dict())
+    assert [(resumed(b), resumed.alpha)[1] for b in seq[3:]] == alphas[3:]
+
+
+def test_no_update_outside_training():
+    rc = build("rc_dpo")
+    b = batch(requires_grad=False)
+    torch.testing.assert_close(rc(b), build("dpo")(b))
+    assert rc.calls == 0 and rc.alpha == 1.0
+    with torch.no_grad():
+        rc(batch())
+    assert rc.calls == 0
+
+
+@pytest.mark.parametrize("name", ["rc_slic", "rc_hinge", "rc_ipo", "rc_cdpo"])
+def test_non_positive_incentives_never_give_nan(name):
+    rc = build(name)
+    # first a normal batch, then batches where the hinge is satisfied / IPO is past its target
+    b0 = batch()
+    # a first batch where every objective is active (m < γ, Δ below the targets)
+    b0 = PairBatch(b0.policy_chosen, (b0.policy_chosen.detach() + 0.5).requires_grad_(True), b0.ref_chosen,
+                   b0.ref_chosen, b0.chosen_tokens, b0.chosen_tokens, score_stats=b0.score_stats)
+    rc(b0)
+    b = batch(seed=1)
+    far = PairBatch((b.policy_chosen.detach() + 200).requires_grad_(True), b.policy_rejected, b.ref_chosen,
+                    b.ref_rejected, b.chosen_tokens, b.rejected_tokens, score_stats=b.score_stats)
+    alpha_before = rc.alpha
+    dw, dl = po_plugins.incentives(rc.base, far)
+    assert float(dl.mean()) <= 0 or float(dw.mean()) <= 0
+    out = rc(far)
+    (g,) = torch.autograd.grad(out.sum(), [far.policy_chosen])
+    assert torch.isfinite(out).all() and torch.isfinite(g).all() and math.isfinite(rc.alpha)
+    assert rc.ema["dw"] is not None
+    # the incentive EMAs were held; only the score EMAs moved (same scores here, so α is unchanged)
+    assert rc.alpha == pytest.approx(alpha_before, rel=1e-9)
+
+
+def test_rc_needs_score_stats():
+    b = batch()
+    b.score_stats = None
+    with pytest.raises(ValueError, match="score_stats"):
+        build("rc_dpo")(b)
+
+
+def test_clamp_to_band_keeps_calibrated_ratio_inside_the_instantaneous_band():
+    rc = build("rc_dpo", clamp_to_band=True)
+    for s in range(5):
+        rc(batch(seed=s, sw=1.0, sl=1.0 + 4 * (s % 2), dot=0.9 * (1.0 + 4 * (s % 2))))
+        st = rc.last
+        log_r = math.log(st["d_w"] / st["d_l"]) + st["log_delta"]
+        rho = st["sw_dot_sl"] / (st["sw_norm"] * st["sl_norm"])
+        centre = rc.ema["sl"] - rc.ema["sw"]
+        assert centre + math.log(rho) - 1e-9 <= log_r <= centre - math.log(rho) + 1e-9
+
+
+def test_signed_objectives_refuse_calibration_with_the_list():
+    with pytest.raises(ValueError, match="rc_dpo"):
+        build("rc_apo_down")

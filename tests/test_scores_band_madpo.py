@@ -1,0 +1,89 @@
+"""Head score statistics against autograd, the band on the softmax toy, and MADPO weights."""
+
+import math
+
+import pytest
+import torch
+
+from po_plugins.band import band_stats
+from po_plugins.madpo import margin_weights, scale_c
+from po_plugins.scores import head_score_stats
+from po_plugins.toy import train
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 13, 50, 4096])
+def test_head_score_stats_equal_autograd_on_the_head(chunk):
+    g = torch.Generator().manual_seed(0)
+    N, T, d, V = 6, 9, 5, 50
+    W = torch.randn(V, d, generator=g, requires_grad=True)
+    hidden = torch.randn(N, T, d, generator=g)
+    labels = torch.randint(0, V, (N, T), generator=g)
+    mask = torch.rand(N, T, generator=g) > 0.3
+    mask[:, 0] = True
+    is_chosen = torch.tensor([True, False, True, True, False, False])
+    logits = hidden @ W.T
+    lp = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    seq = (lp * mask).sum(-1)
+    (sw,) = torch.autograd.grad(seq[is_chosen].mean(), [W], retain_graph=True)
+    (sl,) = torch.autograd.grad(seq[~is_chosen].mean(), [W])
+    st = head_score_stats(hidden, logits.detach(), labels, mask, is_chosen, chunk_size=chunk)
+    torch.testing.assert_close(st.sw_norm, sw.norm(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.sl_norm, sl.norm(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.sw_dot_sl, (sw * sl).sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_band_stats_edges_and_slack():
+    out = band_stats(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]), 2.0, 4.0, 0.5 * 8.0)
+    assert out["log_r"] == pytest.approx(math.log(2.0))
+    assert out["log_r_star"] == pytest.approx(math.log(2.0))
+    assert out["rho"] == pytest.approx(0.5)
+    assert out["lower"] == pytest.approx(math.log(2.0) + math.log(0.5))
+    assert out["upper"] == pytest.approx(math.log(2.0) - math.log(0.5))
+    assert out["slack"] == pytest.approx(math.log(2.0)) and out["in_band"] == 1.0
+    out = band_stats(1.0, 1.0, 1.0, 5.0, 0.9 * 5.0)  # r = 1, r* = 5, ρ = 0.9: far above the band
+    assert out["slack"] < 0 and out["in_band"] == 0.0
+    neg = band_stats(1.0, 1.0, 1.0, 5.0, -1.0)  # ρ ≤ 0: always in band
+    assert neg["in_band"] == 1.0 and neg["lower"] == -math.inf and neg["upper"] == math.inf
+
+
+@pytest.mark.parametrize("name", ["dpo", "rc_dpo", "bce", "rc_cpo", "lsif"])
+def test_band_predicts_signs_of_likelihood_changes_in_softmax_toy(name):
+    rec = train(name, steps=60, lr=1e-3)
+    for r in rec:
+        assert (r["delta_z_w"] > 0) == (r["pred_sign_w"] > 0), r
+        assert (r["delta_z_l"] > 0) == (r["pred_sign_l"] > 0), r
+        # in band ⇔ chosen not falling and rejected not rising (both edges of the band)
+        assert bool(r["in_band"]) == (r["delta_z_w"] >= 0 and r["delta_z_l"] <= 0)
+
+
+def test_toy_dpo_leaves_band_and_rc_keeps_it():
+    dpo, rc = train("dpo", steps=100), train("rc_dpo", steps=100)
+    assert dpo[-1]["z_w"] < dpo[0]["z_w"] and all(r["in_band"] == 0 for r in dpo)
+    assert rc[-1]["z_w"] > rc[0]["z_w"] and all(r["in_band"] == 1 for r in rc)
+    assert rc[-1]["z_l"] < rc[0]["z_l"]
+
+
+def test_madpo_weights_shape():
+    tau = math.log(999)
+    h = torch.tensor([-tau - 1e-3, -tau, -tau + 1e-6, 0.0, 1.0, tau, 2 * tau])
+    w = margin_weights(h)
+    assert w[0] == 1 and w[1] == 1
+    assert float(w[2]) == pytest.approx(1.0, abs=1e-4)  # continuity at −τ (c(τ) = 1)
+    assert float(w[3]) == pytest.approx(1.0, abs=1e-7)  # w(0) = σ(0)/σ(0)
+    assert float(w[4]) > 1.0  # amplified below τ
+    assert float(w[5]) == pytest.approx(1.0, abs=1e-6)
+    assert float(w[6]) < 1.0  # dampened above τ
+    assert float(scale_c(torch.tensor(tau))) == pytest.approx(1.0)
+    a = torch.linspace(0, 20, 50)
+    assert (scale_c(a)[1:] < scale_c(a)[:-1]).all()  # c decreasing
+    # independent formula
+    c = 0.25 + 3.75 / (1 + (3 / 0.75) * torch.exp(1.0 * (a - 7.0)))
+    expect = torch.sigmoid(c * a) / torch.sigmoid(a)
+    torch.testing.assert_close(margin_weights(a, c_max=4.0, tau=7.0), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_madpo_bad_input():
+    with pytest.raises(ValueError, match="c_max"):
+        margin_weights(torch.zeros(2), c_max=0.5)
+    with pytest.raises(ValueError, match="non-finite.*\\[1\\]"):
+        margin_weights(torch.tensor([0.0, float("nan")]))
