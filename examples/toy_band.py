@@ -19,7 +19,8 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=20)
     args = ap.parse_args(argv)
     runs = {name: train(name, steps=args.steps, lr=args.lr) for name in ("dpo", "rc_dpo")}
-    head = f"{'step':>5} | {'dpo z_w':>9} {'z_l':>9} {'slack':>7} | {'rc_dpo z_w':>10} {'z_l':>9} {'slack':>7} {'alpha':>6}"
+    head = (f"{'step':>5} | {'dpo z_w':>9} {'z_l':>9} {'slack':>7} | "
+            f"{'rc_dpo z_w':>10} {'z_l':>9} {'slack':>7} {'alpha':>6}")
     print(head)
     print("-" * len(head))
     for i in range(0, args.steps, args.every):

@@ -289,7 +289,8 @@ class APODown(PairLoss):
 
 @register
 class SPPOHard(PairLoss):
-    """SPPO, hard-label pairwise form (Wu et al. 2024, arXiv 2405.00675, as in TRL): (r_w − 1/(2β))² + (r_l + 1/(2β))²."""
+    """SPPO, hard-label pairwise form (Wu et al. 2024, arXiv 2405.00675, as in TRL):
+    (r_w − 1/(2β))² + (r_l + 1/(2β))²."""
 
     name, paper, defaults = "sppo_hard", "arXiv 2405.00675 Eq. 4 (hard labels)", {"beta": 0.1}
     incentive_sign = "target"

@@ -36,7 +36,8 @@ def head_score_stats(
     Cost: one pass over the vocabulary, O(M·V·d) for M response tokens; memory O(M·chunk + chunk·d).
     """
     if hidden.dim() != 3 or logits.dim() != 3 or logits.shape[:2] != hidden.shape[:2]:
-        raise ValueError(f"hidden [N,T,d] and logits [N,T,V] must agree, got {tuple(hidden.shape)}, {tuple(logits.shape)}")
+        raise ValueError(f"hidden [N,T,d] and logits [N,T,V] must agree, got {tuple(hidden.shape)}, "
+                         f"{tuple(logits.shape)}")
     mask = mask.bool()
     is_chosen = is_chosen.bool().to(mask.device)
     n_w = int(is_chosen.sum())
