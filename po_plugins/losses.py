@@ -357,13 +357,14 @@ class DiscoPOP(PairLoss):
 
 @register
 class RDPO(PairLoss):
-    """R-DPO, length-regularised (Park et al. 2024, arXiv 2403.19159, Eq. 9): −log σ(βΔ − α(|y_w| − |y_l|))."""
+    """R-DPO, length-regularised (Park et al. 2024, arXiv 2403.19159, Eq. 9): −log σ(βΔ + α(|y_w| − |y_l|)).
+    A longer chosen response already raises the logit, so length alone earns less push."""
 
     name, paper, defaults = "r_dpo", "arXiv 2403.19159 Eq. 9", {"beta": 0.1, "alpha": 0.01}
     needs = ("ref", "tokens")
 
     def forward(self, b):
-        return -logsig(self.beta * _delta(b) - self.alpha * (b.chosen_tokens.to(b.policy_chosen)
+        return -logsig(self.beta * _delta(b) + self.alpha * (b.chosen_tokens.to(b.policy_chosen)
                                                              - b.rejected_tokens.to(b.policy_chosen)))
 
 
@@ -532,7 +533,7 @@ def _prior_dpo(z, ref, tokens, chosen, hp):
 
 
 def _prior_r_dpo(z, ref, tokens, chosen, hp):
-    return ref + hp["eta"] * tokens.to(z) / hp["beta"]
+    return ref - hp["eta"] * tokens.to(z) / hp["beta"]
 
 
 def _prior_simpo(z, ref, tokens, chosen, hp):
@@ -550,7 +551,7 @@ MI_PRIORS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 class MIDPO(PairLoss):
     """MI-DPO (Tutnov et al. 2025, arXiv 2501.01544): −log σ(β[(z_w − log ζ(y_w)) − (z_l − log ζ(y_l))]).
 
-    `prior` picks log ζ: "dpo" (ζ = π_ref: DPO), "r_dpo" (π_ref·e^{η|y|/β}: R-DPO with α = η), "simpo"
+    `prior` picks log ζ: "dpo" (ζ = π_ref: DPO), "r_dpo" (π_ref·e^{−η|y|/β}: R-DPO with α = η), "simpo"
     (π_θ^{1−1/|y|}·e^{γ·1[y=y_w]/β}: SimPO), or a callable (z, ref, tokens, is_chosen, hparams) -> log ζ.
     The prior's algebra is derived in papers.md §3, not taken from the paper's text."""
 

@@ -39,15 +39,28 @@ def head_score_stats(
         raise ValueError(f"hidden [N,T,d] and logits [N,T,V] must agree, got {tuple(hidden.shape)}, "
                          f"{tuple(logits.shape)}")
     mask = mask.bool()
-    is_chosen = is_chosen.bool().to(mask.device)
+    pos = mask.nonzero(as_tuple=False)
+    return score_stats_flat(hidden[pos[:, 0], pos[:, 1]], logits[pos[:, 0], pos[:, 1]], labels[pos[:, 0], pos[:, 1]],
+                            pos[:, 0], is_chosen, chunk_size)
+
+
+@torch.no_grad()
+def score_stats_flat(
+    hidden: torch.Tensor,  # [M, d]  head inputs at the response positions
+    logits: torch.Tensor,  # [M, V]
+    labels: torch.Tensor,  # [M]     next-token ids
+    rows: torch.Tensor,  # [M]     sequence index of each position
+    is_chosen: torch.Tensor,  # [N]   bool per sequence
+    chunk_size: int = 4096,
+) -> ScoreStats:
+    """The same statistics from response positions already gathered (any layout, e.g. packed sequences)."""
+    is_chosen = is_chosen.bool().to(rows.device)
     n_w = int(is_chosen.sum())
     n_l = int((~is_chosen).sum())
-    # per-token scale: 1/n_w on chosen rows, 1/n_l on rejected rows (mean over rows of summed logps)
     row_scale = torch.where(is_chosen, 1.0 / max(n_w, 1), 1.0 / max(n_l, 1)).to(torch.float32)
-    side_w = is_chosen[:, None].expand_as(mask)[mask]  # [M] True for chosen tokens
-    h = hidden[mask].float() * row_scale[:, None].expand_as(mask)[mask][:, None]  # [M, d], scaled
-    lg = logits[mask]  # [M, V]
-    y = labels[mask].long()  # [M]
+    side_w = is_chosen[rows]  # [M] True for chosen tokens
+    h = hidden.float() * row_scale[rows][:, None]  # [M, d], scaled by 1/n of its side
+    lg, y = logits, labels.long()
     lse = torch.logsumexp(lg.float(), dim=-1, keepdim=True)  # [M, 1]
     hw, hl = h[side_w], h[~side_w]
     lw, ll = lg[side_w], lg[~side_w]

@@ -138,7 +138,7 @@ def cf_discopop(b, hp):
 
 def cf_r_dpo(b, hp):
     *_, D, nw, nl = fields(b)
-    d = hp["beta"] * sig(-(hp["beta"] * D - hp["alpha"] * (nw - nl)))
+    d = hp["beta"] * sig(-(hp["beta"] * D + hp["alpha"] * (nw - nl)))
     return d, d
 
 
@@ -220,8 +220,8 @@ def cf_mi_dpo(b, hp):
     if hp["prior"] == "dpo":  # ζ = π_ref: DPO
         x = be * D
         return be * sig(-x), be * sig(-x)
-    if hp["prior"] == "r_dpo":  # ζ = π_ref·e^{η|y|/β}: R-DPO with α = η
-        x = be * D - hp["eta"] * (nw - nl)
+    if hp["prior"] == "r_dpo":  # ζ = π_ref·e^{−η|y|/β}: R-DPO with α = η
+        x = be * D + hp["eta"] * (nw - nl)
         return be * sig(-x), be * sig(-x)
     # ζ = π_θ^{1−1/|y|}·e^{γ·1[y=y_w]/β}, differentiated through: SimPO
     s = sig(-(be * (zw / nw - zl / nl) - hp["gamma"]))

@@ -56,7 +56,7 @@ R = {
     "discopop": ({}, lambda zw, zl, aw, al, nw, nl, mg: (lambda x: (1 - sig(x / 0.05)) * -ls(x)
                                                         + torch.exp(ls(x / 0.05) - x))(
         0.1 * ((zw - aw) - (zl - al)))),
-    "r_dpo": ({}, lambda zw, zl, aw, al, nw, nl, mg: -ls(0.1 * ((zw - aw) - (zl - al)) - 0.01 * (nw - nl))),
+    "r_dpo": ({}, lambda zw, zl, aw, al, nw, nl, mg: -ls(0.1 * ((zw - aw) - (zl - al)) + 0.01 * (nw - nl))),
     "lsif": ({}, lambda zw, zl, aw, al, nw, nl, mg: -torch.exp(zw - aw) + 0.5 * torch.exp(2 * (zl - al))),
     "ukl": ({}, lambda zw, zl, aw, al, nw, nl, mg: -zw + torch.exp(zl - al)),
     "ddro": ({}, lambda zw, zl, aw, al, nw, nl, mg: math.log(2) - (zw - aw) + math.log(2)
