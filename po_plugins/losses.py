@@ -144,7 +144,8 @@ def _rl(b):
 
 
 def _delta(b):
-    return _rw(b) - _rl(b)
+    # (z_w − z_l) − (z_w^ref − z_l^ref): OpenRLHF's DPOLoss order, so `dpo` matches it bit for bit
+    return (b.policy_chosen - b.policy_rejected) - (b.ref_chosen - b.ref_rejected)
 
 
 def _len(t, like):

@@ -1,0 +1,147 @@
+"""OpenRLHF's train_dpo with po_plugins objectives and the disentanglement-band monitor.
+
+    deepspeed --module po_plugins.cli.train_dpo --loss rc_dpo <every stock openrlhf.cli.train_dpo flag>
+    (also: torchrun -m po_plugins.cli.train_dpo ..., python -m po_plugins.cli.train_dpo ...)
+
+The plugin's own flags are pre-parsed here; every other flag goes to the real `openrlhf.cli.train_dpo`, which
+runs unmodified (its parser, validation, model/dataset construction and saving) with the seams of
+po_plugins.openrlhf patched in.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from types import SimpleNamespace
+
+# plugin flags: name -> (type, default, help)
+PLUGIN_FLAGS = {
+    "monitor": (bool, False, "band monitor (on by default with rc_* losses)"),
+    "alert_steps": (int, 20, "warn after this many consecutive out-of-band steps (0: never)"),
+    "recheck": (bool, True, "re-score the last micro-batch after each optimizer step for exact per-pair deltas"),
+    "jsonl": (str, None, "band trace path (default <ckpt.output_dir>/po_band.jsonl)"),
+    "score_chunk": (int, 4096, "vocabulary chunk of the head score statistics"),
+    "margin_key": (str, None, "dataset column with reward-model margins (madpo); never 'margin'"),
+    "missing_margin": (str, "error", "rows without a margin: 'error' or 'unit' (weight 1)"),
+}
+
+
+def _parse_value(kind, raw, flag):
+    if kind is bool:
+        if raw is None:
+            return True
+        low = str(raw).lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise SystemExit(f"po_plugins: {flag} takes true/false, got {raw!r}")
+    if raw is None:
+        raise SystemExit(f"po_plugins: {flag} needs a value")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SystemExit(f"po_plugins: {flag} takes a {kind.__name__}, got {raw!r}") from None
+
+
+def _coerce_hparam(default, raw, flag):
+    if isinstance(default, bool):
+        return _parse_value(bool, raw, flag)
+    if isinstance(default, int):
+        return _parse_value(int, raw, flag)
+    if isinstance(default, float) or default is None:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            if default is None:
+                return raw
+            raise SystemExit(f"po_plugins: {flag} takes a number, got {raw!r}") from None
+    return raw
+
+
+def split_argv(argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
+    """Take --loss and --po.* out of argv; return (plugin options, host argv)."""
+    from po_plugins.losses import accepted_hparams, names
+
+    loss, raw_po, rest = None, {}, []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        key, val = (a.split("=", 1) + [None])[:2] if a.startswith("--") else (a, None)
+        if key == "--loss":
+            if val is None:
+                i += 1
+                val = argv[i] if i < len(argv) else None
+            if val is None:
+                raise SystemExit("po_plugins: --loss needs a name; choose one of: " + ", ".join(names()))
+            loss = val
+        elif key.startswith("--po."):
+            name = key[5:].replace("-", "_")
+            if val is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val = argv[i + 1]
+                i += 1
+            raw_po[name] = (val, key)
+        else:
+            rest.append(a)
+        i += 1
+    if loss is not None and loss not in names():
+        raise SystemExit(f"po_plugins: unknown loss '{loss}'; choose one of: {', '.join(names())}")
+    accepted = accepted_hparams(loss or "dpo")
+    po = {k: d for k, (_, d, _) in PLUGIN_FLAGS.items()}
+    hparams = {}
+    for name, (val, flag) in raw_po.items():
+        if name in PLUGIN_FLAGS:
+            po[name] = _parse_value(PLUGIN_FLAGS[name][0], val, flag)
+        elif name in accepted:
+            hparams[name] = _coerce_hparam(accepted[name], val, flag)
+        else:
+            raise SystemExit(f"po_plugins: unknown flag {flag} for --loss {loss or 'dpo'}; accepted --po.* flags: "
+                             f"{', '.join(sorted(set(PLUGIN_FLAGS) | set(accepted) - {'beta'}))} "
+                             f"(the temperature is --model.beta)")
+    if po["margin_key"] == "margin":
+        raise SystemExit("po_plugins: --po.margin_key must not be 'margin' (OpenRLHF reads that column as the "
+                         "reward-model margin-loss target); use e.g. rm_margin")
+    if po["missing_margin"] not in ("error", "unit"):
+        raise SystemExit("po_plugins: --po.missing_margin takes 'error' or 'unit'")
+    beta_given = any(a == "--model.beta" or a.startswith("--model.beta=") for a in rest)
+    return SimpleNamespace(loss=loss, hparams=hparams, beta_given=beta_given, **po), rest
+
+
+def plugin_help() -> str:
+    from po_plugins.losses import names
+
+    lines = ["po_plugins options (the host's own options follow):",
+             "  --loss NAME            one of: " + ", ".join(names()),
+             "  --po.<hparam> VALUE    a hyperparameter of the chosen loss (e.g. --po.gamma 1.0); "
+             "the temperature is --model.beta"]
+    for k, (kind, default, text) in PLUGIN_FLAGS.items():
+        lines.append(f"  --po.{k:<17} {text} (default {default})")
+    return "\n".join(lines)
+
+
+def prepare(argv: list[str]) -> list[str]:
+    """Parse plugin flags, check the host, apply CPU shims where there is no GPU, patch the seams."""
+    from po_plugins import _cpu
+    from po_plugins import openrlhf as host
+
+    po, rest = split_argv(argv)
+    if "-h" in rest or "--help" in rest:
+        print(plugin_help() + "\n")
+    _cpu.ensure_single_process_env()
+    _cpu.apply_cpu_shims()
+    try:
+        host.check_host()
+    except host.HostError as e:
+        raise SystemExit(f"po_plugins: {e}") from None
+    host.install(po)
+    return rest
+
+
+def main(argv: list[str] | None = None, module: str = "openrlhf.cli.train_dpo") -> None:
+    rest = prepare(list(sys.argv[1:] if argv is None else argv))
+    sys.argv = [module, *rest]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
