@@ -10,7 +10,6 @@ It patches four seams, all plain module attributes looked up when `openrlhf.cli.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import json

@@ -114,7 +114,7 @@ def plugin_help() -> str:
              "  --loss NAME            one of: " + ", ".join(names()),
              "  --po.<hparam> VALUE    a hyperparameter of the chosen loss (e.g. --po.gamma 1.0); "
              "the temperature is --model.beta"]
-    for k, (kind, default, text) in PLUGIN_FLAGS.items():
+    for k, (_kind, default, text) in PLUGIN_FLAGS.items():
         lines.append(f"  --po.{k:<17} {text} (default {default})")
     return "\n".join(lines)
 

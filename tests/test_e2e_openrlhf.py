@@ -1,0 +1,187 @@
+"""End to end: the real, unmodified openrlhf.cli.train_dpo through po_plugins.cli.train_dpo on CPU (tiny model)."""
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from po_plugins.tiny import make_assets
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(importlib.util.find_spec("openrlhf") is None,
+                                                  reason="openrlhf not installed (make test installs it)")]
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+KEYS = ["step", "z_w", "z_l", "delta_z_w", "delta_z_l", "r_w", "r_l", "d_w", "d_l", "log_r", "log_r_star", "rho",
+        "band_lower", "band_upper", "slack", "in_band", "alpha", "chosen_up_frac"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("tiny"), n_train=16, n_eval=8)
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, cwd, nproc=1, module="po_plugins.cli.train_dpo", env_extra=None, check=True):
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(Path(cwd) / "ext"), **(env_extra or {}))
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_port())]
+    cmd += ["-m", module, *map(str, args)]
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    if check:
+        assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-6000:])
+    return res
+
+
+def flags(assets, out, stage=0, micro=2, batch=4, epochs=1, extra=()):
+    return ["--model.model_name_or_path", assets["model"], "--data.dataset", assets["train"],
+            "--data.prompt_key", "prompt", "--data.chosen_key", "chosen", "--data.rejected_key", "rejected",
+            "--data.max_len", "64", "--train.micro_batch_size", micro, "--train.batch_size", batch,
+            "--train.max_epochs", epochs, "--ds.attn_implementation", "eager", "--ds.zero_stage", stage,
+            "--ds.param_dtype", "bf16", "--adam.lr", "1e-2", "--lr_warmup_ratio", "0",
+            "--ckpt.output_dir", out, *extra]
+
+
+def trace(out):
+    lines = Path(out, "po_band.jsonl").read_text().splitlines()
+    assert json.loads(lines[0]).keys() == {"meta"}
+    return [json.loads(x) for x in lines[1:]]
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+@pytest.mark.parametrize("loss,stage", [("dpo", 0), ("rc_dpo", 0), ("simpo", 0), ("ipo", 0), ("rc_dpo", 3),
+                                        ("simpo", 2), ("rc_madpo", 0)])
+def test_losses_run_end_to_end_with_the_monitor(assets, tmp_path, loss, stage):
+    extra = ["--po.monitor"]
+    if "madpo" in loss:  # margins travel with their rows through OpenRLHF's dataset and collator
+        rows = [json.loads(x) for x in Path(assets["train"]).read_text().splitlines()]
+        data = tmp_path / "scored.jsonl"
+        data.write_text("".join(json.dumps({**r, "rm_margin": (i % 7) - 3.0}) + "\n" for i, r in enumerate(rows)))
+        extra += ["--po.margin_key", "rm_margin", "--data.dataset", data]
+    res = run(["--loss", loss, *flags(assets, tmp_path / "out", stage=stage, extra=extra)], tmp_path)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    rec = trace(tmp_path / "out")
+    assert [r["step"] for r in rec] == [1, 2, 3, 4]
+    for r in rec:
+        for k in KEYS:
+            assert k in r and math.isfinite(float(r[k])) or k in ("band_upper", "band_lower", "slack"), (k, r)
+        assert r["loss_name"] == loss
+    if loss in ("dpo", "rc_dpo"):
+        assert rec[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy equals reference at step 1
+        assert rec[0]["r_w"] == 0 and rec[0]["r_l"] == 0
+    if loss.startswith("rc_"):
+        assert any(r["alpha"] != 1.0 for r in rec)
+    else:
+        assert all(r["alpha"] == 1.0 for r in rec)
+    if loss == "simpo":
+        assert "reference forward skipped" in res.stdout + res.stderr
+    if "madpo" in loss:
+        assert all(0 < r["w_min"] <= r["w_mean"] <= r["w_max"] for r in rec)
+        assert rec[0]["loss"] == pytest.approx(rec[0]["w_mean"] * math.log(2), abs=1e-6)  # weights × ln 2
+
+
+def test_plugin_dpo_reproduces_the_stock_trainer(assets, tmp_path):
+    common = flags(assets, tmp_path / "stock", extra=["--logger.tensorboard_dir", tmp_path / "tb_stock"])
+    run(["openrlhf.cli.train_dpo", *common], tmp_path, module="po_plugins._cpu.run_stock")
+    mine = flags(assets, tmp_path / "plugin", extra=["--logger.tensorboard_dir", tmp_path / "tb_plugin"])
+    run(["--loss", "dpo", *mine], tmp_path)
+    a, b = weights(tmp_path / "stock"), weights(tmp_path / "plugin")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def losses(d):
+        ea = EventAccumulator(str(next(Path(d).iterdir())))
+        ea.Reload()
+        return [e.value for e in ea.Scalars("train/loss")]
+
+    assert losses(tmp_path / "tb_stock") == losses(tmp_path / "tb_plugin") and len(losses(tmp_path / "tb_stock")) == 4
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(assets, tmp_path):
+    def args(out):
+        return ["--loss", "rc_dpo", *flags(assets, out, epochs=2, extra=[
+            "--ckpt.save_steps", "3", "--ckpt.path", Path(out) / "ckpt", "--ckpt.load_enable"])]
+
+    run(args(tmp_path / "full"), tmp_path)
+    res = run(args(tmp_path / "part"), tmp_path, env_extra={"PO_PLUGINS_INTERRUPT_AT_STEP": "3"}, check=False)
+    assert res.returncode != 0 and "stopping" in res.stdout + res.stderr
+    assert [r["step"] for r in trace(tmp_path / "part")] == [1, 2, 3]
+    run(args(tmp_path / "part"), tmp_path)
+    full, part = trace(tmp_path / "full"), trace(tmp_path / "part")
+    assert [r["step"] for r in part] == list(range(1, 9))
+    assert [r["alpha"] for r in part] == [r["alpha"] for r in full]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+
+
+def test_two_processes_agree_with_one(assets, tmp_path):
+    # one pair per micro-batch, so both layouts see the same pairs per optimizer step and the same score norms
+    run(["--loss", "dpo", "--po.monitor", *flags(assets, tmp_path / "one", micro=1, batch=4)], tmp_path)
+    run(["--loss", "dpo", "--po.monitor", *flags(assets, tmp_path / "two", micro=1, batch=4)], tmp_path, nproc=2)
+    one, two = trace(tmp_path / "one"), trace(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        for k in ("z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "log_r", "log_r_star", "rho", "loss"):
+            assert a[k] == pytest.approx(b[k], rel=2e-3, abs=2e-3), (k, a[k], b[k])
+    run(["--loss", "rc_dpo", *flags(assets, tmp_path / "rc2", stage=2)], tmp_path, nproc=2)
+    assert all(r["alpha_rank_spread"] == 0.0 for r in trace(tmp_path / "rc2"))
+
+
+def test_lora_with_gradient_accumulation(assets, tmp_path):
+    run(["--loss", "rc_dpo", *flags(assets, tmp_path / "out", micro=1, batch=4,
+                                     extra=["--ds.lora.rank", "4", "--ds.lora.alpha", "8"])], tmp_path)
+    rec = trace(tmp_path / "out")
+    assert len(rec) == 4 and all(r["sw_norm"] > 0 and r["sl_norm"] > 0 for r in rec)
+
+
+def test_bad_inputs_give_one_clear_error(assets, tmp_path):
+    res = run(["--loss", "dpoo", *flags(assets, tmp_path / "o")], tmp_path, check=False)
+    assert res.returncode != 0 and "unknown loss 'dpoo'" in res.stderr and "rc_dpo" in res.stderr
+    res = run(["--loss", "simpo", "--model.ipo_enable", *flags(assets, tmp_path / "o")], tmp_path, check=False)
+    assert res.returncode != 0 and "--model.ipo_enable contradicts --loss simpo" in res.stderr
+    res = run(["--loss", "simpo", "--po.gama", "1", *flags(assets, tmp_path / "o")], tmp_path, check=False)
+    assert res.returncode != 0 and "--po.gama" in res.stderr and "gamma" in res.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "good": "b", "rejected": "c"}\n' * 8)
+    res = run(["--loss", "dpo", *flags(assets, tmp_path / "o"), "--data.dataset", bad], tmp_path, check=False)
+    assert res.returncode != 0 and "no column 'chosen'" in res.stderr and "--data.chosen_key" in res.stderr
+    res = run(["--loss", "madpo", *flags(assets, tmp_path / "o")], tmp_path, check=False)
+    assert res.returncode != 0 and "margins" in res.stderr and "--po.margin_key" in res.stderr
+
+
+def test_unsupported_openrlhf_version_is_refused():
+    from po_plugins._cpu import apply_cpu_shims
+
+    apply_cpu_shims()
+    from po_plugins.openrlhf import HostError, check_host
+
+    with pytest.raises(HostError, match=r"0\.9\.5 is not supported.*>=0\.10\.2,<0\.12"):
+        check_host("0.9.5")
+    with pytest.raises(HostError, match="0.12.0"):
+        check_host("0.12.0")
+    assert check_host()
+
+
+def test_help_shows_plugin_flags(tmp_path):
+    res = run(["--help"], tmp_path, check=False)
+    assert "--loss NAME" in res.stdout and "--po.monitor" in res.stdout and "--model.beta" in res.stdout
