@@ -204,20 +204,6 @@ def _lm_head(model):
     return net.get_output_embeddings()
 
 
-def _last_block_lora_params(model):
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    if not named:
-        return []
-    import re
-
-    def layer(n):
-        m = re.search(r"\.layers?\.(\d+)\.", n) or re.search(r"\.h\.(\d+)\.", n)
-        return int(m.group(1)) if m else -1
-
-    top = max(layer(n) for n, _ in named)
-    return [p for n, p in named if layer(n) == top]
-
-
 def _trainer_class():
     from openrlhf.trainer.dpo_trainer import DPOTrainer
 
@@ -236,11 +222,13 @@ def _trainer_class():
             self._po_extra = {}
             self._po_head_cache = None
             head = _lm_head(self.model)
-            self._po_head_trainable = head is not None and head.weight.requires_grad
-            self._po_lora_params = [] if self._po_head_trainable else _last_block_lora_params(self.model)
-            if self._po_need_scores and not self._po_head_trainable and not self._po_lora_params:
-                raise SystemExit("po_plugins: the band needs a trainable LM head or LoRA adapters on the last block")
-            if self._po_need_scores and head is not None and self._po_head_trainable:
+            if self._po_need_scores and head is None:
+                raise SystemExit("po_plugins: the band needs the model's LM head (get_output_embeddings())")
+            # Scores are those of the LM-head weight, trainable or not: under LoRA the head is frozen and the
+            # paper autograds the last block's adapters instead, but DeepSpeed's engine rejects extra
+            # autograd.grad calls through its graph; the head statistics stay exact and ZeRO-3 safe.
+            self._po_head_trainable = True
+            if self._po_need_scores:
                 head.register_forward_hook(self._po_hook)
             states = getattr(self.strategy, "_po_client_states", None) or {}
             if STATE_KEY in states:
@@ -299,14 +287,6 @@ def _trainer_class():
 
         def _po_scores(self, input_ids, att_masks, loss_masks, sums, B) -> ScoreStats:
             is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
-            if not self._po_head_trainable:  # LoRA: the paper's choice, autograd on the last block's adapters
-                params = self._po_lora_params
-                gw = torch.autograd.grad(sums[:B].float().mean(), params, retain_graph=True, allow_unused=True)
-                gl = torch.autograd.grad(sums[B:].float().mean(), params, retain_graph=True, allow_unused=True)
-                sw = sum((g.float() ** 2).sum() for g in gw if g is not None)
-                sl = sum((g.float() ** 2).sum() for g in gl if g is not None)
-                dot = sum((a.float() * b.float()).sum() for a, b in zip(gw, gl) if a is not None and b is not None)
-                return ScoreStats(torch.as_tensor(sw).sqrt(), torch.as_tensor(sl).sqrt(), torch.as_tensor(dot))
             hidden, logits = self._po_head_cache
             self._po_head_cache = None
             labels = input_ids[:, 1:]

@@ -142,7 +142,8 @@ def test_two_processes_agree_with_one(assets, tmp_path):
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         for k in ("z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "log_r", "log_r_star", "rho", "loss"):
-            assert a[k] == pytest.approx(b[k], rel=2e-3, abs=2e-3), (k, a[k], b[k])
+            # bf16 weights: summing gradients in another order rounds differently after the first update
+            assert a[k] == pytest.approx(b[k], rel=1e-2, abs=1e-2), (k, a[k], b[k])
     run(["--loss", "rc_dpo", *flags(assets, tmp_path / "rc2", stage=2)], tmp_path, nproc=2)
     assert all(r["alpha_rank_spread"] == 0.0 for r in trace(tmp_path / "rc2"))
 
