@@ -146,7 +146,7 @@ def test_beta_dpo_matches_its_algorithm():
     assert int(kept.sum()) == 8  # ⌊0.8·10⌋ pairs kept
     expect = -ls(beta_b * ((zw - aw) - (zl - al))) * 10 / 8
     torch.testing.assert_close(out[kept].double(), expect[kept], rtol=1e-5, atol=1e-6)
-    assert f.m0 == pytest.approx(float(m0)) and f.sigma == pytest.approx(float(sigma))
+    assert f.m0 == pytest.approx(float(m0), rel=1e-5) and f.sigma == pytest.approx(float(sigma), rel=1e-5)
     # frozen evaluation neither moves the statistics nor the sampler
     state = f.state_dict()
     with f.frozen():
@@ -201,4 +201,4 @@ def test_ddro_tangent_continuation_is_continuous_with_the_right_slope():
     assert torch.isfinite(out).all()
     slope = (2 - 1e-6) / 1e-6
     assert float(g[1]) == pytest.approx(slope, rel=1e-6) and float(g[2]) == pytest.approx(slope, rel=1e-6)
-    assert float(out[2] - out[1]) == pytest.approx(slope, rel=1e-6)
+    assert float((out[2] - out[1]).detach()) == pytest.approx(slope, rel=1e-6)
