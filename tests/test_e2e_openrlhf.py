@@ -66,10 +66,10 @@ def weights(out):
     return load_file(str(Path(out) / "model.safetensors"))
 
 
-@pytest.mark.parametrize("loss,stage", [("dpo", 0), ("rc_dpo", 0), ("simpo", 0), ("ipo", 0), ("rc_dpo", 3),
-                                        ("simpo", 2), ("rc_madpo", 0)])
+@pytest.mark.parametrize("loss,stage", [("dpo", 0), ("rc_dpo", 0), ("simpo", 0), ("ipo", 0), ("dpo", 2),
+                                        ("rc_dpo", 3), ("simpo", 2), ("ipo", 3), ("rc_madpo", 0)])
 def test_losses_run_end_to_end_with_the_monitor(assets, tmp_path, loss, stage):
-    extra = ["--po.monitor"]
+    extra = ["--po.monitor", "--logger.tensorboard_dir", tmp_path / "tb"]
     if "madpo" in loss:  # margins travel with their rows through OpenRLHF's dataset and collator
         rows = [json.loads(x) for x in Path(assets["train"]).read_text().splitlines()]
         data = tmp_path / "scored.jsonl"
@@ -86,6 +86,14 @@ def test_losses_run_end_to_end_with_the_monitor(assets, tmp_path, loss, stage):
     if loss in ("dpo", "rc_dpo"):
         assert rec[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy equals reference at step 1
         assert rec[0]["r_w"] == 0 and rec[0]["r_l"] == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(next((tmp_path / "tb").iterdir())))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    for k in ("alpha", "slack", "in_band", "log_r", "band_lower", "z_w", "chosen_up_frac"):
+        assert f"train/po/{k}" in tags or k in ("slack", "band_lower"), (k, tags)  # ±inf edges are not logged
+    assert [e.value for e in ea.Scalars("train/po/alpha")] == pytest.approx([r["alpha"] for r in rec])
     if loss.startswith("rc_"):
         assert any(r["alpha"] != 1.0 for r in rec)
     else:
