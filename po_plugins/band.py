@@ -55,3 +55,14 @@ def predicted_signs(d_w: float, d_l: float, sw_norm: float, sl_norm: float, sw_d
     zw = d_w * sw_norm**2 - d_l * sw_dot_sl
     zl = d_w * sw_dot_sl - d_l * sl_norm**2
     return (1 if zw > 0 else -1 if zw < 0 else 0), (1 if zl > 0 else -1 if zl < 0 else 0)
+
+
+def alert_message(streak: int, alert_steps: int, rec: dict) -> str | None:
+    """The training-log warning, once, when a run has been out of the band for `alert_steps` consecutive steps."""
+    if alert_steps <= 0 or streak != alert_steps:
+        return None
+    name = str(rec.get("loss_name", ""))
+    hint = "" if name.startswith("rc_") else f"; consider --loss rc_{name}"
+    return (f"[po_plugins] WARNING: out of the disentanglement band for {streak} consecutive steps (step "
+            f"{rec['step']}: log r = {rec['log_r']:.3f}, band [{rec['band_lower']:.3f}, {rec['band_upper']:.3f}]); "
+            f"the chosen log-likelihood is likely falling{hint}")

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from . import incentives
-from .band import band_stats
+from .band import alert_message, band_stats
 from .losses import PairBatch, build
 from .scores import ScoreStats, score_stats_flat
 
@@ -485,12 +485,9 @@ class BandMonitor:
             rec.update(w_mean=s["w_sum"] / n, w_min=s["w_min"], w_max=s["w_max"], w_capped_frac=s["w_capped"] / n)
         self.prev = {"z_w": rec["z_w"], "z_l": rec["z_l"]}
         self.out_streak = 0 if rec["in_band"] else self.out_streak + 1
-        if self.alert_steps > 0 and self.out_streak == self.alert_steps:
-            self.trainer.strategy.print(
-                f"[po_plugins] WARNING: out of the disentanglement band for {self.out_streak} consecutive steps "
-                f"(step {global_step}: log r = {rec['log_r']:.3f}, band [{rec['band_lower']:.3f}, "
-                f"{rec['band_upper']:.3f}]); the chosen log-likelihood is likely falling"
-                + ("" if rec["loss_name"].startswith("rc_") else "; consider --loss rc_" + rec["loss_name"]))
+        msg = alert_message(self.out_streak, self.alert_steps, rec)
+        if msg:
+            self.trainer.strategy.print(msg)
         if self.trainer.strategy.is_rank_0():
             self._write(rec)
         logs = {}

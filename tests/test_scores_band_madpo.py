@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from po_plugins.band import band_stats
+from po_plugins.band import alert_message, band_stats
 from po_plugins.madpo import margin_weights, scale_c
 from po_plugins.scores import head_score_stats
 from po_plugins.toy import train
@@ -87,3 +87,12 @@ def test_madpo_bad_input():
         margin_weights(torch.zeros(2), c_max=0.5)
     with pytest.raises(ValueError, match="non-finite.*\\[1\\]"):
         margin_weights(torch.tensor([0.0, float("nan")]))
+
+
+def test_out_of_band_alert_fires_once_at_the_threshold():
+    rec = {"step": 7, "loss_name": "dpo", "log_r": 0.0, "band_lower": 0.5, "band_upper": 1.2}
+    assert alert_message(2, 3, rec) is None and alert_message(4, 3, rec) is None
+    msg = alert_message(3, 3, rec)
+    assert "3 consecutive steps" in msg and "step 7" in msg and "--loss rc_dpo" in msg
+    assert "--loss rc_" not in alert_message(3, 3, {**rec, "loss_name": "rc_dpo"})
+    assert alert_message(3, 0, rec) is None
