@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from . import incentives
+from ._dist import all_reduce
 from .band import alert_message, band_stats
 from .losses import PairBatch, build
 from .scores import ScoreStats, score_stats_flat
@@ -216,8 +217,7 @@ def _trainer_class():
             self.po_loss = build(po.loss, **po.hparams)
             self.loss_fn = HostLoss(self)
             calibrating = po.loss.startswith("rc_")
-            self.po_monitor = BandMonitor(self, enabled=bool(po.monitor) or calibrating) \
-                if (po.monitor or calibrating) else None
+            self.po_monitor = BandMonitor(self) if (po.monitor or calibrating) else None
             self._po_need_scores = calibrating or self.po_monitor is not None
             self._po_extra = {}
             self._po_head_cache = None
@@ -227,7 +227,6 @@ def _trainer_class():
             # Scores are those of the LM-head weight, trainable or not: under LoRA the head is frozen and the
             # paper autograds the last block's adapters instead, but DeepSpeed's engine rejects extra
             # autograd.grad calls through its graph; the head statistics stay exact and ZeRO-3 safe.
-            self._po_head_trainable = True
             if self._po_need_scores:
                 head.register_forward_hook(self._po_hook)
             states = getattr(self.strategy, "_po_client_states", None) or {}
@@ -256,7 +255,7 @@ def _trainer_class():
                 return z, z, [], z.sum()
             is_policy = model is self.model
             capture = is_policy and self._po_need_scores and torch.is_grad_enabled() and self.model.training
-            self._po_capture = capture and self._po_head_trainable
+            self._po_capture = capture
             try:
                 input_ids, att_masks, lens2 = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask,
                                                                        prompt_id_lens)
@@ -352,7 +351,7 @@ class BandMonitor:
     """Per optimizer step: the band from the incentives and head scores, aggregated over the accumulation
     window and all-reduced over ranks; written to train/po/* logs and rank 0's JSONL."""
 
-    def __init__(self, trainer, enabled=True):
+    def __init__(self, trainer):
         self.trainer = trainer
         args = trainer.args
         self.path = getattr(args.po, "jsonl", None) or os.path.join(args.ckpt.output_dir, "po_band.jsonl")
@@ -367,74 +366,55 @@ class BandMonitor:
         self._truncated = False
 
     def add_micro(self, b: PairBatch, loss, per_sample):
-        with torch.no_grad():
+        alpha = float(getattr(loss, "alpha", 1.0))
+        base_d = getattr(loss, "last_incentives", None)
+        if base_d is not None:  # RC already differentiated its base objective on this micro-batch
+            d_w, d_l = alpha * base_d[0], base_d[1] / alpha
+        else:
             d_w, d_l = incentives(loss, b)
         st = b.score_stats
-        n = float(b.policy_chosen.shape[0])
         zw, zl = b.policy_chosen.detach().double(), b.policy_rejected.detach().double()
         refw = b.ref_chosen.double() if b.ref_chosen is not None else torch.zeros_like(zw)
         refl = b.ref_rejected.double() if b.ref_rejected is not None else torch.zeros_like(zl)
-        vals = {
-            "n": n, "z_w": zw.sum(), "z_l": zl.sum(), "r_w": (zw - refw).sum(), "r_l": (zl - refl).sum(),
-            "d_w": d_w.double().sum(), "d_l": d_l.double().sum(),
-            "sw_norm": n * float(st.sw_norm), "sl_norm": n * float(st.sl_norm), "sw_dot_sl": n * float(st.sw_dot_sl),
-            "alpha": n * float(getattr(loss, "alpha", 1.0)), "micro": 1.0,
-            "loss": per_sample.detach().double().sum(),
-        }
-        self.last_alpha = float(getattr(loss, "alpha", 1.0))
-        if b.margins is not None and "margins" in loss.needs:
-            from .madpo import margin_weights
-
-            hp = loss.hparams
-            w = margin_weights(b.margins, hp["c_max"], hp["c_min"], hp["lam"], hp["tau"]).double()
-            vals.update(w_sum=w.sum(), w_min=w.min(), w_max=w.max(),
-                        w_capped=(b.margins <= -hp["tau"]).double().sum())
-        if self.acc is None:
-            self.acc = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in vals.items()}
+        n = torch.tensor(float(zw.numel()), dtype=torch.float64, device=zw.device)
+        w = self._weights(b, loss)
+        if w is None:
+            w = torch.zeros(1, dtype=torch.float64, device=zw.device)
+            capped = w.sum()
         else:
-            for k, v in vals.items():
-                v = torch.as_tensor(v, dtype=torch.float64)
-                if k == "w_min":
-                    self.acc[k] = torch.minimum(self.acc[k], v)
-                elif k == "w_max":
-                    self.acc[k] = torch.maximum(self.acc[k], v)
-                else:
-                    self.acc[k] = self.acc[k] + v
+            capped = (b.margins <= -loss.hparams["tau"]).double().sum()
+        # kept on the device: no host sync per micro-batch; reduced once per optimizer step
+        sums = torch.stack([n, zw.sum(), zl.sum(), (zw - refw).sum(), (zl - refl).sum(), d_w.double().sum(),
+                            d_l.double().sum(), n * st.sw_norm.double(), n * st.sl_norm.double(),
+                            n * st.sw_dot_sl.double(), n * alpha, per_sample.detach().double().sum(), w.sum(),
+                            capped])
+        maxes = torch.stack([w.max(), -w.min()])
+        self.acc = (sums, maxes) if self.acc is None else (self.acc[0] + sums, torch.maximum(self.acc[1], maxes))
+        self.last_alpha = alpha
         self.last_inputs = self.trainer._po_extra.get("inputs")
-        self.last_z = (zw.clone(), zl.clone())
+        self.last_z = (zw, zl)
 
-    def _reduce(self, acc):
-        t = self.trainer
-        keys = sorted(acc)
-        vec = torch.stack([acc[k] for k in keys])
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            mins = [k for k in keys if k == "w_min"]
-            maxs = [k for k in keys if k == "w_max"]
-            dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            v = vec.to(dev)
-            for k in mins:
-                v[keys.index(k)] *= -1
-            summed = v.clone()
-            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-            extreme = v.clone()
-            dist.all_reduce(extreme, op=dist.ReduceOp.MAX)
-            for k in mins + maxs:
-                summed[keys.index(k)] = extreme[keys.index(k)]
-            for k in mins:
-                summed[keys.index(k)] *= -1
-            vec = summed.cpu()
-        del t
-        return {k: float(v) for k, v in zip(keys, vec)}
+    SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "sw_norm", "sl_norm", "sw_dot_sl", "alpha", "loss",
+                "w_sum", "w_capped")
+
+    @staticmethod
+    def _weights(b: PairBatch, loss):
+        if b.margins is None or "margins" not in loss.needs:
+            return None
+        from .madpo import margin_weights
+
+        hp = loss.hparams
+        return margin_weights(b.margins, hp["c_max"], hp["c_min"], hp["lam"], hp["tau"]).double()
+
+    def _reduce(self, acc) -> dict:
+        sums, maxes = all_reduce(acc[0], "sum").cpu(), all_reduce(acc[1], "max").cpu()
+        out = {k: float(v) for k, v in zip(self.SUM_KEYS, sums)}
+        out.update(w_max=float(maxes[0]), w_min=-float(maxes[1]))
+        return out
 
     def _alpha_spread(self) -> float:
         """max − min over ranks of the last micro-batch's α (0 when every rank calibrates identically)."""
-        v = torch.tensor([self.last_alpha, -self.last_alpha], dtype=torch.float64)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            v = v.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(v, op=dist.ReduceOp.MAX)
-            v = v.cpu()
+        v = all_reduce(torch.tensor([self.last_alpha, -self.last_alpha], dtype=torch.float64), "max")
         return float(v[0] + v[1])
 
     def _recheck(self):
@@ -446,17 +426,10 @@ class BandMonitor:
             saved = t._po_extra
             zw2, zl2, _, _ = t.concatenated_forward(t.model, *self.last_inputs)
             t._po_extra = saved
-        dw = zw2.double().cpu() - self.last_z[0].cpu()
-        dl = zl2.double().cpu() - self.last_z[1].cpu()
-        vec = torch.tensor([float((dw > 0).sum()), float((dl < 0).sum()), float(dw.numel()),
-                            float(dw.sum()), float(dl.sum())], dtype=torch.float64)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            v = vec.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(v, op=dist.ReduceOp.SUM)
-            vec = v.cpu()
-        up, down, n, sdw, sdl = (float(x) for x in vec)
-        del t
+        dw, dl = zw2.double() - self.last_z[0], zl2.double() - self.last_z[1]
+        vec = torch.stack([(dw > 0).double().sum(), (dl < 0).double().sum(),
+                           torch.tensor(float(dw.numel()), dtype=torch.float64, device=dw.device), dw.sum(), dl.sum()])
+        up, down, n, sdw, sdl = (float(x) for x in all_reduce(vec, "sum").cpu())
         return {"chosen_up_frac": up / n, "rejected_down_frac": down / n, "step_delta_z_w": sdw / n,
                 "step_delta_z_l": sdl / n}
 
@@ -481,7 +454,7 @@ class BandMonitor:
         exact = self._recheck()
         if exact:
             rec.update(exact)
-        if "w_sum" in s:
+        if "margins" in self.trainer.po_loss.needs:
             rec.update(w_mean=s["w_sum"] / n, w_min=s["w_min"], w_max=s["w_max"], w_capped_frac=s["w_capped"] / n)
         self.prev = {"z_w": rec["z_w"], "z_l": rec["z_l"]}
         self.out_streak = 0 if rec["in_band"] else self.out_streak + 1

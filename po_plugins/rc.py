@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from ._dist import all_reduce, world_size
 from .losses import PairBatch, PairLoss
 
 RC_DEFAULTS = {"ema_decay": 0.98, "eps": 1e-12, "clamp_to_band": False}
@@ -48,6 +49,7 @@ class RewardCalibrated(PairLoss):
         self.alpha = 1.0
         self.calls = 0
         self.last: dict[str, float] = {}
+        self.last_incentives = None
 
     @property
     def needs(self):
@@ -70,6 +72,7 @@ class RewardCalibrated(PairLoss):
         from . import incentives
 
         d_w, d_l = incentives(self.base, b)
+        self.last_incentives = (d_w, d_l)  # per-sample base incentives of this micro-batch (for the monitor)
         st = b.score_stats
         stats = torch.stack([d_w.double().mean(), d_l.double().mean(),
                              torch.as_tensor(st.sw_norm).double().reshape(()).to(d_w.device),
@@ -121,11 +124,4 @@ class RewardCalibrated(PairLoss):
 
 
 def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        if dist.get_backend() == "nccl" and t.device.type != "cuda":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t = t / dist.get_world_size()
-    return t
+    return all_reduce(t, "sum") / world_size()
