@@ -350,8 +350,13 @@ def _fig_in_band(Figure, runs, smooth):
             frac = np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
         ax.plot(x, frac, color=_colour(i), lw=1.6, label=label, **_marker_kw(len(x)))
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Running fraction of steps in the band", loc="left", fontsize=11)
-    ax.set_ylabel("fraction in band")
+    return _finish(fig, ax, "Running fraction of steps in the band", "fraction in band", drew)
+
+
+def _finish(fig, ax, title, ylabel, drew):
+    """Title, axis labels, grid and legend of a one-panel figure (or the no-data note)."""
+    ax.set_title(title, loc="left", fontsize=11)
+    ax.set_ylabel(ylabel)
     ax.set_xlabel("optimizer step")
     ax.grid(alpha=0.3)
     if drew:
@@ -372,15 +377,7 @@ def _fig_alpha(Figure, runs, smooth):
     vals = vals[np.isfinite(vals)]
     if vals.size and (vals > 0).all() and vals.max() / vals.min() > 20:
         ax.set_yscale("log")
-    ax.set_title("Calibration factor α (1 = no calibration)", loc="left", fontsize=11)
-    ax.set_ylabel("α")
-    ax.set_xlabel("optimizer step")
-    ax.grid(alpha=0.3)
-    if drew:
-        ax.legend(loc="best", fontsize=8)
-    else:
-        _no_data(ax)
-    return fig
+    return _finish(fig, ax, "Calibration factor α (1 = no calibration)", "α", drew)
 
 
 def _fig_slack(Figure, runs, smooth):
@@ -388,15 +385,7 @@ def _fig_slack(Figure, runs, smooth):
     ax = fig.subplots()
     drew = _plot_lines(ax, runs, "slack", smooth)
     ax.axhline(0.0, color="tab:red", lw=1.0)
-    ax.set_title("Band slack (≥ 0: in band; unbounded-band steps are not drawn)", loc="left", fontsize=11)
-    ax.set_ylabel("slack")
-    ax.set_xlabel("optimizer step")
-    ax.grid(alpha=0.3)
-    if drew:
-        ax.legend(loc="best", fontsize=8)
-    else:
-        _no_data(ax)
-    return fig
+    return _finish(fig, ax, "Band slack (≥ 0: in band; unbounded-band steps are not drawn)", "slack", drew)
 
 
 _BUILDERS = {
