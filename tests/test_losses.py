@@ -202,3 +202,48 @@ def test_ddro_tangent_continuation_is_continuous_with_the_right_slope():
     slope = (2 - 1e-6) / 1e-6
     assert float(g[1]) == pytest.approx(slope, rel=1e-6) and float(g[2]) == pytest.approx(slope, rel=1e-6)
     assert float((out[2] - out[1]).detach()) == pytest.approx(slope, rel=1e-6)
+
+
+def test_incentives_match_the_rc_papers_table():
+    """arXiv 2604.18239 Table 1 (papers.md §1.2), written for token-averaged z: with one-token responses
+    (|y| = 1) the summed and averaged log-probs coincide, so the table applies verbatim."""
+    from po_plugins import incentives
+
+    zw, zl, aw, al, *_ = make_inputs(B=32, scale=1.0, seed=11)
+    zw, zl, aw, al = (t.float() / 40 for t in (zw, zl, aw, al))  # one-token scale log-probs (< 0)
+    one = torch.ones(32, dtype=torch.long)
+    b = PairBatch(zw, zl, aw, al, one, one)
+    rw, rl, m = zw - aw, zl - al, zw - zl
+    D = rw - rl
+    s = torch.sigmoid
+    table = {
+        "dpo": ({"beta": 1.0}, s(-D), s(-D)),
+        "ipo": ({"beta": 0.1}, 2 * (5.0 - D), 2 * (5.0 - D)),  # ipo_tau = 0.1: target 1/(2τ) = 5
+        "simpo": ({"beta": 2.0, "gamma": 1.0}, 2.0 * s(1 - 2.0 * m), 2.0 * s(1 - 2.0 * m)),
+        "cpo": ({"beta": 0.1, "lam": 1.0}, 0.1 * s(-0.1 * m) + 1.0, 0.1 * s(-0.1 * m)),
+        "slic": ({"gamma": 1.0, "lam": 0.1}, (m < 1).float() + 0.1, (m < 1).float()),
+        "bce": ({}, s(-rw), s(rl)),
+        "lsif": ({}, torch.exp(rw), torch.exp(2 * rl)),
+        "ukl": ({}, torch.ones(32), torch.exp(rl)),
+        "ddro": ({}, torch.ones(32), torch.exp(rl) / (2 - torch.exp(rl))),
+    }
+    for name, (hp, e_w, e_l) in table.items():
+        d_w, d_l = incentives(build(name, **hp), b)
+        torch.testing.assert_close(d_w, e_w, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(d_l, e_l, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_toy_band_example_runs_and_reports_both_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "toy_band.py"
+    spec = importlib.util.spec_from_file_location("toy_band", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--steps", "30", "--every", "10"]) == 0
+    out = capsys.readouterr().out
+    dpo = next(line for line in out.splitlines() if line.strip().startswith("dpo:"))
+    rc = next(line for line in out.splitlines() if line.strip().startswith("rc_dpo:"))
+    assert "Δz_w = -" in dpo and "in-band 0%" in dpo and "30/30" in dpo
+    assert "Δz_w = +" in rc and "in-band 100%" in rc and "30/30" in rc

@@ -129,3 +129,13 @@ def test_clamp_to_band_keeps_calibrated_ratio_inside_the_instantaneous_band():
 def test_signed_objectives_refuse_calibration_with_the_list():
     with pytest.raises(ValueError, match="rc_dpo"):
         build("rc_apo_down")
+
+
+def test_last_incentives_scaled_by_alpha_are_the_calibrated_incentives():
+    rc = build("rc_simpo")
+    b = batch(sw=0.5, sl=2.0)
+    rc(b)
+    d_w, d_l = po_plugins.incentives(rc, b)
+    base_w, base_l = rc.last_incentives
+    torch.testing.assert_close(d_w, rc.alpha * base_w, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(d_l, base_l / rc.alpha, rtol=1e-6, atol=1e-9)
