@@ -24,7 +24,7 @@ from . import incentives
 from ._dist import all_reduce
 from .band import alert_message, band_stats
 from .losses import PairBatch, build
-from .scores import ScoreStats, score_stats_flat
+from .scores import ScoreStats, response_positions, score_stats_flat
 
 logger = logging.getLogger("po_plugins")
 
@@ -285,25 +285,11 @@ def _trainer_class():
             return sums[:B], sums[B:], aux_loss, -means[:B].mean()
 
         def _po_scores(self, input_ids, att_masks, loss_masks, sums, B) -> ScoreStats:
-            is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
             hidden, logits = self._po_head_cache
             self._po_head_cache = None
-            labels = input_ids[:, 1:]
-            N, L = att_masks.shape
-            if hidden.shape[0] == N and hidden.shape[1] == L:  # padded layout
-                pos = loss_masks.nonzero(as_tuple=False)  # [M, 2] positions t predicting token t+1
-                h = hidden[pos[:, 0], pos[:, 1]]
-                lg = logits[pos[:, 0], pos[:, 1]]
-            else:  # packed layout: tokens are the attention-mask positions in row-major order
-                flat = att_masks.reshape(-1).bool()
-                where = torch.full((N * L,), -1, dtype=torch.long, device=flat.device)
-                where[flat] = torch.arange(int(flat.sum()), device=flat.device)
-                pos = loss_masks.nonzero(as_tuple=False)
-                idx = where[pos[:, 0] * L + pos[:, 1]]
-                h = hidden.reshape(-1, hidden.shape[-1])[idx]
-                lg = logits.reshape(-1, logits.shape[-1])[idx]
-            y = labels[pos[:, 0], pos[:, 1]]
-            return score_stats_flat(h, lg, y, pos[:, 0], is_chosen, chunk_size=int(self.args.po.score_chunk))
+            h, lg, y, rows = response_positions(hidden, logits, input_ids, att_masks, loss_masks)
+            is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
+            return score_stats_flat(h, lg, y, rows, is_chosen, chunk_size=int(self.args.po.score_chunk))
 
         def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
             logs_dict = dict(logs_dict or {})

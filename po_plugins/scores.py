@@ -80,6 +80,29 @@ def score_stats_flat(
     return ScoreStats(sw2.sqrt(), sl2.sqrt(), dot)
 
 
+def response_positions(hidden, logits, input_ids, att_masks, loss_masks):
+    """Gather the LM-head inputs/outputs at response positions, from a padded or a packed forward.
+
+    hidden/logits: [N, L, ·] (padded) or [1, nnz, ·] (packed: the attention-mask positions in row-major order,
+    as flash-attn's unpad_input lays them out). loss_masks [N, L−1]: position t predicts token t+1 of a
+    response. Returns (h [M, d], logits [M, V], labels [M], rows [M]).
+    """
+    N, L = att_masks.shape
+    pos = loss_masks.nonzero(as_tuple=False)  # [M, 2]
+    if hidden.shape[0] == N and hidden.shape[1] == L:
+        h, lg = hidden[pos[:, 0], pos[:, 1]], logits[pos[:, 0], pos[:, 1]]
+    else:
+        flat = att_masks.reshape(-1).bool()
+        where = torch.full((N * L,), -1, dtype=torch.long, device=flat.device)
+        where[flat] = torch.arange(int(flat.sum()), device=flat.device)
+        idx = where[pos[:, 0] * L + pos[:, 1]]
+        if bool((idx < 0).any()):
+            raise ValueError("packed layout: a response position lies outside the attention mask")
+        h = hidden.reshape(-1, hidden.shape[-1])[idx]
+        lg = logits.reshape(-1, logits.shape[-1])[idx]
+    return h, lg, input_ids[:, 1:][pos[:, 0], pos[:, 1]], pos[:, 0]
+
+
 def _chunk_grad(logits, lse, y, h, start, stop):
     """Rows [start, stop) of sum_t (e_{y_t} − p_t) h_tᵀ: (onehot − softmax)[:, chunk]ᵀ @ h."""
     a = -(logits[:, start:stop].float() - lse).exp()  # −p on the chunk, [M, c]

@@ -7,7 +7,7 @@ import torch
 
 from po_plugins.band import alert_message, band_stats
 from po_plugins.madpo import margin_weights, scale_c
-from po_plugins.scores import head_score_stats
+from po_plugins.scores import head_score_stats, response_positions, score_stats_flat
 from po_plugins.toy import train
 
 
@@ -96,3 +96,29 @@ def test_out_of_band_alert_fires_once_at_the_threshold():
     assert "3 consecutive steps" in msg and "step 7" in msg and "--loss rc_dpo" in msg
     assert "--loss rc_" not in alert_message(3, 3, {**rec, "loss_name": "rc_dpo"})
     assert alert_message(3, 0, rec) is None
+
+
+def test_packed_layout_gives_the_padded_statistics():
+    """--ds.packing_samples feeds the head [1, nnz, ·] in flash-attn's row-major unpad order."""
+    g = torch.Generator().manual_seed(4)
+    N, L, d, V = 4, 7, 5, 30
+    att = torch.zeros(N, L, dtype=torch.long)
+    for i, n in enumerate([7, 4, 6, 3]):  # right padding, as DPO batches are
+        att[i, :n] = 1
+    loss_masks = att.bool().clone()
+    for i, p in enumerate([2, 1, 3, 1]):
+        loss_masks[i, :p] = False
+    loss_masks = loss_masks[:, 1:]
+    ids = torch.randint(0, V, (N, L), generator=g)
+    W = torch.randn(V, d, generator=g)
+    hidden = torch.randn(N, L, d, generator=g)
+    logits = hidden @ W.T
+    packed_h, packed_lg = hidden[att.bool()][None], logits[att.bool()][None]
+    is_chosen = torch.arange(N) < N // 2
+    a = score_stats_flat(*response_positions(hidden, logits, ids, att, loss_masks), is_chosen)
+    b = score_stats_flat(*response_positions(packed_h, packed_lg, ids, att, loss_masks), is_chosen)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    ref = head_score_stats(hidden[:, :-1], logits[:, :-1], ids[:, 1:], loss_masks, is_chosen)
+    for x, y in zip(a, ref):
+        torch.testing.assert_close(x, y)
