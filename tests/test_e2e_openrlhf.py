@@ -196,3 +196,15 @@ def test_unsupported_openrlhf_version_is_refused():
 def test_help_shows_plugin_flags(tmp_path):
     res = run(["--help"], tmp_path, check=False)
     assert "--loss NAME" in res.stdout and "--po.monitor" in res.stdout and "--model.beta" in res.stdout
+
+
+def test_deepspeed_launcher(assets, tmp_path):
+    launcher = Path(sys.executable).parent / "deepspeed"
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(tmp_path / "x"),
+               PATH=f"{launcher.parent}{os.pathsep}{env.get('PATH', '')}")
+    cmd = [str(launcher), "--num_gpus", "1", "--master_port", str(_port()), "--module", "po_plugins.cli.train_dpo",
+           "--loss", "rc_dpo", *map(str, flags(assets, tmp_path / "out", stage=2))]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-6000:])
+    assert [r["step"] for r in trace(tmp_path / "out")] == [1, 2, 3, 4]
