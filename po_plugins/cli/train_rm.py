@@ -1,0 +1,33 @@
+"""OpenRLHF's stock reward-model trainer (MADPO stage 1), behind the same host check and CPU handling as train_dpo.
+
+    deepspeed --module po_plugins.cli.train_rm <every stock openrlhf.cli.train_rm flag>
+    (also: torchrun -m po_plugins.cli.train_rm ..., python -m po_plugins.cli.train_rm ...)
+
+Nothing is patched: `openrlhf.cli.train_rm` runs unchanged. Then score pairs with `po_plugins.cli.score_margins`.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+MODULE = "openrlhf.cli.train_rm"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from po_plugins import _cpu
+    from po_plugins import openrlhf as host
+
+    rest = list(sys.argv[1:] if argv is None else argv)
+    _cpu.ensure_single_process_env()
+    _cpu.apply_cpu_shims()
+    try:
+        host.check_host()
+    except host.HostError as e:
+        raise SystemExit(f"po_plugins: {e}") from None
+    sys.argv = [MODULE, *rest]
+    runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
