@@ -18,14 +18,14 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check po_plugins tests examples
+	$(PY) -m ruff check po_plugins tests examples benchmarks
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(PY) -m po_plugins.demo --out runs/demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check po_plugins tests examples
+	$(PY) -m ruff check po_plugins tests examples benchmarks
 
 clean:
 	rm -rf .venv runs
