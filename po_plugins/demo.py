@@ -7,15 +7,15 @@ the band report. Offline; about a minute on two CPU cores.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+from po_plugins.tiny import run_module
 
 
 def run_cli(loss: str, assets: dict, out: Path, extra: list[str] | None = None) -> Path:
     run_dir = out / loss
-    cmd = [sys.executable, "-m", "po_plugins.cli.train_dpo", "--loss", loss,
+    cmd = ["--loss", loss,
            "--model.model_name_or_path", str(assets["model"]), "--data.dataset", str(assets["train"]),
            "--eval.dataset", str(assets["eval"]), "--eval.split", "train",
            "--data.prompt_key", "prompt", "--data.chosen_key", "chosen", "--data.rejected_key", "rejected",
@@ -26,14 +26,11 @@ def run_cli(loss: str, assets: dict, out: Path, extra: list[str] | None = None) 
            "--logger.wandb.run_name", loss, *(extra or [])]
     if not loss.startswith("rc_"):
         cmd.append("--po.monitor")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(k, None)
-    print(f"[demo] {' '.join(cmd[1:4])} ... --ckpt.output_dir {run_dir}", flush=True)
+    print(f"[demo] po_plugins.cli.train_dpo --loss {loss} ... --ckpt.output_dir {run_dir}", flush=True)
+    res = run_module("po_plugins.cli.train_dpo", cmd, out, timeout=3600)
     log = out / f"{loss}.log"
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    log.write_text(res.stdout + res.stderr)
+    rc = res.returncode
     if rc != 0:
         sys.stderr.write(log.read_text()[-4000:])
         raise SystemExit(f"[demo] the {loss} run failed (exit {rc}); full log: {log}")

@@ -84,6 +84,19 @@ def check_host(version: str | None = None) -> str:
     return version
 
 
+def prepare_process() -> str:
+    """What every po_plugins CLI does before running an OpenRLHF module: launcher-less env defaults, the CPU
+    shims when there is no GPU, then the host check (one clear SystemExit when it fails)."""
+    from . import _cpu
+
+    _cpu.ensure_single_process_env()
+    _cpu.apply_cpu_shims()
+    try:
+        return check_host()
+    except HostError as e:
+        raise SystemExit(f"po_plugins: {e}") from None
+
+
 # ---- args.po ------------------------------------------------------------------------------------------------
 def resolve_loss(po: SimpleNamespace, model_args) -> tuple[str, dict]:
     """Combine --loss/--po.* with the host's --model.{beta,label_smoothing,ipo_enable}; errors on contradictions."""

@@ -184,3 +184,31 @@ def make_assets(root, n_train: int = 64, n_eval: int = 16, seed: int = 0, **mode
     train = make_pairs(root / "data" / "train.jsonl", n=n_train, seed=seed)
     evals = make_pairs(root / "data" / "eval.jsonl", n=n_eval, seed=seed + 10_000)
     return {"model": model_dir, "train": train, "eval": evals}
+
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_module(module: str, args, cwd, nproc: int = 1, env_extra: dict | None = None, timeout: int = 400):
+    """Run `python -m module args` (under torchrun when nproc > 1) offline in a fresh process, with no inherited
+    launcher variables and a private TORCH_EXTENSIONS_DIR; returns the CompletedProcess (output captured)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(Path(cwd) / "ext"), **(env_extra or {}))
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    cmd += ["-m", module, *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

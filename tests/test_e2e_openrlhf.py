@@ -4,18 +4,16 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from po_plugins.tiny import make_assets
+from po_plugins.tiny import DIST_VARS, free_port, make_assets, run_module
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(importlib.util.find_spec("openrlhf") is None,
                                                   reason="openrlhf not installed (make test installs it)")]
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 KEYS = ["step", "z_w", "z_l", "delta_z_w", "delta_z_l", "r_w", "r_l", "d_w", "d_l", "log_r", "log_r_star", "rho",
         "band_lower", "band_upper", "slack", "in_band", "alpha", "chosen_up_frac"]
 
@@ -25,21 +23,8 @@ def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("tiny"), n_train=16, n_eval=8)
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args, cwd, nproc=1, module="po_plugins.cli.train_dpo", env_extra=None, check=True):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(Path(cwd) / "ext"), **(env_extra or {}))
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_port())]
-    cmd += ["-m", module, *map(str, args)]
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    res = run_module(module, args, cwd, nproc=nproc, env_extra=env_extra)
     if check:
         assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-6000:])
     return res
@@ -203,7 +188,7 @@ def test_deepspeed_launcher(assets, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(tmp_path / "x"),
                PATH=f"{launcher.parent}{os.pathsep}{env.get('PATH', '')}")
-    cmd = [str(launcher), "--num_gpus", "1", "--master_port", str(_port()), "--module", "po_plugins.cli.train_dpo",
+    cmd = [str(launcher), "--num_gpus", "1", "--master_port", str(free_port()), "--module", "po_plugins.cli.train_dpo",
            "--loss", "rc_dpo", *map(str, flags(assets, tmp_path / "out", stage=2))]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-6000:])

@@ -2,9 +2,6 @@
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +10,7 @@ import torch
 
 from po_plugins.losses import PairBatch, build
 from po_plugins.madpo import margin_weights
-from po_plugins.tiny import make_assets
+from po_plugins.tiny import make_assets, run_module
 
 needs_host = pytest.mark.skipif(importlib.util.find_spec("openrlhf") is None, reason="openrlhf not installed")
 
@@ -79,13 +76,6 @@ def test_margins_travel_with_their_rows_through_openrlhf_filtering(tmp_path):
         cls(ds, tok, 64, strategy, is_dpo=True, num_processors=1)
 
 
-def _env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    return env
-
-
 @needs_host
 @pytest.mark.e2e
 def test_pipeline_end_to_end_and_skip_if_done(tmp_path):
@@ -106,8 +96,7 @@ def test_pipeline_end_to_end_and_skip_if_done(tmp_path):
     }
     path = tmp_path / "madpo.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "po_plugins.cli.madpo", "--config", str(path)]
-    res = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    res = run_module("po_plugins.cli.madpo", ["--config", path], tmp_path, timeout=600)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-6000:])
     work = tmp_path / "work"
     scored = [json.loads(x) for x in (work / "scored.jsonl").read_text().splitlines()]
@@ -119,5 +108,5 @@ def test_pipeline_end_to_end_and_skip_if_done(tmp_path):
     expect_w = margin_weights(torch.tensor([r["rm_margin"] for r in scored]), c_max=4.0, tau=7.0)
     assert all(float(expect_w.min()) - 1e-6 <= t["w_min"] <= t["w_max"] <= float(expect_w.max()) + 1e-6
                for t in trace)
-    again = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    again = run_module("po_plugins.cli.madpo", ["--config", path], tmp_path, timeout=120)
     assert again.returncode == 0 and again.stdout.count("skipped") == 3, again.stdout

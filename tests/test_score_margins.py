@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,33 +18,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from po_plugins.tiny import make_assets, pair_rows
+from po_plugins.tiny import make_assets, pair_rows, run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_host = pytest.mark.skipif(
     importlib.util.find_spec("openrlhf") is None or importlib.util.find_spec("deepspeed") is None,
     reason="openrlhf/deepspeed not installed (make test installs them)",
 )
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 MAX_LEN = 96
 REF_COLS = ["ref_chosen_logp", "ref_rejected_logp"]
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(module, args, cwd, nproc=1, env_extra=None, check=True, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(Path(cwd) / "ext"), **(env_extra or {}))
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_port())]
-    cmd += ["-m", module, *map(str, args)]
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    res = run_module(module, args, cwd, nproc=nproc, env_extra=env_extra, timeout=timeout)
     if check:
         assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-6000:])
     return res

@@ -121,18 +121,12 @@ def plugin_help() -> str:
 
 def prepare(argv: list[str]) -> list[str]:
     """Parse plugin flags, check the host, apply CPU shims where there is no GPU, patch the seams."""
-    from po_plugins import _cpu
     from po_plugins import openrlhf as host
 
     po, rest = split_argv(argv)
     if "-h" in rest or "--help" in rest:
         print(plugin_help() + "\n")
-    _cpu.ensure_single_process_env()
-    _cpu.apply_cpu_shims()
-    try:
-        host.check_host()
-    except host.HostError as e:
-        raise SystemExit(f"po_plugins: {e}") from None
+    host.prepare_process()
     host.install(po)
     return rest
 

@@ -15,16 +15,10 @@ MODULE = "openrlhf.cli.train_rm"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from po_plugins import _cpu
-    from po_plugins import openrlhf as host
+    from po_plugins.openrlhf import prepare_process
 
     rest = list(sys.argv[1:] if argv is None else argv)
-    _cpu.ensure_single_process_env()
-    _cpu.apply_cpu_shims()
-    try:
-        host.check_host()
-    except host.HostError as e:
-        raise SystemExit(f"po_plugins: {e}") from None
+    prepare_process()
     sys.argv = [MODULE, *rest]
     runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
 
