@@ -110,3 +110,19 @@ def test_pipeline_end_to_end_and_skip_if_done(tmp_path):
                for t in trace)
     again = run_module("po_plugins.cli.madpo", ["--config", path], tmp_path, timeout=120)
     assert again.returncode == 0 and again.stdout.count("skipped") == 3, again.stdout
+
+
+def test_example_config_parses_and_yields_the_three_commands(capsys, tmp_path):
+    from po_plugins.cli import madpo
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "madpo" / "madpo.yaml"
+    assert madpo.main(["--config", str(path), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "po_plugins.cli.train_rm" in out and "po_plugins.cli.score_margins" in out
+    dpo = next(line for line in out.splitlines() if "po_plugins.cli.train_dpo" in line)
+    assert "--loss madpo" in dpo and "--po.margin_key rm_margin" in dpo and "--po.c_max 2.0" in dpo
+    assert "scored.jsonl" in dpo and "--model.beta 0.1" in dpo
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {dataset: x}\nreward_model: {pretrain: m}\n")
+    with pytest.raises(SystemExit, match="section 'dpo' is required"):
+        madpo.main(["--config", str(bad)])

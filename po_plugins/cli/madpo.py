@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     cmds, outs = commands(cfg), paths(cfg)
-    Path(cfg["workdir"]).mkdir(parents=True, exist_ok=True)
+    if not args.dry_run:
+        Path(cfg["workdir"]).mkdir(parents=True, exist_ok=True)
     for stage in STAGES:
         cmd = cmds[stage]
         if complete(stage, outs[stage]) and stage not in args.force:
