@@ -234,6 +234,9 @@ def _trainer_class():
             self._po_need_scores = calibrating or self.po_monitor is not None
             self._po_extra = {}
             self._po_head_cache = None
+            self._po_last_scores = None
+            self._po_micro = 0
+            self._po_every = max(1, int(po.score_every))
             head = _lm_head(self.model)
             if self._po_need_scores and head is None:
                 raise SystemExit("po_plugins: the band needs the model's LM head (get_output_embeddings())")
@@ -268,7 +271,9 @@ def _trainer_class():
                 return z, z, [], z.sum()
             is_policy = model is self.model
             capture = is_policy and self._po_need_scores and torch.is_grad_enabled() and self.model.training
-            self._po_capture = capture
+            if capture:  # --po.score_every k: fresh statistics on every k-th micro-batch, the last ones between
+                self._po_micro += 1
+                self._po_capture = self._po_last_scores is None or (self._po_micro - 1) % self._po_every == 0
             try:
                 input_ids, att_masks, lens2 = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask,
                                                                        prompt_id_lens)
@@ -292,7 +297,9 @@ def _trainer_class():
                                                     device=sums.device)
                     extra["margin_known"] = torch.tensor([m is not None for m in margins], device=sums.device)
                 if capture:
-                    extra["score_stats"] = self._po_scores(input_ids, att_masks, loss_masks, sums, B)
+                    if self._po_head_cache is not None:
+                        self._po_last_scores = self._po_scores(input_ids, att_masks, loss_masks, sums, B)
+                    extra["score_stats"] = self._po_last_scores
                 self._po_extra = extra
             aux_loss = output.aux_loss if "aux_loss" in output else []
             return sums[:B], sums[B:], aux_loss, -means[:B].mean()
@@ -529,3 +536,20 @@ def install(po: SimpleNamespace) -> None:
 
         load_ckpt._po_plugins = True
         DeepspeedStrategy.load_ckpt = load_ckpt
+
+
+# ---- vLLM engines (po_plugins.generation, several engines/GPUs) ------------------------------------------------
+def vllm_engines(model: str, num_engines: int, tensor_parallel_size: int = 1, seed: int = 0,
+                 max_model_len: int = 2048, gpu_memory_utilization: float = 0.9, enforce_eager: bool = False):
+    """OpenRLHF's own ``create_vllm_engines``: ``num_engines`` Ray actors (``RolloutRayActor``, a vLLM
+    ``AsyncLLMEngine`` each, bf16, ``tensor_parallel_size`` GPUs each, packed in one placement group), starting a
+    local Ray instance when none is running. Each actor's ``generate.remote(prompt_token_ids, sampling_params)``
+    returns a vLLM ``RequestOutput``. Needs vllm and ray; imported here only."""
+    import ray
+    from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    return create_vllm_engines(num_engines, tensor_parallel_size, model, seed, full_determinism=False,
+                               enable_prefix_caching=True, enforce_eager=enforce_eager, max_model_len=max_model_len,
+                               gpu_memory_utilization=gpu_memory_utilization)

@@ -206,7 +206,8 @@ def run_module(module: str, args, cwd, nproc: int = 1, env_extra: dict | None = 
 
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(Path(cwd) / "ext"), **(env_extra or {}))
+               OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(Path(cwd) / "ext"))
+    env.update(env_extra or {})
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]

@@ -193,3 +193,24 @@ def test_deepspeed_launcher(assets, tmp_path):
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-6000:])
     assert [r["step"] for r in trace(tmp_path / "out")] == [1, 2, 3, 4]
+
+
+def test_score_every_reuses_the_last_statistics(assets, tmp_path):
+    run(["--loss", "rc_dpo", "--po.score_every", "1000", *flags(assets, tmp_path / "out")], tmp_path)
+    rec = trace(tmp_path / "out")
+    assert len({(r["sw_norm"], r["sl_norm"], r["sw_dot_sl"]) for r in rec}) == 1  # computed once, reused
+    run(["--loss", "rc_dpo", *flags(assets, tmp_path / "every")], tmp_path)
+    assert len({r["sw_norm"] for r in trace(tmp_path / "every")}) == 4
+
+
+def test_overhead_benchmark_quick_prints_json_last(tmp_path):
+    import subprocess
+    import sys as _sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([_sys.executable, str(root / "benchmarks" / "overhead.py"), "--quick"], cwd=root,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for k in ("step_time_ratio", "peak_mem_ratio", "autograd_step_time_ratio", "exact_step_time_ratio"):
+        assert out[k] > 0, k

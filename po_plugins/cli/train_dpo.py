@@ -21,6 +21,7 @@ PLUGIN_FLAGS = {
     "recheck": (bool, True, "re-score the last micro-batch after each optimizer step for exact per-pair deltas"),
     "jsonl": (str, None, "band trace path (default <ckpt.output_dir>/po_band.jsonl)"),
     "score_chunk": (int, 4096, "vocabulary chunk of the head score statistics"),
+    "score_every": (int, 1, "exact head score statistics on every k-th micro-batch, reused in between"),
     "margin_key": (str, None, "dataset column with reward-model margins (madpo); never 'margin'"),
     "missing_margin": (str, "error", "rows without a margin: 'error' or 'unit' (weight 1)"),
 }

@@ -1,0 +1,218 @@
+"""What the plugin costs per DPO step, against the stock OpenRLHF step measured in the same run.
+
+    python benchmarks/overhead.py [--quick] [--reps 5] [--steps 8]
+
+A. The real CLIs on CPU, interleaved, median over reps: stock `openrlhf.cli.train_dpo` against
+   `po_plugins.cli.train_dpo --loss rc_dpo` (monitor on, default settings) and with `--po.score_every 1`
+   (exact statistics on every micro-batch). Step time = wall time between optimizer steps (first step dropped);
+   peak memory = the training loop's peak RSS above the RSS when training starts (VmHWM after a reset).
+B. The authors' way of getting the head scores (two extra torch.autograd.grad calls on the head weight per
+   micro-batch) cannot run inside DeepSpeed 0.19's engine (it rejects autograd.grad through its graph at ZeRO
+   0-2), so it is timed on a plain-torch replica of the same step (same model, batch, AdamW) beside the stock
+   replica step and the closed-form statistics.
+The model has a 32k vocabulary and a head share of the FLOPs like a ~0.1-0.5B model. The last line is one JSON
+object: step_time_ratio, peak_mem_ratio, exact_step_time_ratio, autograd_step_time_ratio, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- child: one training run with step timing ---------------------------------------------------------------
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(mode: str, out: str, argv: list[str]) -> None:
+    import runpy
+
+    if mode == "stock":
+        from po_plugins.openrlhf import prepare_process
+
+        prepare_process()
+        rest = argv
+    else:
+        from po_plugins.cli.train_dpo import prepare
+
+        rest = prepare(argv)
+    from openrlhf.utils.deepspeed.deepspeed import DeepspeedStrategy
+
+    stamps, base = [], {}
+    original_step, original_backward = DeepspeedStrategy.optimizer_step, DeepspeedStrategy.backward
+
+    def backward(self, *a, **kw):
+        if not base:  # first micro-batch: reset the high-water mark, remember where training starts
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            base["rss"] = _rss("VmRSS:")
+        return original_backward(self, *a, **kw)
+
+    def optimizer_step(self, *a, **kw):
+        r = original_step(self, *a, **kw)
+        stamps.append(time.perf_counter())
+        return r
+
+    DeepspeedStrategy.backward, DeepspeedStrategy.optimizer_step = backward, optimizer_step
+    sys.argv = ["openrlhf.cli.train_dpo", *rest]
+    runpy.run_module("openrlhf.cli.train_dpo", run_name="__main__", alter_sys=True)
+    Path(out).write_text(json.dumps({"stamps": stamps, "peak": _rss("VmHWM:") - base.get("rss", 0)}))
+
+
+# ---- parent --------------------------------------------------------------------------------------------------
+def build(root: Path, quick: bool, steps: int):
+    from po_plugins.tiny import make_model, make_pairs
+
+    kw = dict(vocab_size=4096, hidden_size=64, layers=2) if quick else dict(vocab_size=32768, hidden_size=256,
+                                                                              layers=24)
+    model = make_model(root / "model", **kw)
+    data = make_pairs(root / "pairs.jsonl", n=2 * steps)
+    return model, data
+
+
+def flags(model, data, out, accum) -> list[str]:
+    return ["--model.model_name_or_path", str(model), "--data.dataset", str(data), "--data.prompt_key", "prompt",
+            "--data.chosen_key", "chosen", "--data.rejected_key", "rejected", "--data.max_len", "64",
+            "--train.micro_batch_size", "1", "--train.batch_size", str(accum), "--train.max_epochs", "1",
+            "--ds.attn_implementation", "eager", "--ds.zero_stage", "2", "--ds.param_dtype", "bf16",
+            "--ckpt.output_dir", str(out), "--ckpt.disable_ds", "--lr_warmup_ratio", "0"]
+
+
+MODES = {"stock": [], "rc_dpo": ["--loss", "rc_dpo"], "rc_dpo_exact": ["--loss", "rc_dpo", "--po.score_every", "1"]}
+
+
+def run_mode(mode, model, data, work, accum):
+    from po_plugins.tiny import run_module
+
+    out = work / f"{mode}.json"
+    args = ["--child", "stock" if mode == "stock" else "plugin", "--child_out", out, "--",
+            *MODES[mode], *flags(model, data, work / f"ckpt_{mode}", accum)]
+    res = run_module("benchmarks.overhead", args, ROOT, env_extra={"OMP_NUM_THREADS": str(os.cpu_count() or 1)},
+                     timeout=1800)
+    if res.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{res.stderr[-3000:]}")
+    r = json.loads(out.read_text())
+    times = [b - a for a, b in zip(r["stamps"], r["stamps"][1:])]
+    return statistics.median(times), r["peak"]
+
+
+def replica(quick: bool, reps: int) -> dict:
+    """Plain-torch step: policy fwd+bwd, reference fwd, AdamW; plus closed-form or autograd head scores."""
+    import torch
+
+    from po_plugins.losses import PairBatch, build
+    from po_plugins.scores import head_score_stats
+
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, L, V = (64, 2, 4096) if quick else (256, 24, 32768)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=L,
+                      num_attention_heads=4, num_key_value_heads=4)
+    pol, ref = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
+    ref.load_state_dict(pol.state_dict())
+    opt = torch.optim.AdamW(pol.parameters(), lr=1e-5)
+    T = 48
+    ids = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, T - 1, dtype=torch.bool)
+    mask[:, :16] = False
+    loss_fn = build("dpo")
+    W = pol.get_output_embeddings().weight
+    cache = {}
+    pol.get_output_embeddings().register_forward_hook(lambda m, i, o: cache.update(h=i[0].detach(), lg=o.detach()))
+
+    def logps(model, x):
+        lg = model(x).logits[:, :-1].float()
+        return (lg.log_softmax(-1).gather(-1, x[:, 1:, None]).squeeze(-1) * mask).sum(-1)
+
+    def step(kind):
+        z = logps(pol, ids)
+        with torch.no_grad():
+            zr = logps(ref, ids)
+        if kind == "closed_form":
+            head_score_stats(cache["h"][:, :-1], cache["lg"][:, :-1], ids[:, 1:], mask, torch.tensor([True, False]))
+        elif kind == "autograd":
+            torch.autograd.grad(z[:1].mean(), [W], retain_graph=True)
+            torch.autograd.grad(z[1:].mean(), [W], retain_graph=True)
+        loss = loss_fn(PairBatch(z[:1], z[1:], zr[:1], zr[1:])).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    kinds = ("stock", "closed_form", "autograd")
+    for k in kinds:
+        step(k)  # warm-up
+    times = {k: [] for k in kinds}
+    for _ in range(3 if quick else max(reps, 5)):
+        for k in kinds:
+            t0 = time.perf_counter()
+            step(k)
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    head_share = h * V / (h * V + L * 10 * h * h)  # attention 4h², MLP 3·h·2h per layer
+    return {"replica_step_s": med, "head_flop_share": head_share}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model, one rep: checks the benchmark runs")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is dropped)")
+    ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
+    ap.add_argument("--child", choices=["stock", "plugin"])
+    ap.add_argument("--child_out")
+    args, rest = ap.parse_known_args(argv)
+    if args.child:
+        child(args.child, args.child_out, [a for a in rest if a != "--"])
+        return 0
+    reps = 1 if args.quick else args.reps
+    steps = 3 if args.quick else args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model, data = build(work, args.quick, steps * args.accum)
+        res = {m: {"step": [], "peak": []} for m in MODES}
+        for rep in range(reps):
+            for mode in MODES:  # interleaved: drift hits every mode alike
+                t, peak = run_mode(mode, model, data, work, args.accum)
+                res[mode]["step"].append(t)
+                res[mode]["peak"].append(peak)
+                print(f"rep {rep + 1}/{reps} {mode:>13}: step {t:.3f} s, peak +{peak / 2**20:.1f} MiB", flush=True)
+    med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in res.items()}
+    rep_ = replica(args.quick, reps)
+    rs = rep_["replica_step_s"]
+    out = {
+        "step_time_ratio": med["rc_dpo"]["step"] / med["stock"]["step"],
+        "peak_mem_ratio": med["rc_dpo"]["peak"] / max(med["stock"]["peak"], 1),
+        "exact_step_time_ratio": med["rc_dpo_exact"]["step"] / med["stock"]["step"],
+        "exact_peak_mem_ratio": med["rc_dpo_exact"]["peak"] / max(med["stock"]["peak"], 1),
+        "autograd_step_time_ratio": rs["autograd"] / rs["stock"],
+        "replica_closed_form_step_time_ratio": rs["closed_form"] / rs["stock"],
+        "stock_step_s": med["stock"]["step"], "head_flop_share": rep_["head_flop_share"],
+        "reps": reps, "quick": args.quick,
+    }
+    print(f"\nmedian step: stock {med['stock']['step']:.3f} s, rc_dpo {med['rc_dpo']['step']:.3f} s, "
+          f"rc_dpo exact every micro-batch {med['rc_dpo_exact']['step']:.3f} s")
+    print(f"replica step: stock {rs['stock']:.3f} s, closed form {rs['closed_form']:.3f} s, "
+          f"authors' autograd {rs['autograd']:.3f} s")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
