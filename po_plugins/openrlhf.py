@@ -362,7 +362,7 @@ class BandMonitor:
         args = trainer.args
         self.path = getattr(args.po, "jsonl", None) or os.path.join(args.ckpt.output_dir, "po_band.jsonl")
         self.alert_steps = int(args.po.alert_steps)
-        self.recheck = bool(args.po.recheck)
+        self.recheck_every = int(args.po.recheck_every)
         self.prev = None
         self.out_streak = 0
         self.acc = None
@@ -423,11 +423,15 @@ class BandMonitor:
         v = all_reduce(torch.tensor([self.last_alpha, -self.last_alpha], dtype=torch.float64), "max")
         return float(v[0] + v[1])
 
-    def _recheck(self):
-        """Exact per-pair change of z over this optimizer step: re-score the last micro-batch (no grad)."""
+    RECHECK_KEYS = ("chosen_up_frac", "rejected_down_frac", "step_delta_z_w", "step_delta_z_l")
+
+    def _recheck(self, global_step: int) -> dict:
+        """Exact per-pair change of z over this optimizer step: re-score the last micro-batch (no grad), every
+        `--po.recheck_every` steps (one forward of a micro-batch each time); null on the other steps."""
         t = self.trainer
-        if not self.recheck or self.last_inputs is None:
-            return None
+        due = self.recheck_every > 0 and global_step % self.recheck_every == 0
+        if not due or self.last_inputs is None:
+            return dict.fromkeys(self.RECHECK_KEYS)
         with torch.no_grad():
             saved = t._po_extra
             zw2, zl2, _, _ = t.concatenated_forward(t.model, *self.last_inputs)
@@ -457,9 +461,7 @@ class BandMonitor:
         rec["delta_z_l"] = rec["z_l"] - self.prev["z_l"] if self.prev else 0.0
         rec["loss"] = s["loss"] / n
         rec["alpha_rank_spread"] = self._alpha_spread()
-        exact = self._recheck()
-        if exact:
-            rec.update(exact)
+        rec.update(self._recheck(global_step))
         if "margins" in self.trainer.po_loss.needs:
             rec.update(w_mean=s["w_sum"] / n, w_min=s["w_min"], w_max=s["w_max"], w_capped_frac=s["w_capped"] / n)
         self.prev = {"z_w": rec["z_w"], "z_l": rec["z_l"]}
@@ -472,7 +474,7 @@ class BandMonitor:
         logs = {}
         for k in ("z_w", "z_l", "delta_z_w", "delta_z_l", "log_r", "log_r_star", "rho", "band_lower", "band_upper",
                   "slack", "in_band", "alpha", "chosen_up_frac", "w_mean", "w_min", "w_max", "w_capped_frac"):
-            if k in rec and math.isfinite(rec[k]):
+            if rec.get(k) is not None and math.isfinite(rec[k]):
                 logs[f"po/{k}"] = rec[k]
         return logs
 

@@ -54,7 +54,7 @@ def weights(out):
 @pytest.mark.parametrize("loss,stage", [("dpo", 0), ("rc_dpo", 0), ("simpo", 0), ("ipo", 0), ("dpo", 2),
                                         ("rc_dpo", 3), ("simpo", 2), ("ipo", 3), ("rc_madpo", 0)])
 def test_losses_run_end_to_end_with_the_monitor(assets, tmp_path, loss, stage):
-    extra = ["--po.monitor", "--logger.tensorboard_dir", tmp_path / "tb"]
+    extra = ["--po.monitor", "--po.recheck_every", "1", "--logger.tensorboard_dir", tmp_path / "tb"]
     if "madpo" in loss:  # margins travel with their rows through OpenRLHF's dataset and collator
         rows = [json.loads(x) for x in Path(assets["train"]).read_text().splitlines()]
         data = tmp_path / "scored.jsonl"
@@ -200,7 +200,10 @@ def test_score_every_reuses_the_last_statistics(assets, tmp_path):
     rec = trace(tmp_path / "out")
     assert len({(r["sw_norm"], r["sl_norm"], r["sw_dot_sl"]) for r in rec}) == 1  # computed once, reused
     run(["--loss", "rc_dpo", *flags(assets, tmp_path / "every")], tmp_path)
-    assert len({r["sw_norm"] for r in trace(tmp_path / "every")}) == 4
+    every = trace(tmp_path / "every")
+    assert len({r["sw_norm"] for r in every}) == 4
+    # default --po.recheck_every 10: the exact per-pair deltas are null on steps 1-4, the keys still present
+    assert all("chosen_up_frac" in r and r["chosen_up_frac"] is None for r in every)
 
 
 def test_overhead_benchmark_quick_prints_json_last(tmp_path):

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 PLUGIN_FLAGS = {
     "monitor": (bool, False, "band monitor (on by default with rc_* losses)"),
     "alert_steps": (int, 20, "warn after this many consecutive out-of-band steps (0: never)"),
-    "recheck": (bool, True, "re-score the last micro-batch after each optimizer step for exact per-pair deltas"),
+    "recheck_every": (int, 10, "every N optimizer steps, re-score the last micro-batch for exact per-pair deltas "
+                               "(chosen_up_frac; one forward each time; 0: never)"),
     "jsonl": (str, None, "band trace path (default <ckpt.output_dir>/po_band.jsonl)"),
     "score_chunk": (int, 4096, "vocabulary chunk of the head score statistics"),
     "score_every": (int, 1, "exact head score statistics on every k-th micro-batch, reused in between"),
