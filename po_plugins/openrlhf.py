@@ -142,23 +142,25 @@ def make_hierarchize(original, po: SimpleNamespace):
 
 
 # ---- dataset --------------------------------------------------------------------------------------------------
-class MarginInt(int):
-    """The 5th collate item (prompt length) carrying the row's reward margin; behaves as the int upstream uses."""
+class RowInt(int):
+    """The 5th collate item (prompt length) carrying its own row's reward margin and stored reference log-probs;
+    behaves as the int upstream uses (slicing, zip, list concatenation)."""
 
-    def __new__(cls, value, margin=None):
+    def __new__(cls, value, margin=None, ref=None):
         obj = super().__new__(cls, value)
-        obj.margin = margin
+        obj.margin, obj.ref = margin, ref
         return obj
 
     def __reduce__(self):
-        return (MarginInt, (int(self), self.margin))
+        return (RowInt, (int(self), self.margin, self.ref))
 
 
 def _reward_dataset_class():
     from openrlhf.datasets.reward_dataset import RewardDataset
 
     class PoRewardDataset(RewardDataset):
-        """RewardDataset that checks its columns first and carries `--po.margin_key` with its own row."""
+        """RewardDataset that checks its columns first and carries `--po.margin_key` and `--po.ref_logp_keys`
+        with their own row (OpenRLHF filters rows, so never by index)."""
 
         def __init__(self, dataset, tokenizer, max_length, strategy, input_template=None, is_dpo=False,
                      num_processors=None):
@@ -166,11 +168,17 @@ def _reward_dataset_class():
             po = getattr(strategy.args, "po", None)
             self.margin_key = getattr(po, "margin_key", None) if is_dpo else None
             self.missing_margin = getattr(po, "missing_margin", "error")
+            ref_keys = getattr(po, "ref_logp_keys", None) if is_dpo else None
+            self.ref_keys = tuple(ref_keys.split(",")) if ref_keys else ()
+            if self.ref_keys and len(self.ref_keys) != 2:
+                raise SystemExit("po_plugins: --po.ref_logp_keys takes two columns: CHOSEN,REJECTED "
+                                 "(e.g. ref_chosen_logp,ref_rejected_logp from score_margins --ref_model)")
             cols = list(getattr(dataset, "column_names", None) or [])
             if cols:
                 for flag, key in (("--data.chosen_key", data.chosen_key), ("--data.rejected_key", data.rejected_key),
                                   ("--data.prompt_key", getattr(data, "prompt_key", None)),
-                                  ("--po.margin_key", self.margin_key)):
+                                  ("--po.margin_key", self.margin_key),
+                                  *(("--po.ref_logp_keys", k) for k in self.ref_keys)):
                     if key and key not in cols:
                         raise SystemExit(f"po_plugins: the dataset has no column '{key}' (set by {flag}); its "
                                          f"columns are {cols}. Point {flag} at the right column.")
@@ -189,14 +197,22 @@ def _reward_dataset_class():
                                          f"(prompt starts {str(data.get(self.prompt_key, ''))[:40]!r}); "
                                          f"fill it or pass --po.missing_margin unit to give such rows weight 1")
                     m = None
-                out["extra"] = [out["extra"], m]
+            if self.margin_key or self.ref_keys:
+                ref = [data.get(k) for k in self.ref_keys]
+                dropped = out["prompt"] is None  # OpenRLHF filters this row out next
+                if self.ref_keys and not dropped and any(v is None or not math.isfinite(float(v)) for v in ref):
+                    raise ValueError(f"po_plugins: a row has no finite value in {list(self.ref_keys)} (prompt starts "
+                                     f"{str(data.get(self.prompt_key, ''))[:40]!r}); re-run score_margins "
+                                     "--ref_model or drop --po.ref_logp_keys")
+                out["extra"] = {"len": out["extra"], "margin": m if self.margin_key else None,
+                                "ref": [float(v) for v in ref] if ref and not dropped else None}
             return out
 
         def __getitem__(self, idx):
             item = RewardDataset.__getitem__(self, idx)
             extra = item[4]
-            if isinstance(extra, (list, tuple)):
-                extra = MarginInt(extra[0], extra[1])
+            if isinstance(extra, dict):
+                extra = RowInt(extra["len"], extra["margin"], extra["ref"])
             return (*item[:4], extra)
 
     return _module_level(PoRewardDataset)
@@ -255,7 +271,8 @@ def _trainer_class():
             self.strategy.print(f"[po_plugins] loss {self.po_loss!r}; monitor "
                                 f"{'on' if self.po_monitor else 'off'}"
                                 + ("; reference-free: reference forward skipped" if self.po_loss.reference_free
-                                   else ""))
+                                   else "; reference log-probs read from the dataset: reference forward skipped"
+                                   if getattr(po, "ref_logp_keys", None) else ""))
 
         def _po_hook(self, module, inputs, output):
             if self._po_capture:
@@ -265,10 +282,14 @@ def _trainer_class():
 
         def concatenated_forward(self, model, chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens):
             margins = [getattr(x, "margin", None) for x in prompt_id_lens]
+            refs = [getattr(x, "ref", None) for x in prompt_id_lens]
             prompt_id_lens = [int(x) for x in prompt_id_lens]
             if model is self.ref_model and self.po_loss.reference_free:
                 z = torch.zeros(chosen_ids.shape[0], device=chosen_ids.device)
                 return z, z, [], z.sum()
+            if model is self.ref_model and refs and all(r is not None for r in refs):  # --po.ref_logp_keys
+                ref = torch.tensor(refs, dtype=torch.float32, device=chosen_ids.device)
+                return ref[:, 0], ref[:, 1], [], ref.new_zeros(())
             is_policy = model is self.model
             capture = is_policy and self._po_need_scores and torch.is_grad_enabled() and self.model.training
             if capture:  # --po.score_every k: fresh statistics on every k-th micro-batch, the last ones between

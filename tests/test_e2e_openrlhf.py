@@ -217,3 +217,17 @@ def test_overhead_benchmark_quick_prints_json_last(tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     for k in ("step_time_ratio", "peak_mem_ratio", "autograd_step_time_ratio", "exact_step_time_ratio"):
         assert out[k] > 0, k
+
+
+def test_stored_reference_logps_replace_the_reference_forward(assets, tmp_path):
+    rows = [json.loads(x) for x in Path(assets["train"]).read_text().splitlines()]
+    data = tmp_path / "with_ref.jsonl"
+    # reference log-probs of 0: at step 1 every implicit reward equals the policy log-prob itself
+    data.write_text("".join(json.dumps({**r, "rc": 0.0, "rr": 0.0}) + "\n" for r in rows))
+    res = run(["--loss", "dpo", "--po.monitor", "--po.ref_logp_keys", "rc,rr",
+               *flags(assets, tmp_path / "out", extra=["--data.dataset", data])], tmp_path)
+    assert "reference forward skipped" in res.stdout + res.stderr
+    first = trace(tmp_path / "out")[0]
+    assert first["r_w"] == pytest.approx(first["z_w"]) and first["r_l"] == pytest.approx(first["z_l"])
+    res = run(["--loss", "dpo", "--po.ref_logp_keys", "rc", *flags(assets, tmp_path / "o2")], tmp_path, check=False)
+    assert res.returncode != 0 and "two columns" in res.stderr

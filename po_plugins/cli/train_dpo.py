@@ -25,6 +25,8 @@ PLUGIN_FLAGS = {
     "score_every": (int, 1, "exact head score statistics on every k-th micro-batch, reused in between"),
     "margin_key": (str, None, "dataset column with reward-model margins (madpo); never 'margin'"),
     "missing_margin": (str, "error", "rows without a margin: 'error' or 'unit' (weight 1)"),
+    "ref_logp_keys": (str, None, "CHOSEN,REJECTED columns with stored reference log-probs (score_margins "
+                                 "--ref_model): the reference forward is skipped"),
 }
 
 
