@@ -52,32 +52,59 @@ def score_stats_flat(
     rows: torch.Tensor,  # [M]     sequence index of each position
     is_chosen: torch.Tensor,  # [N]   bool per sequence
     chunk_size: int = 4096,
+    method: str = "auto",
 ) -> ScoreStats:
-    """The same statistics from response positions already gathered (any layout, e.g. packed sequences)."""
+    """The same statistics from response positions already gathered (any layout, e.g. packed sequences).
+
+    Two exact evaluations of s = Aᵀ H (A = onehot − softmax, rows scaled by 1/n of their side, H the head inputs):
+      "vocab": s chunk by chunk over the vocabulary, ‖s‖² summed: O(M·V·d) work, O(M·chunk + chunk·d) memory;
+      "gram":  ⟨s_a, s_b⟩ = Σ_{i∈a, j∈b} (A Aᵀ)_ij (H Hᵀ)_ij with A Aᵀ accumulated over vocabulary chunks:
+               O(M²·V) work, O(M·chunk + M²) memory.
+    "auto" takes the cheaper: gram when M < 2d (measured crossover on CPU; one GEMM beats two per chunk).
+    """
+    if method not in ("auto", "vocab", "gram"):
+        raise ValueError(f"method must be auto, vocab or gram, got {method!r}")
     is_chosen = is_chosen.bool().to(rows.device)
     n_w = int(is_chosen.sum())
     n_l = int((~is_chosen).sum())
     row_scale = torch.where(is_chosen, 1.0 / max(n_w, 1), 1.0 / max(n_l, 1)).to(torch.float32)
     side_w = is_chosen[rows]  # [M] True for chosen tokens
     h = hidden.float() * row_scale[rows][:, None]  # [M, d], scaled by 1/n of its side
-    lg, y = logits, labels.long()
-    lse = torch.logsumexp(lg.float(), dim=-1, keepdim=True)  # [M, 1]
+    y = labels.long()
+    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # [M, 1]
+    M, d = h.shape
+    if method == "gram" or (method == "auto" and M < 2 * d):
+        return _gram_stats(h, logits, lse, y, side_w, chunk_size)
     hw, hl = h[side_w], h[~side_w]
-    lw, ll = lg[side_w], lg[~side_w]
+    lw, ll = logits[side_w], logits[~side_w]
     yw, yl = y[side_w], y[~side_w]
     lsew, lsel = lse[side_w], lse[~side_w]
-    vocab = lg.shape[-1]
     sw2 = torch.zeros((), dtype=torch.float32, device=h.device)
     sl2 = torch.zeros_like(sw2)
     dot = torch.zeros_like(sw2)
-    for start in range(0, vocab, chunk_size):
-        stop = min(start + chunk_size, vocab)
+    for start in range(0, logits.shape[-1], chunk_size):
+        stop = min(start + chunk_size, logits.shape[-1])
         gw = _chunk_grad(lw, lsew, yw, hw, start, stop)  # [chunk, d]
         gl = _chunk_grad(ll, lsel, yl, hl, start, stop)
         sw2 += gw.pow(2).sum()
         sl2 += gl.pow(2).sum()
         dot += (gw * gl).sum()
     return ScoreStats(sw2.sqrt(), sl2.sqrt(), dot)
+
+
+def _gram_stats(h, logits, lse, y, side_w, chunk_size) -> ScoreStats:
+    """(A Aᵀ)_ij = [y_i = y_j] − p_i[y_j] − p_j[y_i] + p_i·p_j, with p·p accumulated over vocabulary chunks."""
+    M = h.shape[0]
+    pp = torch.zeros(M, M, dtype=torch.float32, device=h.device)
+    for start in range(0, logits.shape[-1], chunk_size):
+        p = (logits[:, start:start + chunk_size].float() - lse).exp()
+        pp += p @ p.T
+    p_at_y = (logits.float().gather(1, y[None, :].expand(M, M)) - lse).exp()  # [i, j] = p_i[y_j]
+    k = (y[:, None] == y[None, :]).float() - p_at_y - p_at_y.T + pp
+    kh = k * (h @ h.T)
+    w = side_w.float()
+    lw = 1.0 - w
+    return ScoreStats((w @ kh @ w).clamp(min=0).sqrt(), (lw @ kh @ lw).clamp(min=0).sqrt(), w @ kh @ lw)
 
 
 def response_positions(hidden, logits, input_ids, att_masks, loss_masks):

@@ -215,7 +215,7 @@ def test_overhead_benchmark_quick_prints_json_last(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    for k in ("step_time_ratio", "peak_mem_ratio", "autograd_step_time_ratio", "exact_step_time_ratio"):
+    for k in ("step_time_ratio", "peak_mem_ratio", "autograd_step_time_ratio", "monitor_step_time_ratio"):
         assert out[k] > 0, k
 
 

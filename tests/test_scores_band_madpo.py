@@ -11,8 +11,9 @@ from po_plugins.scores import head_score_stats, response_positions, score_stats_
 from po_plugins.toy import train
 
 
+@pytest.mark.parametrize("method", ["vocab", "gram"])
 @pytest.mark.parametrize("chunk", [1, 7, 13, 50, 4096])
-def test_head_score_stats_equal_autograd_on_the_head(chunk):
+def test_head_score_stats_equal_autograd_on_the_head(chunk, method):
     g = torch.Generator().manual_seed(0)
     N, T, d, V = 6, 9, 5, 50
     W = torch.randn(V, d, generator=g, requires_grad=True)
@@ -26,7 +27,12 @@ def test_head_score_stats_equal_autograd_on_the_head(chunk):
     seq = (lp * mask).sum(-1)
     (sw,) = torch.autograd.grad(seq[is_chosen].mean(), [W], retain_graph=True)
     (sl,) = torch.autograd.grad(seq[~is_chosen].mean(), [W])
-    st = head_score_stats(hidden, logits.detach(), labels, mask, is_chosen, chunk_size=chunk)
+    pos = mask.nonzero(as_tuple=False)
+    st = score_stats_flat(hidden[pos[:, 0], pos[:, 1]], logits.detach()[pos[:, 0], pos[:, 1]],
+                          labels[pos[:, 0], pos[:, 1]], pos[:, 0], is_chosen, chunk_size=chunk, method=method)
+    auto = head_score_stats(hidden, logits.detach(), labels, mask, is_chosen, chunk_size=chunk)
+    for x, y in zip(st, auto):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st.sw_norm, sw.norm(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st.sl_norm, sl.norm(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st.sw_dot_sl, (sw * sl).sum(), rtol=1e-5, atol=1e-6)
