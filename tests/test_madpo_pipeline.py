@@ -126,3 +126,103 @@ def test_example_config_parses_and_yields_the_three_commands(capsys, tmp_path):
     bad.write_text("data: {dataset: x}\nreward_model: {pretrain: m}\n")
     with pytest.raises(SystemExit, match="section 'dpo' is required"):
         madpo.main(["--config", str(bad)])
+
+
+# ------------------------------------------------------------------------------ on-policy pairs, iterative MADPO
+GOLD = "def reward(prompts, responses):\n    return [sum(map(ord, r)) % 89 / 10 for r in responses]\n"
+
+
+def _dry_run(capsys, cfg, tmp_path):
+    import yaml
+
+    from po_plugins.cli import madpo
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert madpo.main(["--config", str(path), "--dry_run"]) == 0
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("[madpo] round")]
+
+
+def test_rounds_chain_policies_and_keep_every_round(capsys, tmp_path):
+    base = {"workdir": "w", "data": {"dataset": "pairs.jsonl", "prompt_key": "prompt", "max_len": 64},
+            "dpo": {"pretrain": "sft", "flags": {"model.beta": 0.1}}, "rounds": 2,
+            "generation": {"reward": "fn:gold:reward", "n_samples": 4, "temperature": 0.8, "seed": 5}}
+    lines = _dry_run(capsys, base, tmp_path)
+    assert [line.split(":")[0] for line in lines] == [f"[madpo] round {i} {s}" for i in (0, 1)
+                                                      for s in ("generate", "label", "dpo")]
+    w = tmp_path / "w"
+    gen0, label0, dpo0, gen1, label1, dpo1 = lines
+    assert "--model sft " in gen0 and f"--model {w / 'round_0' / 'policy'} " in gen1
+    assert "--seed 5 " in gen0 and "--seed 6 " in gen1 and "--n_samples 4" in gen0 and "--temperature 0.8" in gen0
+    assert f"--output {w / 'round_1' / 'generated.jsonl'}" in gen1 and "--data.prompt_key prompt" in gen1
+    assert "--reward fn:gold:reward" in label1 and f"--input {w / 'round_1' / 'generated.jsonl'}" in label1
+    assert "--model.model_name_or_path sft " in dpo0
+    assert f"--model.model_name_or_path {w / 'round_0' / 'policy'}" in dpo1
+    assert "--po.margin_key reward_margin" in dpo1 and f"--data.dataset {w / 'round_1' / 'pairs.jsonl'}" in dpo1
+    assert "--ref.model_name_or_path" not in dpo1  # reference: the round's starting policy
+    # with the pipeline's reward model: rm once, RM labels, a score stage per round, rm_margin; reference initial
+    cfg = {**base, "reward_model": {"pretrain": "sft"}, "generation": {**base["generation"], "reward": "rm"},
+           "dpo": {**base["dpo"], "reference": "initial"}}
+    lines = _dry_run(capsys, cfg, tmp_path)
+    assert [line.split(":")[0] for line in lines][:4] == [f"[madpo] round 0 {s}" for s in
+                                                           ("generate", "label", "score", "dpo")]
+    assert f"--reward rm:{w / 'rm'}" in lines[1] and f"--model {w / 'rm'}" in lines[2]
+    assert "--po.margin_key rm_margin" in lines[7] and "--ref.model_name_or_path sft" in lines[7]
+    from po_plugins.cli import madpo
+
+    for bad, msg in (({**base, "generation": None}, "rounds > 1 needs a generation section"),
+                     ({**base, "generation": {"reward": "rm"}}, "need the reward_model section")):
+        path = tmp_path / "bad.yaml"
+        import yaml
+
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(SystemExit, match=msg):
+            madpo.main(["--config", str(path), "--dry_run"])
+
+
+def test_example_config_generation_block_parses(capsys, tmp_path):
+    """The commented-out stage-0 block of the example, uncommented, is a valid config."""
+    import re
+
+    from po_plugins.cli import madpo
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "madpo" / "madpo.yaml").read_text()
+    text = re.sub(r"^# (rounds|generation|  \w)", r"\1", text, flags=re.M)
+    path = tmp_path / "madpo.yaml"
+    path.write_text(text.replace("workdir: ../../runs/madpo", f"workdir: {tmp_path / 'w'}"))
+    assert madpo.main(["--config", str(path), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "round 1 generate" in out and "round 1 score" in out and "po_plugins.cli.label_pairs" in out
+
+
+@needs_host
+@pytest.mark.e2e
+def test_iterative_madpo_two_rounds_end_to_end(tmp_path):
+    import yaml
+
+    assets = make_assets(tmp_path / "assets", n_train=8, n_eval=2)
+    (tmp_path / "gold.py").write_text(GOLD)
+    common = {"train.micro_batch_size": 2, "train.batch_size": 4, "train.max_epochs": 1, "ds.zero_stage": 0,
+              "ds.param_dtype": "bf16", "ds.attn_implementation": "eager", "lr_warmup_ratio": 0, "adam.lr": 1e-2}
+    cfg = {"workdir": "work", "rounds": 2,
+           "data": {"dataset": str(assets["train"]), "prompt_key": "prompt", "max_len": 64},
+           "generation": {"reward": "fn:gold:reward", "n_samples": 2, "max_new_tokens": 8, "backend": "hf",
+                          "batch_size": 8, "ties": "keep"},
+           "dpo": {"pretrain": str(assets["model"]), "loss": "madpo", "flags": common}}
+    path = tmp_path / "madpo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = run_module("po_plugins.cli.madpo", ["--config", path], tmp_path, timeout=600)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-6000:])
+    assert "generating samples" in res.stderr and "rewarding samples" in res.stderr  # progress bars
+    rows = [json.loads(x) for x in Path(assets["train"]).read_text().splitlines()]
+    samples = []
+    for i in (0, 1):
+        d = tmp_path / "work" / f"round_{i}"
+        pairs = [json.loads(x) for x in (d / "pairs.jsonl").read_text().splitlines()]
+        assert [p["prompt"] for p in pairs] == [r["prompt"] for r in rows]
+        assert all(p["chosen"] in p["samples"] and p["reward_margin"] >= 0 for p in pairs)
+        assert (d / "policy" / "model.safetensors").exists() and (d / "generated.jsonl").exists()
+        samples.append([p["samples"] for p in pairs])
+    assert samples[0] != samples[1]  # round 1 sampled from round 0's policy (and seed + 1)
+    again = run_module("po_plugins.cli.madpo", ["--config", path], tmp_path, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 6, again.stdout

@@ -3,9 +3,20 @@
     python -m po_plugins.cli.madpo --config madpo.yaml [--dry_run] [--force STAGE]
 
 Stages (each skipped when its output already exists and is complete):
-  1. rm     the stock openrlhf.cli.train_rm (via po_plugins.cli.train_rm), on the same --data.* as the DPO data
-  2. score  po_plugins.cli.score_margins: every pair's RM margin in a new column (default rm_margin)
-  3. dpo    po_plugins.cli.train_dpo --loss madpo (or rc_madpo) --po.margin_key rm_margin
+  1. rm        the stock openrlhf.cli.train_rm (via po_plugins.cli.train_rm), on the same --data.* as the DPO data
+  2. score     po_plugins.cli.score_margins: every pair's RM margin in a new column (default rm_margin)
+  3. dpo       po_plugins.cli.train_dpo --loss madpo (or rc_madpo) --po.margin_key rm_margin
+
+With a `generation` section (on-policy pairs) and `rounds: k` (iterative MADPO), after `rm` (when configured),
+round i = 0..k-1 runs in workdir/round_<i>/:
+  0a. generate  po_plugins.cli.generate: n samples per prompt from the round's policy (round 0: dpo.pretrain,
+                round i: round_<i-1>/policy), seed generation.seed + i             -> generated.jsonl
+  0b. label     po_plugins.cli.label_pairs: rewards (the pipeline's RM, rm:DIR or fn:module:function) and
+                chosen/rejected pairs, seed generation.seed + i                     -> pairs.jsonl
+  2.  score     RM margins of those pairs (generation.margins: rm), or the labels' reward_margin is used (label)
+  3.  dpo       weighted DPO from the round's policy (reference: the round's policy, or dpo.pretrain with
+                dpo.reference: initial)                                             -> policy/
+Every round's data and checkpoint are kept; a re-run skips every finished stage of every round.
 Every field is documented in examples/madpo/madpo.yaml.
 """
 
@@ -19,10 +30,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-STAGES = ("rm", "score", "dpo")
+STAGES = ("rm", "generate", "label", "score", "dpo")
 DONE = "po_stage_done.json"
 DATA_KEYS = ("prompt_key", "chosen_key", "rejected_key", "input_template", "apply_chat_template",
              "tokenizer_chat_template", "max_len", "dataset_split")
+PROMPT_KEYS = ("prompt_key", "input_template", "apply_chat_template", "tokenizer_chat_template")
+SECTIONS = ("workdir", "launcher", "data", "reward_model", "scoring", "dpo", "generation", "rounds")
+GEN_KEYS = ("prompts", "n_samples", "backend", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "batch_size",
+            "nproc", "reward", "pairing", "ties", "margins", "flags", "label_flags")
 
 
 def load_config(path: str | Path) -> dict:
@@ -31,17 +46,40 @@ def load_config(path: str | Path) -> dict:
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
     base = Path(path).resolve().parent
-    unknown = set(cfg) - {"workdir", "launcher", "data", "reward_model", "scoring", "dpo"}
+    unknown = set(cfg) - set(SECTIONS)
     if unknown:
-        raise SystemExit(f"madpo config: unknown section(s) {sorted(unknown)}; "
-                         "known: workdir, launcher, data, reward_model, scoring, dpo")
-    for section in ("data", "reward_model", "dpo"):
+        raise SystemExit(f"madpo config: unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    gen = cfg.get("generation")
+    rounds = cfg.setdefault("rounds", 1)
+    if not isinstance(rounds, int) or rounds < 1:
+        raise SystemExit(f"madpo config: rounds must be an integer >= 1, got {rounds!r}")
+    if rounds > 1 and not gen:
+        raise SystemExit("madpo config: rounds > 1 needs a generation section (each round samples new pairs from "
+                         "the previous round's policy)")
+    required = ("data", "dpo") if gen else ("data", "reward_model", "dpo")
+    for section in required:
         if section not in cfg:
             raise SystemExit(f"madpo config: section '{section}' is required (see examples/madpo/madpo.yaml)")
-    if "dataset" not in cfg["data"]:
+    if "dataset" not in cfg["data"] and not (gen and gen.get("prompts")):
         raise SystemExit("madpo config: data.dataset is required")
-    if "pretrain" not in cfg["reward_model"] or "pretrain" not in cfg["dpo"]:
+    if "pretrain" not in cfg["dpo"] or ("reward_model" in cfg and "pretrain" not in cfg["reward_model"]):
         raise SystemExit("madpo config: reward_model.pretrain and dpo.pretrain are required")
+    if gen:
+        bad = set(gen) - set(GEN_KEYS)
+        if bad:
+            raise SystemExit(f"madpo config: unknown generation field(s) {sorted(bad)}; known: {', '.join(GEN_KEYS)}")
+        reward = str(gen.get("reward", "rm"))
+        if not (reward == "rm" or reward.startswith(("rm:", "fn:"))):
+            raise SystemExit(f"madpo config: generation.reward must be rm, rm:DIR or fn:module:function, got {reward}")
+        gen["reward"] = reward
+        gen.setdefault("margins", "rm" if "reward_model" in cfg else "label")
+        if gen["margins"] not in ("rm", "label"):
+            raise SystemExit("madpo config: generation.margins must be rm (score stage) or label (reward_margin)")
+        if (reward == "rm" or gen["margins"] == "rm") and "reward_model" not in cfg:
+            raise SystemExit("madpo config: generation.reward: rm and generation.margins: rm need the reward_model "
+                             "section (or use reward: fn:module:function / rm:DIR with margins: label)")
+        if cfg["dpo"].get("reference", "previous") not in ("previous", "initial"):
+            raise SystemExit("madpo config: dpo.reference must be previous or initial")
     cfg.setdefault("workdir", "runs/madpo")
     cfg["workdir"] = str((base / cfg["workdir"]).resolve()) if not os.path.isabs(cfg["workdir"]) else cfg["workdir"]
     cfg.setdefault("launcher", "python")
@@ -73,11 +111,21 @@ def launcher(cfg: dict) -> list[str]:
     raise SystemExit(f"madpo config: launcher must start with python, torchrun or deepspeed, got {cfg['launcher']!r}")
 
 
-def data_flags(cfg: dict, dataset: str | None = None) -> list[str]:
+def data_flags(cfg: dict, dataset: str | None = None, keys=DATA_KEYS) -> list[str]:
     d = cfg["data"]
-    flags = {f"data.{k}": d[k] for k in DATA_KEYS if k in d}
+    flags = {f"data.{k}": d[k] for k in keys if k in d}
     flags["data.dataset"] = dataset or d["dataset"]
     return flag_list(flags)
+
+
+def format_flags(cfg: dict, keys) -> list[str]:
+    """--data.* formatting flags only (no dataset)."""
+    return flag_list({f"data.{k}": cfg["data"][k] for k in keys if k in cfg["data"]})
+
+
+def generated_data_flags(cfg: dict, dataset) -> list[str]:
+    """--data.* for a file the pipeline wrote (JSON lines: its split is train whatever data.dataset_split says)."""
+    return data_flags(cfg, str(dataset), [k for k in DATA_KEYS if k != "dataset_split"])
 
 
 def paths(cfg: dict) -> dict:
@@ -87,60 +135,129 @@ def paths(cfg: dict) -> dict:
             "dpo": Path(cfg["dpo"].get("output", w / "policy"))}
 
 
-def commands(cfg: dict) -> dict[str, list[str]]:
-    p = paths(cfg)
-    rm, dpo, sc = cfg["reward_model"], cfg["dpo"], cfg["scoring"]
-    margin_key = sc.get("margin_key", "rm_margin")
+def _module_launch(nproc) -> list[str]:
+    nproc = int(nproc or 1)
+    return [sys.executable, "-m"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m"]
+
+
+def rm_command(cfg: dict, out) -> list[str]:
+    rm = cfg["reward_model"]
     eval_ds = cfg["data"].get("eval_dataset")
-    rm_cmd = [*launcher(cfg), "po_plugins.cli.train_rm", "--model.model_name_or_path", str(rm["pretrain"]),
-              *data_flags(cfg), "--ckpt.output_dir", str(p["rm"]),
-              *(["--eval.dataset", str(eval_ds)] if eval_ds else []), *flag_list(rm.get("flags"))]
-    score_launch = [sys.executable, "-m"] if sc.get("nproc", 1) == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(sc["nproc"]), "-m"]
-    score_cmd = [*score_launch, "po_plugins.cli.score_margins", "--model", str(p["rm"]), *data_flags(cfg),
-                 "--output", str(p["score"]), "--margin_key", margin_key, "--resume",
-                 *flag_list({k: v for k, v in sc.items() if k not in ("output", "margin_key", "nproc")})]
+    return [*launcher(cfg), "po_plugins.cli.train_rm", "--model.model_name_or_path", str(rm["pretrain"]),
+            *data_flags(cfg), "--ckpt.output_dir", str(out),
+            *(["--eval.dataset", str(eval_ds)] if eval_ds else []), *flag_list(rm.get("flags"))]
+
+
+def score_command(cfg: dict, rm_dir, data: list[str], out) -> list[str]:
+    sc = cfg["scoring"]
+    return [*_module_launch(sc.get("nproc")), "po_plugins.cli.score_margins", "--model", str(rm_dir), *data,
+            "--output", str(out), "--margin_key", sc.get("margin_key", "rm_margin"), "--resume",
+            *flag_list({k: v for k, v in sc.items() if k not in ("output", "margin_key", "nproc")})]
+
+
+def dpo_command(cfg: dict, policy, data: list[str], margin_key: str, out, ref=None) -> list[str]:
+    dpo = cfg["dpo"]
     madpo_hp = {f"po.{k}": dpo[k] for k in ("c_max", "c_min", "lam", "tau") if k in dpo}
-    dpo_cmd = [*launcher(cfg), "po_plugins.cli.train_dpo", "--loss", dpo.get("loss", "madpo"),
-               "--model.model_name_or_path", str(dpo["pretrain"]), *data_flags(cfg, str(p["score"])),
-               "--po.margin_key", margin_key, "--ckpt.output_dir", str(p["dpo"]),
-               *flag_list(madpo_hp), *flag_list(dpo.get("flags"))]
-    return {"rm": rm_cmd, "score": score_cmd, "dpo": dpo_cmd}
+    return [*launcher(cfg), "po_plugins.cli.train_dpo", "--loss", dpo.get("loss", "madpo"),
+            "--model.model_name_or_path", str(policy), *(["--ref.model_name_or_path", str(ref)] if ref else []),
+            *data, "--po.margin_key", margin_key, "--ckpt.output_dir", str(out),
+            *flag_list(madpo_hp), *flag_list(dpo.get("flags"))]
+
+
+def commands(cfg: dict) -> dict[str, list[str]]:
+    """The three commands of the pipeline without a generation section."""
+    p = paths(cfg)
+    margin_key = cfg["scoring"].get("margin_key", "rm_margin")
+    return {"rm": rm_command(cfg, p["rm"]),
+            "score": score_command(cfg, p["rm"], data_flags(cfg), p["score"]),
+            "dpo": dpo_command(cfg, cfg["dpo"]["pretrain"], data_flags(cfg, str(p["score"])), margin_key, p["dpo"])}
+
+
+def round_dir(cfg: dict, i: int) -> Path:
+    return Path(cfg["workdir"]) / f"round_{i}"
+
+
+def round_steps(cfg: dict, i: int) -> list[tuple[str, str, list[str], Path]]:
+    """(stage, name, command, output) of round i of iterative MADPO (see the module docstring)."""
+    gen, dpo, d = cfg["generation"], cfg["dpo"], round_dir(cfg, i)
+    policy = Path(dpo["pretrain"]) if i == 0 else round_dir(cfg, i - 1) / "policy"
+    seed = int(gen.get("seed", 0)) + i
+    prompts = gen.get("prompts", cfg["data"].get("dataset"))
+    gen_flags = {k: gen[k] for k in ("n_samples", "backend", "temperature", "top_p", "top_k", "max_new_tokens",
+                                     "batch_size") if k in gen}
+    split = {"data.dataset_split": cfg["data"]["dataset_split"]} if "dataset_split" in cfg["data"] else {}
+    generate = [*_module_launch(gen.get("nproc")), "po_plugins.cli.generate", "--model", str(policy),
+                *data_flags(cfg, str(prompts), PROMPT_KEYS), *flag_list(split), "--output", str(d / "generated.jsonl"),
+                "--seed", str(seed), "--resume", *flag_list(gen_flags), *flag_list(gen.get("flags"))]
+    reward = gen["reward"]
+    if reward == "rm":
+        reward = f"rm:{paths(cfg)['rm']}"
+    label_flags = {k: gen[k] for k in ("pairing", "ties") if k in gen}
+    label = [*_module_launch(gen.get("nproc")), "po_plugins.cli.label_pairs", "--input", str(d / "generated.jsonl"),
+             "--output", str(d / "pairs.jsonl"), "--reward", reward, "--seed", str(seed),
+             *format_flags(cfg, [*PROMPT_KEYS, "max_len"]),
+             "--chosen_key", cfg["data"].get("chosen_key", "chosen"),
+             "--rejected_key", cfg["data"].get("rejected_key", "rejected"), "--resume",
+             *flag_list(label_flags), *flag_list(gen.get("label_flags"))]
+    steps = [("generate", f"round {i} generate", generate, d / "generated.jsonl"),
+             ("label", f"round {i} label", label, d / "pairs.jsonl")]
+    train_data, margin_key = d / "pairs.jsonl", "reward_margin"
+    if gen["margins"] == "rm":
+        steps.append(("score", f"round {i} score", score_command(cfg, paths(cfg)["rm"],
+                                                                 generated_data_flags(cfg, d / "pairs.jsonl"),
+                                                                 d / "scored.jsonl"), d / "scored.jsonl"))
+        train_data, margin_key = d / "scored.jsonl", cfg["scoring"].get("margin_key", "rm_margin")
+    ref = dpo["pretrain"] if dpo.get("reference", "previous") == "initial" and i > 0 else None
+    steps.append(("dpo", f"round {i} dpo", dpo_command(cfg, policy, generated_data_flags(cfg, train_data), margin_key,
+                                                      d / "policy", ref), d / "policy"))
+    return steps
+
+
+def plan(cfg: dict) -> list[tuple[str, str, list[str], Path]]:
+    """Every step in order: (stage, name, command, output)."""
+    if not cfg.get("generation"):
+        cmds, outs = commands(cfg), paths(cfg)
+        return [(s, s, cmds[s], outs[s]) for s in ("rm", "score", "dpo")]
+    steps = [("rm", "rm", rm_command(cfg, paths(cfg)["rm"]), paths(cfg)["rm"])] if "reward_model" in cfg else []
+    for i in range(cfg["rounds"]):
+        steps += round_steps(cfg, i)
+    return steps
 
 
 def complete(stage: str, out: Path) -> bool:
     """A stage is complete when its output exists and (for training stages) carries the done marker."""
-    if stage == "score":
-        return out.is_file()  # score_margins writes atomically: the final name exists only when complete
+    if stage in ("score", "generate", "label"):
+        return out.is_file()  # these CLIs write atomically: the final name exists only when complete
     return (out / DONE).is_file()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="MADPO: reward model -> margins -> margin-adaptive DPO")
     ap.add_argument("--config", required=True)
-    ap.add_argument("--dry_run", action="store_true", help="print the three commands and exit")
-    ap.add_argument("--force", choices=STAGES, action="append", default=[], help="re-run this stage")
+    ap.add_argument("--dry_run", action="store_true", help="print the commands and exit")
+    ap.add_argument("--force", choices=STAGES, action="append", default=[],
+                    help="re-run this stage (in every round)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
-    cmds, outs = commands(cfg), paths(cfg)
+    steps = plan(cfg)
     if not args.dry_run:
         Path(cfg["workdir"]).mkdir(parents=True, exist_ok=True)
-    for stage in STAGES:
-        cmd = cmds[stage]
-        if complete(stage, outs[stage]) and stage not in args.force:
-            print(f"[madpo] {stage}: done already ({outs[stage]}), skipped", flush=True)
+    for stage, name, cmd, out in steps:
+        if complete(stage, out) and stage not in args.force:
+            print(f"[madpo] {name}: done already ({out}), skipped", flush=True)
             continue
-        print(f"[madpo] {stage}: {shlex.join(cmd)}", flush=True)
+        print(f"[madpo] {name}: {shlex.join(cmd)}", flush=True)
         if args.dry_run:
             continue
         rc = subprocess.run(cmd).returncode
         if rc != 0:
-            print(f"[madpo] {stage} failed (exit {rc}); fix it and run the same command again: finished stages "
+            print(f"[madpo] {name} failed (exit {rc}); fix it and run the same command again: finished stages "
                   "are skipped", file=sys.stderr)
             return rc
-        if stage != "score":
-            (outs[stage] / DONE).write_text(json.dumps({"stage": stage, "command": cmd}) + "\n")
-    print(f"[madpo] policy: {outs['dpo']}")
+        if stage in ("rm", "dpo"):
+            (out / DONE).write_text(json.dumps({"stage": stage, "command": cmd}) + "\n")
+    print(f"[madpo] policy: {steps[-1][3]}")
     return 0
 
 
