@@ -187,17 +187,11 @@ def main(argv=None) -> None:
     batches = io.plan_batches([len(ids[i]) for i, _ in units], args.batch_size)
 
     fp = fingerprint(args, n, backend)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     if args.resume:
         check_part_headers(args.output, fp)
-        done = io.read_parts(args.output, fp)
+    done = io.start_parts(args.output, fp, args.resume, rank, world)
+    if args.resume:
         say(f"resuming: {sum(len(v) for v in done.values())} of {len(units)} samples are checkpointed")
-    else:
-        done = {}
-        if rank == 0:
-            for path in io.part_files(args.output):
-                os.remove(path)
-    io._barrier(world)
 
     todo = [b for k, b in enumerate(batches)
             if k % world == rank and not all(str(units[u][1]) in done.get(units[u][0], {}) for u in b)]

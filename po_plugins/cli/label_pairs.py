@@ -274,16 +274,9 @@ def main(argv=None) -> None:
 
     run, batches, keys = rm_plan(raw, uniq, args, rank, world) if args.kind == "rm" else fn_plan(raw, uniq, args)
     fp = fingerprint(args, n)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    done = io.start_parts(args.output, fp, args.resume, rank, world)
     if args.resume:
-        done = io.read_parts(args.output, fp)
         say(f"resuming: {len(done)} of {n} rows have checkpointed rewards")
-    else:
-        done = {}
-        if rank == 0:
-            for path in io.part_files(args.output):
-                os.remove(path)
-    io._barrier(world)
     todo = [b for k, b in enumerate(batches)
             if k % world == rank and not all(str(t) in done.get(i, {}) for i, t in keys(b))]
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)

@@ -336,6 +336,18 @@ def part_files(output) -> list:
                       + glob.glob(glob.escape(str(output)) + ".partial.rank*.jsonl")))
 
 
+def start_parts(output, fp: str, resume: bool, rank: int, world: int) -> dict:
+    """Checkpointed results of an interrupted run when resuming ({} otherwise, after rank 0 removed stale part
+    files); returns once every rank has read them, so nobody appends before that."""
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    done = read_parts(output, fp) if resume else {}
+    if not resume and rank == 0:
+        for path in part_files(output):
+            os.remove(path)
+    _barrier(world)
+    return done
+
+
 def read_parts(output, fp: str) -> dict:
     """{row: {column: value}} from every part file; refuses part files of other inputs; skips a torn last line."""
     done = {}
@@ -477,16 +489,9 @@ def main(argv=None) -> None:
                        plan_batches(_lengths(ref_ds, rank, world), args.batch_size)))
 
     fp = fingerprint(args, n)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    done = start_parts(args.output, fp, args.resume, rank, world)
     if args.resume:
-        done = read_parts(args.output, fp)
         say(f"resuming: {len(done)} of {n} rows have a checkpointed score")
-    else:
-        done = {}
-        if rank == 0:
-            for path in part_files(args.output):
-                os.remove(path)
-    _barrier(world)  # every rank has read the part files (or rank 0 removed them) before anyone appends
 
     todo = []
     for columns, scorer, rows, batches in passes:
