@@ -197,32 +197,21 @@ def main(argv=None) -> None:
             if k % world == rank and not all(str(units[u][1]) in done.get(units[u][0], {}) for u in b)]
     gen = make_backend(args, backend, tokenizer, max(len(x) for x in ids) if ids else 1) if todo else None
     say(f"{backend} backend: {n} prompts x {k_samples} samples, {len(batches)} batches of <= {args.batch_size}")
-    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
-    my_part, buffer, cut = io.part_path(args.output, rank), [], 0
     bar = tqdm(total=sum(len(b) for b in todo), unit="sample", desc="generating samples", disable=rank != 0,
                dynamic_ncols=True)
-    for b, items in enumerate(todo, 1):
+    cut = 0
+
+    def work(items):
+        nonlocal cut
         outs = gen.generate([ids[units[u][0]] for u in items],
                             [g.sample_seed(args.seed, *units[u]) for u in items], args.sampling)
-        for u, c in zip(items, outs):
-            i, j = units[u]
-            buffer.append(json.dumps({"i": i, str(j): c.text}, ensure_ascii=False) + "\n")
-            cut += not c.finished
-        bar.update(len(items))
-        if stop_after and b >= stop_after:
-            bar.close()
-            print(f"po_plugins: {STOP_ENV}={stop_after}: stopping (rank {rank}) after {b} batches", file=sys.stderr)
-            sys.exit(3)
-        if b % args.checkpoint_every == 0:
-            io.append_part(my_part, fp, buffer)
-            buffer = []
-    bar.close()
-    if buffer or not os.path.exists(my_part):
-        io.append_part(my_part, fp, buffer)
+        cut += sum(not c.finished for c in outs)
+        return [{"i": units[u][0], str(units[u][1]): c.text} for u, c in zip(items, outs)]
+
+    io.checkpointed_loop(todo, work, args.output, fp, rank, world, args.checkpoint_every, STOP_ENV, bar)
     if cut:
         print(f"po_plugins: rank {rank}: {cut} sample(s) stopped at --max_new_tokens {args.max_new_tokens} without "
               "EOS", file=sys.stderr)
-    io._barrier(world)
 
     if rank == 0:
         done = io.read_parts(args.output, fp)

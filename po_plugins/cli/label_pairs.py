@@ -279,23 +279,9 @@ def main(argv=None) -> None:
         say(f"resuming: {len(done)} of {n} rows have checkpointed rewards")
     todo = [b for k, b in enumerate(batches)
             if k % world == rank and not all(str(t) in done.get(i, {}) for i, t in keys(b))]
-    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
-    my_part, buffer = io.part_path(args.output, rank), []
     bar = tqdm(total=len(todo), unit="batch", desc="rewarding samples", disable=rank != 0, dynamic_ncols=True)
-    for b, batch in enumerate(todo, 1):
-        buffer += [json.dumps(rec) + "\n" for rec in run(batch)]
-        bar.update(1)
-        if stop_after and b >= stop_after:
-            bar.close()
-            print(f"po_plugins: {STOP_ENV}={stop_after}: stopping (rank {rank}) after {b} batches", file=sys.stderr)
-            sys.exit(3)
-        if b % args.checkpoint_every == 0:
-            io.append_part(my_part, fp, buffer)
-            buffer = []
-    bar.close()
-    if buffer or not os.path.exists(my_part):
-        io.append_part(my_part, fp, buffer)
-    io._barrier(world)
+    io.checkpointed_loop(todo, run, args.output, fp, rank, world, args.checkpoint_every, STOP_ENV, bar,
+                         size=lambda batch: 1)
 
     if rank == 0:
         done = io.read_parts(args.output, fp)

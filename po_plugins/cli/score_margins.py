@@ -348,6 +348,29 @@ def start_parts(output, fp: str, resume: bool, rank: int, world: int) -> dict:
     return done
 
 
+def checkpointed_loop(todo: list, work, output, fp: str, rank: int, world: int, every: int, stop_env: str,
+                      bar, size=len) -> None:
+    """Run `work(batch) -> [record dicts]` over this rank's batches, appending the records to its part file
+    every `every` batches (and at the end), then wait for all ranks. `stop_env=n` (a testing aid) exits with
+    status 3 after n batches, as an interrupted run would."""
+    stop_after = int(os.environ.get(stop_env, "0") or 0)
+    my_part, buffer = part_path(output, rank), []
+    for b, batch in enumerate(todo, 1):
+        buffer += [json.dumps(rec, ensure_ascii=False) + "\n" for rec in work(batch)]
+        bar.update(size(batch))
+        if stop_after and b >= stop_after:
+            bar.close()
+            print(f"po_plugins: {stop_env}={stop_after}: stopping (rank {rank}) after {b} batches", file=sys.stderr)
+            sys.exit(3)
+        if b % every == 0:
+            append_part(my_part, fp, buffer)
+            buffer = []
+    bar.close()
+    if buffer or not os.path.exists(my_part):
+        append_part(my_part, fp, buffer)
+    _barrier(world)
+
+
 def read_parts(output, fp: str) -> dict:
     """{row: {column: value}} from every part file; refuses part files of other inputs; skips a torn last line."""
     done = {}
@@ -498,28 +521,16 @@ def main(argv=None) -> None:
         for k, items in enumerate(batches):
             if k % world == rank and not all(c in done.get(rows[i], {}) for i in items for c in columns):
                 todo.append((columns, scorer, rows, items))
-    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
-    my_part, buffer = part_path(args.output, rank), []
-    bar = _progress(sum(len(t[3]) for t in todo), rank == 0)
-    for b, (columns, scorer, rows, items) in enumerate(todo, 1):
+    def work(task):
+        columns, scorer, rows, items = task
         c, r = scorer(items)
         in_rows = [rows[i] for i in items]
         _check_finite({"reward" if len(columns) == 1 else "reference log-prob": (c, r)}, in_rows)
         values = [(c - r).tolist()] if len(columns) == 1 else [c.tolist(), r.tolist()]
-        for k, row in enumerate(in_rows):
-            buffer.append(json.dumps({"i": row, **{col: v[k] for col, v in zip(columns, values)}}) + "\n")
-        bar.update(len(items))
-        if stop_after and b >= stop_after:
-            bar.close()
-            print(f"po_plugins: {STOP_ENV}={stop_after}: stopping (rank {rank}) after {b} batches", file=sys.stderr)
-            sys.exit(3)
-        if b % args.checkpoint_every == 0:
-            append_part(my_part, fp, buffer)
-            buffer = []
-    bar.close()
-    if buffer or not os.path.exists(my_part):
-        append_part(my_part, fp, buffer)
-    _barrier(world)
+        return [{"i": row, **{col: v[k] for col, v in zip(columns, values)}} for k, row in enumerate(in_rows)]
+
+    checkpointed_loop(todo, work, args.output, fp, rank, world, args.checkpoint_every, STOP_ENV,
+                      _progress(sum(len(t[3]) for t in todo), rank == 0), size=lambda t: len(t[3]))
 
     if rank == 0:
         done = read_parts(args.output, fp)
