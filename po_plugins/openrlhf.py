@@ -284,12 +284,14 @@ def _trainer_class():
             margins = [getattr(x, "margin", None) for x in prompt_id_lens]
             refs = [getattr(x, "ref", None) for x in prompt_id_lens]
             prompt_id_lens = [int(x) for x in prompt_id_lens]
+            # --po.ref_logp_keys: stored reference log-probs (a reference-free loss ignores them, but the monitor's
+            # log-ratios r_w, r_l are then measured against them instead of against zero)
+            if model is self.ref_model and refs and all(r is not None for r in refs):
+                ref = torch.tensor(refs, dtype=torch.float32, device=chosen_ids.device)
+                return ref[:, 0], ref[:, 1], [], ref.new_zeros(())
             if model is self.ref_model and self.po_loss.reference_free:
                 z = torch.zeros(chosen_ids.shape[0], device=chosen_ids.device)
                 return z, z, [], z.sum()
-            if model is self.ref_model and refs and all(r is not None for r in refs):  # --po.ref_logp_keys
-                ref = torch.tensor(refs, dtype=torch.float32, device=chosen_ids.device)
-                return ref[:, 0], ref[:, 1], [], ref.new_zeros(())
             is_policy = model is self.model
             capture = is_policy and self._po_need_scores and torch.is_grad_enabled() and self.model.training
             if capture:  # --po.score_every k: fresh statistics on every k-th micro-batch, the last ones between
