@@ -62,8 +62,8 @@ def corpus() -> list:
     return lines
 
 
-def make_tokenizer(out_dir, vocab_size: int = 512):
-    """Train a byte-level BPE tokenizer on :func:`corpus`, save it to ``out_dir`` and return it.
+def make_tokenizer(out_dir, vocab_size: int = 512, texts=None):
+    """Train a byte-level BPE tokenizer on ``texts`` (default :func:`corpus`), save it to ``out_dir`` and return it.
 
     Special tokens: ``<pad>`` (id 0), ``<s>`` (bos, 1), ``</s>`` (eos, 2) and the chat-role markers.
     No post-processor: like Qwen, plain encoding adds no bos; the chat template adds the role markers.
@@ -80,7 +80,7 @@ def make_tokenizer(out_dir, vocab_size: int = 512):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus() if texts is None else list(texts), trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -103,19 +103,23 @@ def make_model(
     heads: int = 4,
     seed: int = 0,
     tie_word_embeddings: bool = False,
+    texts=None,
+    tokenizer_vocab: int = 512,
+    max_positions: int = 256,
 ) -> Path:
     """Save a tiny random ``LlamaForCausalLM`` and its tokenizer to ``out_dir``; return the folder.
 
     ``vocab_size`` defaults to the tokenizer's size (it may be larger, never smaller). The weights
     depend only on the arguments: initialisation runs under ``torch.random.fork_rng`` with ``seed``,
-    so the caller's global RNG state is left alone.
+    so the caller's global RNG state is left alone. ``texts`` / ``tokenizer_vocab``: the tokenizer's training
+    corpus and size (default: the built-in corpus, 512).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out_dir)
+    tok = make_tokenizer(out_dir, tokenizer_vocab, texts)
     n_tok = len(tok)
     vocab_size = n_tok if vocab_size is None else vocab_size
     if vocab_size < n_tok:
@@ -127,7 +131,7 @@ def make_model(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
