@@ -1,0 +1,157 @@
+"""Experiments 2 and 3 of issue 6: their --quick modes run end to end through the real CLIs, and their data
+construction (human-rated pairs, quality tiers, Bradley-Terry labels, the VADER corpus reader) is right."""
+
+import importlib.util
+import io
+import json
+import math
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _last_json(res):
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _trace(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if '"step"' in line]
+
+
+@pytest.mark.e2e
+def test_displacement_quick(tmp_path):
+    res = subprocess.run([sys.executable, str(BENCH / "displacement.py"), "--quick", "--out", str(tmp_path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    out = _last_json(res)
+    assert out["mode"] == "quick" and out["n_test"] == 16
+    assert set(out["chosen_lr"]) == {"dpo", "simpo"}
+    for loss in ("dpo", "rc_dpo", "simpo", "rc_simpo"):
+        m = out[loss]
+        assert m["n"] == 16 and m["steps"] == 4, m
+        for key in ("acc_implicit", "acc_own", "chosen_up_frac", "in_band_frac"):
+            assert 0.0 <= m[key] <= 1.0
+        assert math.isfinite(m["dz_w"]) and math.isfinite(m["dz_l"])
+        # the implicit-reward accuracy is the sign of dz_w - dz_l per pair: the means must agree in direction
+        # when every pair agrees
+        if m["acc_implicit"] == 1.0:
+            assert m["dz_w"] > m["dz_l"]
+    # calibration is active in the rc_ runs and not in the base runs
+    assert out["dpo"]["alpha_last"] == 1.0 and out["rc_dpo"]["alpha_last"] != 1.0
+    # SimPO is reference-free: with --po.ref_logp_keys its monitor's log-ratios start at ~0 (against the stored
+    # initial-model log-probs), not at the raw log-likelihood (about -70 nats here)
+    for loss in ("simpo", "rc_simpo"):
+        run = tmp_path / "runs" / f"{loss}_lr{out['chosen_lr']['simpo']:g}"
+        first = _trace(run / "po_band.jsonl")[0]
+        assert abs(first["r_w"]) < 0.5 and abs(first["r_l"]) < 0.5 and first["z_w"] < -10, first
+    assert Path(out["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # pools are disjoint: no test snippet appears in the training pairs
+    rows = {s: [json.loads(x) for x in (tmp_path / "data" / f"{s}.jsonl").read_text().splitlines()]
+            for s in ("train", "test")}
+    texts = {s: {r[k][0]["content"] for r in rows[s] for k in ("chosen", "rejected")} for s in rows}
+    assert not texts["train"] & texts["test"]
+    assert all(r["chosen_rating"] - r["rejected_rating"] >= 1.5 for s in rows for r in rows[s])
+
+
+def test_displacement_pairs_follow_human_ratings():
+    mod = _load("displacement")
+    snippets = [{"id": str(i), "rating": (i % 9) - 4.0, "text": f"snippet number {i} is here"} for i in range(300)]
+    cfg = dict(mod.QUICK, train_pairs=40, val_pairs=10, test_pairs=10)
+    pairs = mod.make_pairs(snippets, cfg)
+    by_text = {s["text"]: s["rating"] for s in snippets}
+    for split, rows in pairs.items():
+        assert len(rows) == cfg[f"{split}_pairs"]
+        for r in rows:
+            hi, lo = by_text[r["chosen"][0]["content"]], by_text[r["rejected"][0]["content"]]
+            assert hi == r["chosen_rating"] and lo == r["rejected_rating"] and hi - lo >= cfg["min_gap"]
+    with pytest.raises(RuntimeError, match="rating gap"):
+        mod.make_pairs([dict(s, rating=0.0) for s in snippets], cfg)
+
+
+def test_tiers_and_bradley_terry_labels():
+    mod = _load("madpo_tiers")
+    rows = [{"prompt": f"p{i}", "samples": [f"a{i}", f"b{i}"], "sample_rewards": [0.5 * (i % 5), 1.05],
+             "human": f"h{i}", "human_reward": 2.5} for i in range(4000)]
+    high, medium, low = (mod.tier_pairs(rows, t, seed=3) for t in ("high", "medium", "low"))
+    has_human = [sum(p["chosen"].startswith("h") or p["rejected"].startswith("h") for p in x)
+                 for x in (high, medium, low)]
+    assert has_human == [0, 2000, 4000]
+    for pairs in (high, medium, low):
+        assert sorted(p["prompt"] for p in pairs) == sorted(r["prompt"] for r in rows)
+    # medium/low keep the better of the two samples against the human continuation
+    by_prompt = {r["prompt"]: r for r in rows}
+    for p in low:
+        r = by_prompt[p["prompt"]]
+        best = max(zip(r["sample_rewards"], r["samples"]))[1]
+        assert {p["chosen"], p["rejected"]} == {best, r["human"]}
+    # Bradley-Terry: P(first response wins) = sigmoid(s1 - s2); here s1 - s2 = 0.5 * (i % 5) - 1.05
+    for k in range(5):
+        gap = 0.5 * k - 1.05
+        group = [p for p in high if int(p["prompt"][1:]) % 5 == k]
+        wins = sum(p["chosen"].startswith("a") for p in group) / len(group)
+        assert abs(wins - 1 / (1 + math.exp(-gap))) < 0.045, (k, wins)
+    # labels are seeded: same seed, same labels; another seed, other labels
+    assert mod.tier_pairs(rows, "high", seed=3) == high
+    assert mod.tier_pairs(rows, "high", seed=4) != high
+
+
+@pytest.mark.e2e
+def test_madpo_tiers_quick(tmp_path):
+    res = subprocess.run([sys.executable, str(BENCH / "madpo_tiers.py"), "--quick", "--out", str(tmp_path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    out = _last_json(res)
+    assert out["mode"] == "quick" and out["seeds"] == 1
+    for method in ("madpo", "beta_dpo", "dpo", "ipo"):
+        for tier in ("high", "medium", "low"):
+            assert math.isfinite(out["table"][method][tier]["mean"])
+            assert -3.0 <= out["table"][method][tier]["mean"] <= 3.0
+    assert out["paper"]["madpo"]["high"] == 2.23
+    # the MADPO runs went through the whole pipeline: reward model, scored margins for every pair, weighted DPO
+    run = tmp_path / "runs" / "medium_seed0" / "madpo"
+    pairs = (tmp_path / "data" / "medium_seed0" / "pairs.jsonl").read_text().splitlines()
+    scored = [json.loads(x) for x in (run / "scored.jsonl").read_text().splitlines()]
+    assert len(scored) == len(pairs) == out["n_pairs"]
+    assert [r["chosen"] for r in scored] == [json.loads(x)["chosen"] for x in pairs]
+    assert all(math.isfinite(r["rm_margin"]) for r in scored)
+    assert (run / "rm" / "config.json").exists() and (run / "policy" / "config.json").exists()
+    # the generation stage wrote two samples per prompt
+    gen = [json.loads(x) for x in (tmp_path / "data" / "generated.jsonl").read_text().splitlines()]
+    assert len(gen) == out["n_pairs"] and all(len(r["samples"]) == 2 for r in gen)
+    assert Path(out["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_movie_snippets_reader(tmp_path, monkeypatch):
+    """The reader takes the ground-truth file out of the tarball inside the sdist, without the network."""
+    mod = _load("real_assets")
+    lines = "".join(f"{i}\t{(i % 9) - 4:.2f}\tsnippet {i}, with\ttab\n" for i in range(1, 10_101))
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as t:
+        data = lines.encode()
+        info = tarfile.TarInfo("hutto_ICWSM_2014/" + mod.MOVIE_FILE)
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    sdist_dir = tmp_path / "downloads" / "vader-sdist"
+    sdist_dir.mkdir(parents=True)
+    with tarfile.open(sdist_dir / "vaderSentiment-3.3.2.tar.gz", "w:gz") as t:
+        info = tarfile.TarInfo("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+        info.size = len(inner.getvalue())
+        t.addfile(info, io.BytesIO(inner.getvalue()))
+    monkeypatch.setenv("PO_PLUGINS_CACHE", str(tmp_path))
+    rows = mod.movie_snippets()
+    assert len(rows) == 10_100
+    assert rows[0] == {"id": "1", "rating": -3.0, "text": "snippet 1, with\ttab"}
+    assert rows[-1]["id"] == "10100" and rows[-1]["rating"] == (10_100 % 9) - 4
