@@ -43,7 +43,7 @@ PROMPT = "Write a positive review of a movie in one sentence."
 PAIRS = [("dpo", "rc_dpo"), ("simpo", "rc_simpo")]
 FULL = {"train_pairs": 256, "val_pairs": 64, "test_pairs": 128, "min_gap": 1.5, "max_chars": 140,
         "micro_batch": 4, "batch": 8, "epochs": 1, "max_len": 128,
-        "grid": {"dpo": [2e-6, 1e-5], "simpo": [2e-6, 1e-5]}}
+        "grid": {"dpo": [1e-5, 5e-5], "simpo": [1e-5, 5e-5]}}
 QUICK = {"train_pairs": 32, "val_pairs": 16, "test_pairs": 16, "min_gap": 1.5, "max_chars": 140,
          "micro_batch": 4, "batch": 8, "epochs": 1, "max_len": 96,
          "grid": {"dpo": [5e-3], "simpo": [5e-3]}}
@@ -251,11 +251,18 @@ def main(argv=None) -> int:
     pairs = make_pairs(snippets, cfg)
     # the initial model's log-probs of the training pairs at the training precision (bf16): the reference of the
     # monitor's log-ratios for the reference-free SimPO runs (the DPO runs use OpenRLHF's own reference model)
-    train_ref = sequence_logps(model, pairs["train"], model, dtype="bfloat16")
-    for row, w, l in zip(pairs["train"], train_ref["w"], train_ref["l"]):
+    ref_file = out / "data" / "reference_logps.json"  # cached: the same pairs and model give the same numbers
+    key = json.dumps([str(model), pairs], sort_keys=True)
+    cached = json.loads(ref_file.read_text()) if ref_file.exists() else {}
+    if cached.get("key") != key:
+        cached = {"key": key, "train": sequence_logps(model, pairs["train"], model, dtype="bfloat16"),
+                  **{s: sequence_logps(model, pairs[s], model) for s in ("val", "test")}}
+        ref_file.parent.mkdir(parents=True, exist_ok=True)
+        ref_file.write_text(json.dumps(cached))
+    for row, w, l in zip(pairs["train"], cached["train"]["w"], cached["train"]["l"]):
         row["ref_chosen_logp"], row["ref_rejected_logp"] = w, l
     files = {s: write_jsonl(rows, out / "data" / f"{s}.jsonl") for s, rows in pairs.items()}
-    ref = {s: sequence_logps(model, pairs[s], model) for s in ("val", "test")}
+    ref = {s: cached[s] for s in ("val", "test")}
 
     chosen_lr, val_table, runs = {}, {}, {}
     for base, calibrated in PAIRS:
