@@ -26,11 +26,8 @@ The last line printed is one JSON object with the headline numbers.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_threads, mean_ci, parser, run_checked, save_figure, write_jsonl  # noqa: E402
 
 PROMPT = "Write a positive review of a movie in one sentence."
 PAIRS = [("dpo", "rc_dpo"), ("simpo", "rc_simpo")]
@@ -91,16 +89,8 @@ def make_pairs(snippets: list[dict], cfg: dict, seed: int = 0) -> dict[str, list
     return out
 
 
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 # ---- training through the real CLI --------------------------------------------------------------------------
 def train(loss: str, lr: float, model: Path, data: Path, out: Path, cfg: dict, seed: int = 42) -> Path:
-    from po_plugins.tiny import run_module
-
     run_dir = out / "runs" / f"{loss}_lr{lr:g}"
     if (run_dir / "po_band.jsonl").exists() and (run_dir / "config.json").exists():
         return run_dir  # finished before: keep it (delete the folder to re-run)
@@ -115,21 +105,9 @@ def train(loss: str, lr: float, model: Path, data: Path, out: Path, cfg: dict, s
     if "simpo" in loss:  # reference-free: stored initial-model log-probs only give the monitor its log-ratios
         args += ["--po.ref_logp_keys", "ref_chosen_logp,ref_rejected_logp"]
     t0 = time.time()
-    res = run_module("po_plugins.cli.train_dpo", args, out, timeout=7200,
-                     env_extra={"OMP_NUM_THREADS": str(_threads())})
-    (out / "logs").mkdir(exist_ok=True)
-    (out / "logs" / f"{run_dir.name}.log").write_text(res.stdout + res.stderr)
-    if res.returncode != 0:
-        sys.stderr.write((res.stdout + res.stderr)[-4000:])
-        raise SystemExit(f"{loss} lr={lr} failed (exit {res.returncode}); log: {out / 'logs' / run_dir.name}.log")
+    run_checked("po_plugins.cli.train_dpo", args, out, out / "logs" / f"{run_dir.name}.log", threads=cpu_threads())
     print(f"[displacement] trained {run_dir.name} in {time.time() - t0:.0f} s", flush=True)
     return run_dir
-
-
-def _threads() -> int:
-    import os
-
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 # ---- evaluation: summed response log-likelihoods in plain torch ---------------------------------------------
@@ -139,7 +117,7 @@ def sequence_logps(model_dir: Path, rows: list[dict], tokenizer_dir: Path, batch
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(cpu_threads())
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype),
                                                  attn_implementation="eager").eval()
@@ -171,13 +149,6 @@ def sequence_logps(model_dir: Path, rows: list[dict], tokenizer_dir: Path, batch
     return {"w": logps[0::2], "l": logps[1::2], "len_w": lens[0::2], "len_l": lens[1::2]}
 
 
-def ci95(xs: list[float]) -> tuple[float, float]:
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    return m, 1.96 * statistics.stdev(xs) / math.sqrt(len(xs))
-
-
 def metrics(loss: str, pol: dict, ref: dict) -> dict:
     n = len(pol["w"])
     dw = [pol["w"][i] - ref["w"][i] for i in range(n)]
@@ -187,7 +158,7 @@ def metrics(loss: str, pol: dict, ref: dict) -> dict:
         own = sum(pol["w"][i] / pol["len_w"][i] > pol["l"][i] / pol["len_l"][i] for i in range(n)) / n
     else:
         own = implicit
-    (mw, cw), (ml, cl) = ci95(dw), ci95(dl)
+    (mw, cw), (ml, cl) = mean_ci(dw), mean_ci(dl)
     return {"dz_w": mw, "dz_w_ci": cw, "dz_l": ml, "dz_l_ci": cl, "chosen_up_frac": sum(d > 0 for d in dw) / n,
             "acc_implicit": implicit, "acc_own": own, "n": n}
 
@@ -223,17 +194,11 @@ def plot(runs: dict[str, Path], path: Path, title: str) -> None:
         ax.set_title(f"{pair[0]} vs {pair[1]}")
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="runs/displacement")
-    ap.add_argument("--docs", default=None, help="write the trajectory PNG to DOCS/img/ (default: OUT/img/)")
+    ap = parser(__doc__, "runs/displacement")
     args = ap.parse_args(argv)
     t0 = time.time()
     cfg = QUICK if args.quick else FULL

@@ -29,7 +29,6 @@ one JSON object with the headline numbers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -42,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import mean_ci, parser, run_checked, save_figure, write_jsonl  # noqa: E402
 
 TIERS = ("high", "medium", "low")
 METHODS = ("madpo", "beta_dpo", "dpo", "ipo")
@@ -168,18 +168,6 @@ def tier_pairs(rows: list[dict], tier: str, seed: int) -> list[dict]:
 
 
 # ---- training -----------------------------------------------------------------------------------------------
-def _run(module: str, args: list, cwd: Path, log: Path) -> None:
-    from po_plugins.tiny import run_module
-
-    Path(cwd).mkdir(parents=True, exist_ok=True)
-    res = run_module(module, args, cwd, timeout=7200)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(res.stdout + res.stderr)
-    if res.returncode != 0:
-        sys.stderr.write((res.stdout + res.stderr)[-4000:])
-        raise RuntimeError(f"{module} failed (exit {res.returncode}); log: {log}")
-
-
 def common_flags(cfg: dict, lr: float, seed: int) -> dict:
     return {"model.beta": 0.1, "train.micro_batch_size": cfg["micro"], "train.batch_size": cfg["batch"],
             "train.max_epochs": cfg["epochs"], "train.seed": seed, "adam.lr": lr, "adam.betas": None,
@@ -211,14 +199,14 @@ def train_method(method: str, sft: Path, data: Path, eval_data: Path, run_dir: P
                           "output": str(policy), "flags": dpo_flags}}
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "madpo.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        _run("po_plugins.cli.madpo", ["--config", run_dir / "madpo.yaml"], run_dir, run_dir / "pipeline.log")
+        run_checked("po_plugins.cli.madpo", ["--config", run_dir / "madpo.yaml"], run_dir, run_dir / "pipeline.log")
     else:
         args = ["--loss", method, "--model.model_name_or_path", sft, "--data.dataset", data,
                 "--data.prompt_key", "prompt", "--data.chosen_key", "chosen", "--data.rejected_key", "rejected",
                 "--ckpt.output_dir", policy, "--po.monitor"]
         for k, v in flags.items():
             args += [f"--{k}", v]
-        _run("po_plugins.cli.train_dpo", args, run_dir, run_dir / "train.log")
+        run_checked("po_plugins.cli.train_dpo", args, run_dir, run_dir / "train.log")
     (run_dir / "trained.json").write_text(json.dumps({"method": method, "lr": lr, "seed": seed, "tau": tau}))
     return policy
 
@@ -226,17 +214,8 @@ def train_method(method: str, sft: Path, data: Path, eval_data: Path, run_dir: P
 def evaluate(policy: Path, prompts: list[str], cfg: dict, seed: int = 1234) -> dict:
     texts = [s[0] for s in sample(policy, prompts, cfg, seed)]
     r = gold(texts)
-    m = statistics.fmean(r)
-    return {"reward": m, "ci": 1.96 * statistics.stdev(r) / math.sqrt(len(r)) if len(r) > 1 else float("nan"),
-            "n": len(r)}
-
-
-def t_interval(xs: list[float]) -> tuple[float, float]:
-    t975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    return m, t975.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
+    m, ci = mean_ci(r)
+    return {"reward": m, "ci": ci, "n": len(r)}
 
 
 def plot(table: dict, sft_reward: float, path: Path, title: str) -> None:
@@ -261,23 +240,11 @@ def plot(table: dict, sft_reward: float, path: Path, title: str) -> None:
         ax.set_ylabel("mean gold reward [−3, 3]")
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="runs/madpo_tiers")
-    ap.add_argument("--docs", default=None, help="write the PNG to DOCS/img/ (default: OUT/img/)")
+    ap = parser(__doc__, "runs/madpo_tiers")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2, help="training runs in parallel (one thread each)")
     args = ap.parse_args(argv)
@@ -309,7 +276,7 @@ def main(argv=None) -> int:
     gen_file = out / "data" / "generated.jsonl"
     if not gen_file.exists():
         write_jsonl(prompts, out / "data" / "prompts.jsonl")
-        _run("po_plugins.cli.generate", ["--model", sft, "--data.dataset", out / "data" / "prompts.jsonl",
+        run_checked("po_plugins.cli.generate", ["--model", sft, "--data.dataset", out / "data" / "prompts.jsonl",
                                          "--data.prompt_key", "prompt", "--output", gen_file, "--n_samples", 2,
                                          "--backend", "hf", "--temperature", 1.0, "--max_new_tokens", cfg["max_new"],
                                          "--seed", 0, "--batch_size", 64, "--dtype", "float32"],
@@ -365,7 +332,7 @@ def main(argv=None) -> int:
         print(f"[madpo_tiers] {key}: {per_run[key]['reward']:+.3f}", flush=True)
     pool.shutdown()
 
-    table = {m: {t: dict(zip(("mean", "ci"), t_interval([per_run[(m, t, s)]["reward"] for s in seeds])))
+    table = {m: {t: dict(zip(("mean", "ci"), mean_ci([per_run[(m, t, s)]["reward"] for s in seeds])))
                  for t in TIERS} for m in METHODS}
     result = {"mode": "quick" if args.quick else "full", "seeds": len(seeds), "n_pairs": len(rows),
               "n_eval_prompts": len(eval_prompts), "lr": lr, "tau": tau, "validation": val,

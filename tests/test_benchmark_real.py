@@ -24,7 +24,10 @@ def _load(name):
     return mod
 
 
-def _last_json(res):
+def _quick(script, tmp_path, timeout):
+    """Run benchmarks/<script> --quick into tmp_path; return its last output line (the headline JSON)."""
+    res = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(tmp_path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -35,9 +38,7 @@ def _trace(path):
 
 @pytest.mark.e2e
 def test_displacement_quick(tmp_path):
-    res = subprocess.run([sys.executable, str(BENCH / "displacement.py"), "--quick", "--out", str(tmp_path)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    out = _last_json(res)
+    out = _quick("displacement.py", tmp_path, timeout=900)
     assert out["mode"] == "quick" and out["n_test"] == 16
     assert set(out["chosen_lr"]) == {"dpo", "simpo"}
     for loss in ("dpo", "rc_dpo", "simpo", "rc_simpo"):
@@ -111,9 +112,7 @@ def test_tiers_and_bradley_terry_labels():
 
 @pytest.mark.e2e
 def test_madpo_tiers_quick(tmp_path):
-    res = subprocess.run([sys.executable, str(BENCH / "madpo_tiers.py"), "--quick", "--out", str(tmp_path)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=1500)
-    out = _last_json(res)
+    out = _quick("madpo_tiers.py", tmp_path, timeout=1500)
     assert out["mode"] == "quick" and out["seeds"] == 1
     for method in ("madpo", "beta_dpo", "dpo", "ipo"):
         for tier in ("high", "medium", "low"):
