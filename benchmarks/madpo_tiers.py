@@ -188,7 +188,8 @@ def train_method(method: str, sft: Path, data: Path, eval_data: Path, run_dir: P
 
         data_keys = {"dataset": str(data), "eval_dataset": str(eval_data), "prompt_key": "prompt",
                      "chosen_key": "chosen", "rejected_key": "rejected", "max_len": 128}
-        rm_flags = {"train.micro_batch_size": cfg["micro"], "train.batch_size": cfg["batch"], "train.max_epochs": cfg["rm_epochs"],
+        rm_flags = {"train.micro_batch_size": cfg["micro"], "train.batch_size": cfg["batch"],
+                    "train.max_epochs": cfg["rm_epochs"],
                     "train.seed": seed, "adam.lr": cfg["rm_lr"], "ds.zero_stage": 2, "ds.param_dtype": "bf16",
                     "ds.attn_implementation": "eager"}
         dpo_flags = {k: v for k, v in flags.items() if k != "data.max_len"}
@@ -349,7 +350,8 @@ def main(argv=None) -> int:
     result = {"mode": "quick" if args.quick else "full", "seeds": len(seeds), "n_pairs": len(rows),
               "n_eval_prompts": len(eval_prompts), "lr": lr, "tau": tau, "validation": val,
               "sft_reward": sft_eval["reward"], "sft_reward_ci": sft_eval["ci"], **data_stats,
-              "table": table, "per_run": {"/".join(map(str, k)): v["reward"] for k, v in per_run.items()}, "reward_model": rm,
+              "table": table, "per_run": {"/".join(map(str, k)): v["reward"] for k, v in per_run.items()},
+              "reward_model": rm,
               "paper": {m: dict(zip(TIERS, PAPER[m])) for m in METHODS}}
     img_root = Path(args.docs) if args.docs else out
     png = img_root / "img" / f"madpo_tiers{'_quick' if args.quick else ''}.png"
