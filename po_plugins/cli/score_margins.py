@@ -57,6 +57,16 @@ def _fail(msg: str):
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
+def add_format_flags(p: argparse.ArgumentParser) -> None:
+    """The --data.* flags that format a prompt like OpenRLHF's datasets (shared by score_margins, generate and
+    label_pairs)."""
+    p.add_argument("--data.input_template", dest="data.input_template", default=None)
+    p.add_argument("--data.apply_chat_template", dest="data.apply_chat_template", action="store_true", default=False)
+    p.add_argument("--data.tokenizer_chat_template", dest="data.tokenizer_chat_template", default=None)
+    p.add_argument("--data.disable_fast_tokenizer", dest="data.disable_fast_tokenizer", action="store_true",
+                   default=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m po_plugins.cli.score_margins",
                                 description="Score preference pairs with an OpenRLHF reward model (MADPO stage 1.5).")
@@ -67,12 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data.prompt_key", dest="data.prompt_key", default=None)
     p.add_argument("--data.chosen_key", dest="data.chosen_key", default="chosen")
     p.add_argument("--data.rejected_key", dest="data.rejected_key", default="rejected")
-    p.add_argument("--data.input_template", dest="data.input_template", default=None)
-    p.add_argument("--data.apply_chat_template", dest="data.apply_chat_template", action="store_true", default=False)
-    p.add_argument("--data.tokenizer_chat_template", dest="data.tokenizer_chat_template", default=None)
+    add_format_flags(p)
     p.add_argument("--data.max_len", dest="data.max_len", type=int, default=512)
-    p.add_argument("--data.disable_fast_tokenizer", dest="data.disable_fast_tokenizer", action="store_true",
-                   default=False)
     p.add_argument("--output", required=True, help="output file: .jsonl, .json (JSON lines) or .parquet")
     p.add_argument("--margin_key", default="rm_margin", help="name of the margin column (never 'margin')")
     p.add_argument("--batch_size", type=int, default=16, help="pairs per forward (2x sequences)")
