@@ -42,7 +42,7 @@ def child(mode: str, out: str, argv: list[str]) -> None:
     import runpy
 
     if mode == "stock":
-        from po_plugins.openrlhf import prepare_process
+        from po_plugins.hosts.openrlhf import prepare_process
 
         prepare_process()
         rest = argv

@@ -1,7 +1,7 @@
 """po_plugins: preference-optimization research for OpenRLHF.
 
 The maths core (losses, incentives, band, reward calibration, MADPO weights, head score statistics) needs torch
-only; the OpenRLHF adapter lives in po_plugins.openrlhf and is imported only by the CLIs.
+only; the OpenRLHF adapter lives in po_plugins.hosts.openrlhf and is imported only by the CLIs.
 """
 
 from __future__ import annotations

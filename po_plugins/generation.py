@@ -272,7 +272,7 @@ class VLLMBackend:
         self.stop_ids = eos_ids(tokenizer, model_path)
         self.engines = None
         if num_engines > 1:
-            from . import openrlhf as host
+            from .hosts import openrlhf as host
 
             self.engines = host.vllm_engines(str(model_path), num_engines=num_engines,
                                              tensor_parallel_size=tensor_parallel_size, seed=seed,

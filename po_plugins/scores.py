@@ -9,6 +9,7 @@ which is what makes this work when ZeRO-3 shards W.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -62,6 +63,50 @@ def score_stats_flat(
                O(M²·V) work, O(M·chunk + M²) memory.
     "auto" takes the cheaper: gram when M < 2d (measured crossover on CPU; one GEMM beats two per chunk).
     """
+    V = logits.shape[-1]
+    return _stats(hidden, labels, rows, is_chosen, V, lambda a, b: (logits[:, a:b].float(), None), chunk_size, method)
+
+
+@torch.no_grad()
+def score_stats_head(
+    hidden: torch.Tensor,  # [M, d]  LM-head inputs (the backbone's last hidden state) at the response positions
+    weight: torch.Tensor,  # [V, d]  LM-head weight (gathered if sharded)
+    labels: torch.Tensor,  # [M]     next-token ids
+    rows: torch.Tensor,  # [M]     sequence index of each position
+    is_chosen: torch.Tensor,  # [N]   bool per sequence
+    bias: torch.Tensor | None = None,  # [V]
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+    method: str = "auto",
+) -> ScoreStats:
+    """‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩ of the head weight from the head's input and weight, for hosts whose fused head never
+    materialises logits: the logits are rebuilt chunk by chunk over the vocabulary (two passes: log-normaliser, then
+    scores), so memory stays O(M·chunk + M² or chunk·d) and no [M, V] tensor exists.
+
+    The logit of token v is z = c·tanh(s·u/c)/T with u = h·W_vᵀ + b_v (without soft-capping z = s·u/T), so
+    ∂(log-prob)/∂W_v = Σ_t ([y_t = v] − p_tv)·(∂z_tv/∂u_tv)·h_t: exact, including the scale, cap and temperature.
+    """
+    h = hidden.float()
+    s, T = float(logit_scale), float(temperature)
+
+    def chunk(a, b):
+        u = h @ weight[a:b].float().T
+        if bias is not None:
+            u = u + bias[a:b].float()
+        x = u * s
+        if softcap:
+            t = torch.tanh(x / softcap)
+            return softcap * t / T, (s / T) * (1 - t * t)
+        return x / T, None if s == T else torch.full((), s / T, device=h.device)
+
+    return _stats(hidden, labels, rows, is_chosen, weight.shape[0], chunk, chunk_size, method)
+
+
+def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method) -> ScoreStats:
+    """The shared core: `chunk(a, b)` gives the final logits of vocabulary rows [a, b) at every position and the
+    derivative of the final logit with respect to the head's raw output there (None: 1)."""
     if method not in ("auto", "vocab", "gram"):
         raise ValueError(f"method must be auto, vocab or gram, got {method!r}")
     is_chosen = is_chosen.bool().to(rows.device)
@@ -71,40 +116,41 @@ def score_stats_flat(
     side_w = is_chosen[rows]  # [M] True for chosen tokens
     h = hidden.float() * row_scale[rows][:, None]  # [M, d], scaled by 1/n of its side
     y = labels.long()
-    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # [M, 1]
     M, d = h.shape
+    lse = torch.full((M, 1), -math.inf, dtype=torch.float32, device=h.device)
+    for a in range(0, V, chunk_size):
+        lse = torch.logaddexp(lse, torch.logsumexp(chunk(a, min(a + chunk_size, V))[0], dim=-1, keepdim=True))
+
+    def a_chunk(a, b):  # (onehot − softmax) ⊙ ∂z/∂u on vocabulary rows [a, b): [M, b − a]
+        z, dz = chunk(a, b)
+        out = -(z - lse).exp()
+        hit = (y >= a) & (y < b)
+        if hit.any():
+            idx = hit.nonzero(as_tuple=True)[0]
+            out[idx, y[idx] - a] += 1.0
+        return out if dz is None else out * dz
+
     if method == "gram" or (method == "auto" and M < 2 * d):
-        return _gram_stats(h, logits, lse, y, side_w, chunk_size)
+        k = torch.zeros(M, M, dtype=torch.float32, device=h.device)  # A Aᵀ
+        for a in range(0, V, chunk_size):
+            ac = a_chunk(a, min(a + chunk_size, V))
+            k += ac @ ac.T
+        kh = k * (h @ h.T)
+        w = side_w.float()
+        lw = 1.0 - w
+        return ScoreStats((w @ kh @ w).clamp(min=0).sqrt(), (lw @ kh @ lw).clamp(min=0).sqrt(), w @ kh @ lw)
     hw, hl = h[side_w], h[~side_w]
-    lw, ll = logits[side_w], logits[~side_w]
-    yw, yl = y[side_w], y[~side_w]
-    lsew, lsel = lse[side_w], lse[~side_w]
     sw2 = torch.zeros((), dtype=torch.float32, device=h.device)
     sl2 = torch.zeros_like(sw2)
     dot = torch.zeros_like(sw2)
-    for start in range(0, logits.shape[-1], chunk_size):
-        stop = min(start + chunk_size, logits.shape[-1])
-        gw = _chunk_grad(lw, lsew, yw, hw, start, stop)  # [chunk, d]
-        gl = _chunk_grad(ll, lsel, yl, hl, start, stop)
+    for a in range(0, V, chunk_size):
+        ac = a_chunk(a, min(a + chunk_size, V))
+        gw = ac[side_w].T @ hw  # [chunk, d]
+        gl = ac[~side_w].T @ hl
         sw2 += gw.pow(2).sum()
         sl2 += gl.pow(2).sum()
         dot += (gw * gl).sum()
     return ScoreStats(sw2.sqrt(), sl2.sqrt(), dot)
-
-
-def _gram_stats(h, logits, lse, y, side_w, chunk_size) -> ScoreStats:
-    """(A Aᵀ)_ij = [y_i = y_j] − p_i[y_j] − p_j[y_i] + p_i·p_j, with p·p accumulated over vocabulary chunks."""
-    M = h.shape[0]
-    pp = torch.zeros(M, M, dtype=torch.float32, device=h.device)
-    for start in range(0, logits.shape[-1], chunk_size):
-        p = (logits[:, start:start + chunk_size].float() - lse).exp()
-        pp += p @ p.T
-    p_at_y = (logits.float().gather(1, y[None, :].expand(M, M)) - lse).exp()  # [i, j] = p_i[y_j]
-    k = (y[:, None] == y[None, :]).float() - p_at_y - p_at_y.T + pp
-    kh = k * (h @ h.T)
-    w = side_w.float()
-    lw = 1.0 - w
-    return ScoreStats((w @ kh @ w).clamp(min=0).sqrt(), (lw @ kh @ lw).clamp(min=0).sqrt(), w @ kh @ lw)
 
 
 def response_positions(hidden, logits, input_ids, att_masks, loss_masks):
@@ -128,13 +174,3 @@ def response_positions(hidden, logits, input_ids, att_masks, loss_masks):
         h = hidden.reshape(-1, hidden.shape[-1])[idx]
         lg = logits.reshape(-1, logits.shape[-1])[idx]
     return h, lg, input_ids[:, 1:][pos[:, 0], pos[:, 1]], pos[:, 0]
-
-
-def _chunk_grad(logits, lse, y, h, start, stop):
-    """Rows [start, stop) of sum_t (e_{y_t} − p_t) h_tᵀ: (onehot − softmax)[:, chunk]ᵀ @ h."""
-    a = -(logits[:, start:stop].float() - lse).exp()  # −p on the chunk, [M, c]
-    hit = (y >= start) & (y < stop)
-    if hit.any():
-        rows = hit.nonzero(as_tuple=True)[0]
-        a[rows, y[rows] - start] += 1.0
-    return a.transpose(0, 1) @ h

@@ -169,7 +169,7 @@ def test_unsupported_openrlhf_version_is_refused():
     from po_plugins._cpu import apply_cpu_shims
 
     apply_cpu_shims()
-    from po_plugins.openrlhf import HostError, check_host
+    from po_plugins.hosts.openrlhf import HostError, check_host
 
     with pytest.raises(HostError, match=r"0\.9\.5 is not supported.*>=0\.10\.2,<0\.12"):
         check_host("0.9.5")

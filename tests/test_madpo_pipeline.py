@@ -40,7 +40,7 @@ def test_margins_travel_with_their_rows_through_openrlhf_filtering(tmp_path):
     from openrlhf.datasets.reward_dataset import RewardDataset  # noqa: F401  (import after the shims)
     from openrlhf.utils import get_tokenizer
 
-    from po_plugins import openrlhf as host
+    from po_plugins.hosts import openrlhf as host
 
     assets = make_assets(tmp_path, n_train=12, n_eval=2)
     rows = [json.loads(x) for x in Path(assets["train"]).read_text().splitlines()]

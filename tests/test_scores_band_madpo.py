@@ -7,7 +7,7 @@ import torch
 
 from po_plugins.band import alert_message, band_stats
 from po_plugins.madpo import margin_weights, scale_c
-from po_plugins.scores import head_score_stats, response_positions, score_stats_flat
+from po_plugins.scores import head_score_stats, response_positions, score_stats_flat, score_stats_head
 from po_plugins.toy import train
 
 
@@ -33,6 +33,39 @@ def test_head_score_stats_equal_autograd_on_the_head(chunk, method):
     auto = head_score_stats(hidden, logits.detach(), labels, mask, is_chosen, chunk_size=chunk)
     for x, y in zip(st, auto):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.sw_norm, sw.norm(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.sl_norm, sl.norm(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.sw_dot_sl, (sw * sl).sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["vocab", "gram"])
+@pytest.mark.parametrize("chunk", [1, 7, 50, 4096])
+@pytest.mark.parametrize("head", ["plain", "bias_scale_temperature", "softcap"])
+def test_head_stats_from_weight_equal_autograd_without_logits(chunk, method, head):
+    """The fused-head path (TRL): statistics from the head's input and weight, logits rebuilt per vocabulary chunk,
+    against autograd through the whole head transform (bias, logit scale, soft-capping, temperature)."""
+    g = torch.Generator().manual_seed(1)
+    N, T, d, V = 4, 7, 6, 50
+    W = torch.randn(V, d, generator=g, requires_grad=True)
+    b = torch.randn(V, generator=g) if head != "plain" else None
+    scale, cap, temp = {"plain": (1.0, None, 1.0), "bias_scale_temperature": (0.5, None, 0.7),
+                        "softcap": (2.0, 3.0, 0.9)}[head]
+    hidden = torch.randn(N, T, d, generator=g)
+    labels = torch.randint(0, V, (N, T), generator=g)
+    mask = torch.rand(N, T, generator=g) > 0.3
+    mask[:, 0] = True
+    is_chosen = torch.tensor([True, False, False, True])
+    u = hidden @ W.T + (b if b is not None else 0)
+    z = u * scale
+    z = cap * torch.tanh(z / cap) if cap else z
+    lp = torch.log_softmax(z / temp, -1).gather(-1, labels[..., None]).squeeze(-1)
+    seq = (lp * mask).sum(-1)
+    (sw,) = torch.autograd.grad(seq[is_chosen].mean(), [W], retain_graph=True)
+    (sl,) = torch.autograd.grad(seq[~is_chosen].mean(), [W])
+    pos = mask.nonzero(as_tuple=False)
+    st = score_stats_head(hidden[pos[:, 0], pos[:, 1]], W.detach(), labels[pos[:, 0], pos[:, 1]], pos[:, 0],
+                          is_chosen, bias=b, logit_scale=scale, softcap=cap, temperature=temp, chunk_size=chunk,
+                          method=method)
     torch.testing.assert_close(st.sw_norm, sw.norm(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st.sl_norm, sl.norm(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st.sw_dot_sl, (sw * sl).sum(), rtol=1e-5, atol=1e-6)

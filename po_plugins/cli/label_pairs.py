@@ -242,7 +242,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.kind == "rm":  # as score_margins: CPU shims, then the host check
         from po_plugins import _cpu
-        from po_plugins import openrlhf as host
+        from po_plugins.hosts import openrlhf as host
 
         _cpu.apply_cpu_shims()
         try:

@@ -484,7 +484,7 @@ def dpo_rows(raw, dataset) -> list:
 def main(argv=None) -> None:
     args = parse_args(argv)
     from po_plugins import _cpu
-    from po_plugins import openrlhf as host
+    from po_plugins.hosts import openrlhf as host
 
     _cpu.apply_cpu_shims()
     try:

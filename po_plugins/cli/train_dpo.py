@@ -5,7 +5,7 @@
 
 The plugin's own flags are pre-parsed here; every other flag goes to the real `openrlhf.cli.train_dpo`, which
 runs unmodified (its parser, validation, model/dataset construction and saving) with the seams of
-po_plugins.openrlhf patched in.
+po_plugins.hosts.openrlhf patched in.
 """
 
 from __future__ import annotations
@@ -14,53 +14,22 @@ import runpy
 import sys
 from types import SimpleNamespace
 
-# plugin flags: name -> (type, default, help)
-PLUGIN_FLAGS = {
-    "monitor": (bool, False, "band monitor (on by default with rc_* losses)"),
-    "alert_steps": (int, 20, "warn after this many consecutive out-of-band steps (0: never)"),
-    "recheck_every": (int, 10, "every N optimizer steps, re-score the last micro-batch for exact per-pair deltas "
-                               "(chosen_up_frac; one forward each time; 0: never)"),
-    "jsonl": (str, None, "band trace path (default <ckpt.output_dir>/po_band.jsonl)"),
-    "score_chunk": (int, 4096, "vocabulary chunk of the head score statistics"),
-    "score_every": (int, 1, "exact head score statistics on every k-th micro-batch, reused in between"),
-    "margin_key": (str, None, "dataset column with reward-model margins (madpo); never 'margin'"),
-    "missing_margin": (str, "error", "rows without a margin: 'error' or 'unit' (weight 1)"),
-    "ref_logp_keys": (str, None, "CHOSEN,REJECTED columns with stored reference log-probs (score_margins "
-                                 "--ref_model): the reference forward is skipped"),
-}
+from po_plugins.options import OPTIONS as PLUGIN_FLAGS
+from po_plugins.options import OptionError, check_loss, check_options, coerce_hparam, parse_value
 
 
 def _parse_value(kind, raw, flag):
-    if kind is bool:
-        if raw is None:
-            return True
-        low = str(raw).lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise SystemExit(f"po_plugins: {flag} takes true/false, got {raw!r}")
-    if raw is None:
-        raise SystemExit(f"po_plugins: {flag} needs a value")
     try:
-        return kind(raw)
-    except ValueError:
-        raise SystemExit(f"po_plugins: {flag} takes a {kind.__name__}, got {raw!r}") from None
+        return parse_value(kind, raw, flag)
+    except OptionError as e:
+        raise SystemExit(f"po_plugins: {e}") from None
 
 
 def _coerce_hparam(default, raw, flag):
-    if isinstance(default, bool):
-        return _parse_value(bool, raw, flag)
-    if isinstance(default, int):
-        return _parse_value(int, raw, flag)
-    if isinstance(default, float) or default is None:
-        try:
-            return float(raw)
-        except (TypeError, ValueError):
-            if default is None:
-                return raw
-            raise SystemExit(f"po_plugins: {flag} takes a number, got {raw!r}") from None
-    return raw
+    try:
+        return coerce_hparam(default, raw, flag)
+    except OptionError as e:
+        raise SystemExit(f"po_plugins: {e}") from None
 
 
 def split_argv(argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
@@ -105,8 +74,11 @@ def split_argv(argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
     if po["margin_key"] == "margin":
         raise SystemExit("po_plugins: --po.margin_key must not be 'margin' (OpenRLHF reads that column as the "
                          "reward-model margin-loss target); use e.g. rm_margin")
-    if po["missing_margin"] not in ("error", "unit"):
-        raise SystemExit("po_plugins: --po.missing_margin takes 'error' or 'unit'")
+    try:
+        check_options(po)
+        check_loss(loss, hparams)  # values too (--po.ema_decay 1.5): one line, before any model is built
+    except OptionError as e:
+        raise SystemExit(f"po_plugins: {e}") from None
     beta_given = any(a == "--model.beta" or a.startswith("--model.beta=") for a in rest)
     return SimpleNamespace(loss=loss, hparams=hparams, beta_given=beta_given, **po), rest
 
@@ -125,7 +97,7 @@ def plugin_help() -> str:
 
 def prepare(argv: list[str]) -> list[str]:
     """Parse plugin flags, check the host, apply CPU shims where there is no GPU, patch the seams."""
-    from po_plugins import openrlhf as host
+    from po_plugins.hosts import openrlhf as host
 
     po, rest = split_argv(argv)
     if "-h" in rest or "--help" in rest:

@@ -15,7 +15,7 @@ MODULE = "openrlhf.cli.train_rm"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from po_plugins.openrlhf import prepare_process
+    from po_plugins.hosts.openrlhf import prepare_process
 
     rest = list(sys.argv[1:] if argv is None else argv)
     prepare_process()

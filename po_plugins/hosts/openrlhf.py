@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import logging
 import math
 import os
@@ -20,11 +19,9 @@ from types import SimpleNamespace
 
 import torch
 
-from . import incentives
-from ._dist import all_reduce
-from .band import alert_message, band_stats
-from .losses import PairBatch, build
-from .scores import ScoreStats, response_positions, score_stats_flat
+from ..losses import PairBatch, build
+from ..monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
+from ..scores import ScoreStats, response_positions, score_stats_flat
 
 logger = logging.getLogger("po_plugins")
 
@@ -87,7 +84,7 @@ def check_host(version: str | None = None) -> str:
 def prepare_process() -> str:
     """What every po_plugins CLI does before running an OpenRLHF module: launcher-less env defaults, the CPU
     shims when there is no GPU, then the host check (one clear SystemExit when it fails)."""
-    from . import _cpu
+    from .. import _cpu
 
     _cpu.ensure_single_process_env()
     _cpu.apply_cpu_shims()
@@ -100,7 +97,7 @@ def prepare_process() -> str:
 # ---- args.po ------------------------------------------------------------------------------------------------
 def resolve_loss(po: SimpleNamespace, model_args) -> tuple[str, dict]:
     """Combine --loss/--po.* with the host's --model.{beta,label_smoothing,ipo_enable}; errors on contradictions."""
-    from .losses import accepted_hparams
+    from ..losses import accepted_hparams
 
     name = po.loss
     ls = float(getattr(model_args, "label_smoothing", 0.0) or 0.0)
@@ -135,7 +132,10 @@ def make_hierarchize(original, po: SimpleNamespace):
         out = original(args)
         name, hp = resolve_loss(po, out.model)
         out.po = SimpleNamespace(**{**vars(po), "loss": name, "hparams": hp})
-        build(name, **hp)  # validate hyperparameters before any model is built
+        try:
+            build(name, **hp)  # validate hyperparameters before any model is built
+        except ValueError as e:
+            raise SystemExit(f"po_plugins: {e}") from None
         return out
 
     return hierarchize
@@ -173,14 +173,26 @@ def _reward_dataset_class():
             if self.ref_keys and len(self.ref_keys) != 2:
                 raise SystemExit("po_plugins: --po.ref_logp_keys takes two columns: CHOSEN,REJECTED "
                                  "(e.g. ref_chosen_logp,ref_rejected_logp from score_margins --ref_model)")
+            # OpenRLHF's train_dpo builds the training set first, then the optional --eval.dataset
+            built = getattr(strategy, "_po_dpo_datasets", 0) if is_dpo else 0
+            if is_dpo:
+                strategy._po_dpo_datasets = built + 1
+            role, path = ("training", getattr(data, "dataset", None)) if built == 0 else \
+                ("evaluation", getattr(getattr(strategy.args, "eval", None), "dataset", None))
+            where = f"the {role} dataset ({path})" if path else f"the {role} dataset"
             cols = list(getattr(dataset, "column_names", None) or [])
+            if cols and self.margin_key and self.margin_key not in cols and role == "evaluation":
+                strategy.print(f"[po_plugins] {where} has no column '{self.margin_key}' (--po.margin_key): it is "
+                               "evaluated unweighted (every pair weight 1)")
+                self.margin_key, self.missing_margin = None, "unit"
+                self.unweighted_eval = True
             if cols:
                 for flag, key in (("--data.chosen_key", data.chosen_key), ("--data.rejected_key", data.rejected_key),
                                   ("--data.prompt_key", getattr(data, "prompt_key", None)),
                                   ("--po.margin_key", self.margin_key),
                                   *(("--po.ref_logp_keys", k) for k in self.ref_keys)):
                     if key and key not in cols:
-                        raise SystemExit(f"po_plugins: the dataset has no column '{key}' (set by {flag}); its "
+                        raise SystemExit(f"po_plugins: {where} has no column '{key}' (set by {flag}); its "
                                          f"columns are {cols}. Point {flag} at the right column.")
             if num_processors is None:
                 num_processors = max(1, min(8, os.cpu_count() or 1))
@@ -246,7 +258,12 @@ def _trainer_class():
             self.po_loss = build(po.loss, **po.hparams)
             self.loss_fn = HostLoss(self)
             calibrating = po.loss.startswith("rc_")
-            self.po_monitor = BandMonitor(self) if (po.monitor or calibrating) else None
+            self.po_monitor = None
+            if po.monitor or calibrating:
+                path = getattr(po, "jsonl", None) or os.path.join(self.args.ckpt.output_dir, "po_band.jsonl")
+                self.po_monitor = BandMonitor(self.po_loss, path, po.alert_steps, po.recheck_every,
+                                              rescore=self._po_rescore, log=self.strategy.print,
+                                              is_rank_0=self.strategy.is_rank_0)
             self._po_need_scores = calibrating or self.po_monitor is not None
             self._po_extra = {}
             self._po_head_cache = None
@@ -263,9 +280,7 @@ def _trainer_class():
                 head.register_forward_hook(self._po_hook)
             states = getattr(self.strategy, "_po_client_states", None) or {}
             if STATE_KEY in states:
-                self.po_loss.load_state_dict(states[STATE_KEY]["loss"])
-                if self.po_monitor is not None:
-                    self.po_monitor.load_state_dict(states[STATE_KEY].get("monitor", {}))
+                load_plugin_state(states[STATE_KEY], self.po_loss, self.po_monitor)
             interrupt = os.environ.get("PO_PLUGINS_INTERRUPT_AT_STEP")
             self._po_interrupt = int(interrupt) if interrupt else None
             self.strategy.print(f"[po_plugins] loss {self.po_loss!r}; monitor "
@@ -273,6 +288,12 @@ def _trainer_class():
                                 + ("; reference-free: reference forward skipped" if self.po_loss.reference_free
                                    else "; reference log-probs read from the dataset: reference forward skipped"
                                    if getattr(po, "ref_logp_keys", None) else ""))
+
+        def _po_rescore(self, inputs):
+            saved = self._po_extra
+            zw, zl, _, _ = self.concatenated_forward(self.model, *inputs)
+            self._po_extra = saved
+            return zw, zl
 
         def _po_hook(self, module, inputs, output):
             if self._po_capture:
@@ -339,8 +360,7 @@ def _trainer_class():
             client_states = dict(client_states or {})
             if self.po_monitor is not None:
                 logs_dict.update(self.po_monitor.end_step(global_step))
-            client_states[STATE_KEY] = {"loss": self.po_loss.state_dict(),
-                                        "monitor": self.po_monitor.state_dict() if self.po_monitor else {}}
+            client_states[STATE_KEY] = plugin_state(self.po_loss, self.po_monitor)
             super().save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)
             if self._po_interrupt is not None and global_step >= self._po_interrupt:
                 self.strategy.print(f"[po_plugins] PO_PLUGINS_INTERRUPT_AT_STEP={self._po_interrupt}: stopping")
@@ -350,191 +370,20 @@ def _trainer_class():
 
 
 class HostLoss:
-    """The 4-in/3-out contract of OpenRLHF's DPOLoss, backed by a po_plugins objective."""
+    """The 4-in/3-out contract of OpenRLHF's DPOLoss, backed by a po_plugins objective (po_plugins.monitor glue)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def __call__(self, chosen, rejected, ref_chosen, ref_rejected):
         t = self.trainer
-        loss = t.po_loss
         ex = t._po_extra
+        # rows without a margin (--po.missing_margin unit) carry ĥ = 0, whose MADPO weight is exactly 1
         b = PairBatch(chosen, rejected, ref_chosen, ref_rejected, ex.get("chosen_tokens"), ex.get("rejected_tokens"),
                       margins=ex.get("margins"), score_stats=ex.get("score_stats"))
-        # rows without a margin (--po.missing_margin unit) carry ĥ = 0, whose MADPO weight is exactly 1
-        per_sample = loss(b)
-        beta = float(loss.hparams.get("beta", 1.0))
-        if loss.reference_free:
-            n_w = b.chosen_tokens.clamp(min=1) if b.chosen_tokens is not None else 1
-            n_l = b.rejected_tokens.clamp(min=1) if b.rejected_tokens is not None else 1
-            cr, rr = beta * chosen.detach() / n_w, beta * rejected.detach() / n_l
-        else:
-            cr, rr = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
         training = torch.is_grad_enabled() and chosen.requires_grad and t.model.training
-        if training and t.po_monitor is not None:
-            t.po_monitor.add_micro(b, loss, per_sample)
+        per_sample, cr, rr = loss_step(t.po_loss, b, t.po_monitor, training, ex.get("inputs"))
         return per_sample.mean(), cr, rr
-
-
-class BandMonitor:
-    """Per optimizer step: the band from the incentives and head scores, aggregated over the accumulation
-    window and all-reduced over ranks; written to train/po/* logs and rank 0's JSONL."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        args = trainer.args
-        self.path = getattr(args.po, "jsonl", None) or os.path.join(args.ckpt.output_dir, "po_band.jsonl")
-        self.alert_steps = int(args.po.alert_steps)
-        self.recheck_every = int(args.po.recheck_every)
-        self.prev = None
-        self.out_streak = 0
-        self.acc = None
-        self.last_inputs = None
-        self.last_z = None
-        self.last_alpha = 1.0
-        self._truncated = False
-
-    def add_micro(self, b: PairBatch, loss, per_sample):
-        alpha = float(getattr(loss, "alpha", 1.0))
-        base_d = getattr(loss, "last_incentives", None)
-        if base_d is not None:  # RC already differentiated its base objective on this micro-batch
-            d_w, d_l = alpha * base_d[0], base_d[1] / alpha
-        else:
-            d_w, d_l = incentives(loss, b)
-        st = b.score_stats
-        zw, zl = b.policy_chosen.detach().double(), b.policy_rejected.detach().double()
-        refw = b.ref_chosen.double() if b.ref_chosen is not None else torch.zeros_like(zw)
-        refl = b.ref_rejected.double() if b.ref_rejected is not None else torch.zeros_like(zl)
-        n = torch.tensor(float(zw.numel()), dtype=torch.float64, device=zw.device)
-        w = self._weights(b, loss)
-        if w is None:
-            w = torch.zeros(1, dtype=torch.float64, device=zw.device)
-            capped = w.sum()
-        else:
-            capped = (b.margins <= -loss.hparams["tau"]).double().sum()
-        # kept on the device: no host sync per micro-batch; reduced once per optimizer step
-        sums = torch.stack([n, zw.sum(), zl.sum(), (zw - refw).sum(), (zl - refl).sum(), d_w.double().sum(),
-                            d_l.double().sum(), n * st.sw_norm.double(), n * st.sl_norm.double(),
-                            n * st.sw_dot_sl.double(), n * alpha, per_sample.detach().double().sum(), w.sum(),
-                            capped])
-        maxes = torch.stack([w.max(), -w.min()])
-        self.acc = (sums, maxes) if self.acc is None else (self.acc[0] + sums, torch.maximum(self.acc[1], maxes))
-        self.last_alpha = alpha
-        self.last_inputs = self.trainer._po_extra.get("inputs")
-        self.last_z = (zw, zl)
-
-    SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "sw_norm", "sl_norm", "sw_dot_sl", "alpha", "loss",
-                "w_sum", "w_capped")
-
-    @staticmethod
-    def _weights(b: PairBatch, loss):
-        if b.margins is None or "margins" not in loss.needs:
-            return None
-        from .madpo import margin_weights
-
-        hp = loss.hparams
-        return margin_weights(b.margins, hp["c_max"], hp["c_min"], hp["lam"], hp["tau"]).double()
-
-    def _reduce(self, acc) -> dict:
-        sums, maxes = all_reduce(acc[0], "sum").cpu(), all_reduce(acc[1], "max").cpu()
-        out = {k: float(v) for k, v in zip(self.SUM_KEYS, sums)}
-        out.update(w_max=float(maxes[0]), w_min=-float(maxes[1]))
-        return out
-
-    def _alpha_spread(self) -> float:
-        """max − min over ranks of the last micro-batch's α (0 when every rank calibrates identically)."""
-        v = all_reduce(torch.tensor([self.last_alpha, -self.last_alpha], dtype=torch.float64), "max")
-        return float(v[0] + v[1])
-
-    RECHECK_KEYS = ("chosen_up_frac", "rejected_down_frac", "step_delta_z_w", "step_delta_z_l")
-
-    def _recheck(self, global_step: int) -> dict:
-        """Exact per-pair change of z over this optimizer step: re-score the last micro-batch (no grad), every
-        `--po.recheck_every` steps (one forward of a micro-batch each time); null on the other steps."""
-        t = self.trainer
-        due = self.recheck_every > 0 and global_step % self.recheck_every == 0
-        if not due or self.last_inputs is None:
-            return dict.fromkeys(self.RECHECK_KEYS)
-        with torch.no_grad():
-            saved = t._po_extra
-            zw2, zl2, _, _ = t.concatenated_forward(t.model, *self.last_inputs)
-            t._po_extra = saved
-        dw, dl = zw2.double() - self.last_z[0], zl2.double() - self.last_z[1]
-        vec = torch.stack([(dw > 0).double().sum(), (dl < 0).double().sum(),
-                           torch.tensor(float(dw.numel()), dtype=torch.float64, device=dw.device), dw.sum(), dl.sum()])
-        up, down, n, sdw, sdl = (float(x) for x in all_reduce(vec, "sum").cpu())
-        return {"chosen_up_frac": up / n, "rejected_down_frac": down / n, "step_delta_z_w": sdw / n,
-                "step_delta_z_l": sdl / n}
-
-    def end_step(self, global_step: int) -> dict:
-        if self.acc is None:
-            return {}
-        s = self._reduce(self.acc)
-        self.acc = None
-        n = s["n"]
-        rec = {"step": global_step, "loss_name": self.trainer.po_loss.name}
-        for k in ("z_w", "z_l", "r_w", "r_l", "d_w", "d_l"):
-            rec[k] = s[k] / n
-        sw, sl, dot = s["sw_norm"] / n, s["sl_norm"] / n, s["sw_dot_sl"] / n
-        band = band_stats(rec["d_w"], rec["d_l"], sw, sl, dot)
-        rec.update(log_r=band["log_r"], log_r_star=band["log_r_star"], rho=band["rho"], band_lower=band["lower"],
-                   band_upper=band["upper"], slack=band["slack"], in_band=band["in_band"],
-                   sw_norm=sw, sl_norm=sl, sw_dot_sl=dot, alpha=s["alpha"] / n)
-        rec["delta_z_w"] = rec["z_w"] - self.prev["z_w"] if self.prev else 0.0
-        rec["delta_z_l"] = rec["z_l"] - self.prev["z_l"] if self.prev else 0.0
-        rec["loss"] = s["loss"] / n
-        rec["alpha_rank_spread"] = self._alpha_spread()
-        rec.update(self._recheck(global_step))
-        if "margins" in self.trainer.po_loss.needs:
-            rec.update(w_mean=s["w_sum"] / n, w_min=s["w_min"], w_max=s["w_max"], w_capped_frac=s["w_capped"] / n)
-        self.prev = {"z_w": rec["z_w"], "z_l": rec["z_l"]}
-        self.out_streak = 0 if rec["in_band"] else self.out_streak + 1
-        msg = alert_message(self.out_streak, self.alert_steps, rec)
-        if msg:
-            self.trainer.strategy.print(msg)
-        if self.trainer.strategy.is_rank_0():
-            self._write(rec)
-        logs = {}
-        for k in ("z_w", "z_l", "delta_z_w", "delta_z_l", "log_r", "log_r_star", "rho", "band_lower", "band_upper",
-                  "slack", "in_band", "alpha", "chosen_up_frac", "w_mean", "w_min", "w_max", "w_capped_frac"):
-            if rec.get(k) is not None and math.isfinite(rec[k]):
-                logs[f"po/{k}"] = rec[k]
-        return logs
-
-    def _write(self, rec):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if not self._truncated:  # a resumed run drops the records past its checkpoint
-            self._truncated = True
-            if os.path.exists(self.path):
-                keep = []
-                with open(self.path) as f:
-                    for line in f:
-                        try:
-                            obj = json.loads(line)
-                        except json.JSONDecodeError:
-                            continue
-                        if "meta" in obj or obj.get("step", 0) < rec["step"]:
-                            keep.append(line if line.endswith("\n") else line + "\n")
-                with open(self.path, "w") as f:
-                    f.writelines(keep)
-            if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
-                with open(self.path, "w") as f:
-                    loss = self.trainer.po_loss
-                    f.write(json.dumps({"meta": {"loss": loss.name, "hparams": _jsonable(loss.hparams)}}) + "\n")
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-
-    def state_dict(self):
-        return {"prev": self.prev, "out_streak": self.out_streak}
-
-    def load_state_dict(self, state):
-        self.prev = state.get("prev")
-        self.out_streak = int(state.get("out_streak", 0))
-
-
-def _jsonable(d):
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in d.items()}
 
 
 # ---- patching -------------------------------------------------------------------------------------------------

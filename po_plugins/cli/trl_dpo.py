@@ -1,0 +1,116 @@
+"""TRL's own DPO script (`trl dpo`, trl/scripts/dpo.py) with po_plugins' trainer and options.
+
+    python -m po_plugins.cli.trl_dpo --loss rc_dpo --po.gamma 1.0 <every `trl dpo` flag, or --config x.yaml>
+    accelerate launch -m po_plugins.cli.trl_dpo ...      torchrun --nproc_per_node N -m po_plugins.cli.trl_dpo ...
+
+`--loss NAME` and `--po.<option or hyperparameter> V` are this wrapper's (the same flags as po_plugins.cli.train_dpo
+on OpenRLHF); they become PoDPOConfig's po_* fields, which a YAML given with --config may also set (po_loss: rc_dpo,
+po_hparams: {gamma: 1.0}, po_monitor: true, ...). Every other flag goes to TRL's parser unchanged, and TRL's script
+runs unmodified with `trl.DPOConfig` / `trl.DPOTrainer` pointing at po_plugins.trl's PoDPOConfig / PoDPOTrainer.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+
+from po_plugins.options import OPTIONS, OptionError, check_loss, check_options, coerce_hparam, parse_value
+
+MODULE = "trl.scripts.dpo"
+
+
+def translate(argv: list[str]) -> list[str]:
+    """--loss / --po.* -> TRL parser flags for PoDPOConfig (--po_loss, --po_<option>, --po_hparams JSON)."""
+    from po_plugins.losses import accepted_hparams
+
+    loss, raw, rest = None, {}, []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        key, val = (a.split("=", 1) + [None])[:2] if a.startswith("--") else (a, None)
+        if key == "--loss":
+            if val is None:
+                i += 1
+                val = argv[i] if i < len(argv) else None
+            loss = val
+        elif key.startswith("--po."):
+            name = key[5:].replace("-", "_")
+            if val is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val = argv[i + 1]
+                i += 1
+            raw[name] = (val, key)
+        else:
+            rest.append(a)
+        i += 1
+    from po_plugins.losses import names
+
+    if loss is not None and loss not in names():
+        raise OptionError(f"unknown loss '{loss}' (--loss); choose one of: {', '.join(names())}")
+    options = [k for k in OPTIONS if k != "ref_logp_keys"]
+    accepted = accepted_hparams(loss) if loss else {}
+    po, hparams = {}, {}
+    for name, (val, flag) in raw.items():
+        if name in options:
+            po[name] = parse_value(OPTIONS[name][0], val, flag)
+        elif name == "beta":
+            raise OptionError("the temperature is TRL's --beta (not --po.beta)")
+        elif name in accepted:
+            hparams[name] = coerce_hparam(accepted[name], val, flag)
+        else:
+            raise OptionError(f"unknown flag {flag} for --loss {loss}; accepted --po.* flags: "
+                              f"{', '.join(sorted(set(options) | set(accepted) - {'beta'}))} (the temperature is "
+                              "--beta)" if loss else f"unknown flag {flag}: give --loss NAME for a hyperparameter, or "
+                              f"one of {', '.join('--po.' + k for k in options)}")
+    check_options({**{k: OPTIONS[k][1] for k in options}, **po})
+    if loss:
+        check_loss(loss, hparams)
+    out = list(rest)
+    if loss:
+        out += ["--po_loss", loss]
+    for k, v in po.items():
+        out += [f"--po_{k}", str(v)]
+    if hparams:
+        out += ["--po_hparams", json.dumps(hparams)]
+    return out
+
+
+def plugin_help() -> str:
+    from po_plugins.losses import names
+
+    lines = ["po_plugins options (TRL's own options follow):",
+             "  --loss NAME            one of: " + ", ".join(names()),
+             "  --po.<hparam> VALUE    a hyperparameter of the chosen loss (e.g. --po.gamma 1.0); the temperature "
+             "is --beta"]
+    for k, (_kind, default, text) in OPTIONS.items():
+        if k != "ref_logp_keys":
+            lines.append(f"  --po.{k:<17} {text} (default {default})")
+    lines.append("  (reference log-probs stored ahead: TRL's --precompute_ref_log_probs)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest = translate(argv)
+    except OptionError as e:
+        raise SystemExit(f"po_plugins: {e}") from None
+    if "-h" in rest or "--help" in rest:
+        print(plugin_help() + "\n")
+    try:
+        from po_plugins.hosts import trl as host
+    except RuntimeError as e:  # HostError: unsupported or missing TRL
+        raise SystemExit(f"po_plugins: {e}") from None
+    import trl
+
+    trl.DPOConfig = host.PoDPOConfig
+    trl.DPOTrainer = host.PoDPOTrainer
+    sys.argv = [MODULE, *rest]
+    try:
+        runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
+    except OptionError as e:
+        raise SystemExit(f"po_plugins: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,543 @@
+"""The only module that knows TRL internals (supported: trl >=1.16,<1.17, the DPOTrainer with the fused LM head).
+
+Seams, all public methods or documented customisation points of TRL's DPOTrainer ("subclass the trainer and
+override compute_loss"; "replace the collator after super().__init__"), checked by `check_host()`:
+  DPOTrainer.compute_loss            the plugin's objective on TRL's own fused-head log-probs: the policy forward as
+                                     TRL runs it, the reference from TRL's precomputed columns, its reference model or
+                                     its adapter-off PEFT model (skipped for reference-free objectives)
+  DPOTrainer.compute_ref_log_probs   drops the plugin's batch keys before TRL's own reference forward
+  DPOTrainer._set_signature_columns_if_needed   keeps the margin / weight columns through remove_unused_columns
+  trainer.data_collator              wrapped: each row's margin / weight travels with its own row
+  Trainer._save_checkpoint, train()  the plugin state in every checkpoint, restored by resume_from_checkpoint
+  model.base_model (the backbone)    a forward hook, armed for the policy forward only, captures the LM head's input;
+                                     the head statistics come from it and the head weight, chunked over the vocabulary
+                                     (TRL's fused head never calls the lm_head module and never builds logits)
+With `po_loss=None` and no monitor, margin or weight column, PoDPOTrainer is TRL's DPOTrainer unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainerCallback
+
+from ..losses import PairBatch, accepted_hparams, build, names
+from ..monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
+from ..options import OPTIONS, OptionError, check_loss, check_options
+from ..scores import ScoreStats, score_stats_head
+
+logger = logging.getLogger("po_plugins")
+
+SUPPORTED = (">=1.16", "<1.17")
+# (module, attribute, members that must exist, source fragments the plugin relies on)
+SEAMS = [
+    ("trl.trainer.dpo_trainer", "DPOTrainer",
+     ("compute_loss", "compute_ref_log_probs", "_set_signature_columns_if_needed", "_save_checkpoint", "log",
+      "_compute_loss"),
+     ("fused_lm_head=True", "self._metrics", "ref_chosen_logps", "self.precompute_ref_logps", "use_adapter(",
+      "completion_mask")),
+    ("trl.trainer.dpo_trainer", "DataCollatorForPreference", ("torch_call",), ("completion_mask",)),
+    ("trl.trainer.utils", "add_fused_lm_head", (), ("last_hidden_state", "final_logit_softcapping", "logit_scale",
+                                                     "get_output_embeddings")),
+    ("trl.trainer.utils", "maybe_gather_lm_head_ctx", (), ()),
+    ("trl.trainer.utils", "use_adapter", (), ()),
+    ("trl.models.utils", "disable_gradient_checkpointing", (), ()),
+    ("trl", "DPOConfig", (), ()),
+]
+STATE_FILE = "po_plugins_state_rank{}.pt"
+# the plugin's options as PoDPOConfig fields po_<name>; stored reference log-probs are TRL's own
+# precompute_ref_log_probs (its ref_chosen_logps / ref_rejected_logps columns)
+TRL_OPTIONS = [k for k in OPTIONS if k != "ref_logp_keys"]
+PLUGIN_KEYS = ("po_margin", "po_weight")
+NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *PLUGIN_KEYS}
+
+# TRL's single loss types and the po_plugins objectives with the same definition (docs/trl.md)
+TRL_NAMES = {"sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo", "exo_pair": "exo", "nca_pair": "nca",
+             "robust": "robust_dpo", "bco_pair": "bce", "sppo_hard": "sppo_hard", "apo_zero": "apo_zero",
+             "apo_down": "apo_down", "discopop": "discopop"}
+
+
+class HostError(RuntimeError):
+    """The installed TRL cannot host the plugin."""
+
+
+def host_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trl")
+    except PackageNotFoundError:
+        return None
+
+
+def check_host(version: str | None = None) -> str:
+    """Fail with one clear message unless a supported TRL with every seam is installed."""
+    from packaging.version import Version
+
+    version = host_version() if version is None else version
+    fix = "install a supported release: pip install 'po-plugins[trl]' (trl>=1.16,<1.17)"
+    if version is None:
+        raise HostError(f"TRL is not installed; {fix}")
+    if not (Version("1.16") <= Version(version) < Version("1.17")):
+        raise HostError(f"TRL {version} is not supported by po_plugins (needs >=1.16,<1.17: the DPOTrainer with the "
+                        f"fused LM head); {fix}")
+    for mod_name, attr, members, fragments in SEAMS:
+        obj = getattr(importlib.import_module(mod_name), attr, None)
+        if obj is None:
+            raise HostError(f"TRL {version}: seam {mod_name}.{attr} is missing; {fix}")
+        for m in members:
+            if not hasattr(obj, m):
+                raise HostError(f"TRL {version}: seam {mod_name}.{attr}.{m} is missing; {fix}")
+        src = inspect.getsource(obj) if fragments else ""
+        for f in fragments:
+            if f not in src:
+                raise HostError(f"TRL {version}: {mod_name}.{attr} no longer contains `{f}`; {fix}")
+    return version
+
+
+check_host()
+
+from trl import DPOConfig, DPOTrainer  # noqa: E402  (after the version check)
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter  # noqa: E402
+
+
+def _po_field(key):
+    return field(default=OPTIONS[key][1], metadata={"help": "po_plugins: " + OPTIONS[key][2]})
+
+
+@dataclass
+class PoDPOConfig(DPOConfig):
+    """TRL's DPOConfig plus the plugin's options (docs/trl.md).
+
+    po_loss: any name of `po_plugins.losses.names()` (rc_* included); None keeps TRL's own `loss_type` (mapped to the
+    same po_plugins objective when the monitor, a margin or a weight column needs the plugin's loss path).
+    po_hparams: the loss's hyperparameters by their papers' names (a dict or a JSON string); its β is `beta`,
+    label smoothing (cdpo, robust_dpo, exo) `label_smoothing`, DiscoPOP's τ `discopop_tau`.
+    """
+
+    po_loss: str | None = field(default=None, metadata={"help": "po_plugins objective (any of "
+                                                                 "po_plugins.losses.names(), rc_* included)"})
+    po_hparams: dict | str | None = field(default=None, metadata={
+        "help": "po_plugins: the objective's hyperparameters by paper name, as a dict or JSON ({\"gamma\": 1.0})"})
+    po_monitor: bool = _po_field("monitor")
+    po_alert_steps: int = _po_field("alert_steps")
+    po_recheck_every: int = _po_field("recheck_every")
+    po_score_every: int = _po_field("score_every")
+    po_score_chunk: int = _po_field("score_chunk")
+    po_jsonl: str | None = _po_field("jsonl")
+    po_margin_key: str | None = _po_field("margin_key")
+    po_missing_margin: str = _po_field("missing_margin")
+    po_weight_key: str | None = field(default=None, metadata={
+        "help": "po_plugins: dataset column of per-row loss weights (each pair's loss times its weight)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.po_hparams, str):
+            try:
+                self.po_hparams = json.loads(self.po_hparams) if self.po_hparams.strip() else {}
+            except json.JSONDecodeError:
+                raise OptionError(f"po_hparams must be a dict or a JSON object, got {self.po_hparams!r}") from None
+        self.po_hparams = dict(self.po_hparams or {})
+        check_options(self.po_options(), spell=lambda k: f"po_{k}")
+        resolve_loss(self)  # every contradiction and bad value, before any model is built
+
+    def po_options(self) -> dict:
+        return {k: getattr(self, "po_" + k) for k in TRL_OPTIONS}
+
+
+def resolve_loss(args) -> tuple[str | None, dict]:
+    """The po_plugins objective and hyperparameters a PoDPOConfig asks for (None: TRL's own loss, unchanged)."""
+    loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+    default_type = loss_types == ["sigmoid"]
+    name = args.po_loss
+    mapped = TRL_NAMES.get(loss_types[0]) if len(loss_types) == 1 else None
+    needs_plugin = args.po_monitor or args.po_margin_key or args.po_weight_key
+    if name is None:
+        if not needs_plugin:
+            return None, {}
+        if mapped is None:
+            raise OptionError(f"loss_type={loss_types} has no po_plugins equivalent, and the band monitor, margins and "
+                              f"weights need the plugin's loss path: set po_loss (one of po_plugins.losses.names()) "
+                              f"or a single loss_type among {sorted(TRL_NAMES)}")
+        name = mapped
+    check_loss(name, {}, loss_flag="po_loss") if name not in names() else None
+    base = name[3:] if name.startswith("rc_") else name
+    if not default_type and mapped != base:
+        raise OptionError(f"loss_type={loss_types} contradicts po_loss='{name}': leave loss_type at its default when "
+                          f"po_loss is set" + (f", or use po_loss='{mapped}'" if mapped else ""))
+    if args.loss_weights is not None and list(args.loss_weights) != [1.0]:
+        raise OptionError(f"loss_weights={args.loss_weights} mixes TRL losses; po_loss trains one objective: drop "
+                          "loss_weights")
+    for flag, bad, fix in (("ld_alpha", args.ld_alpha is not None, "drop ld_alpha"),
+                           ("use_weighting", bool(args.use_weighting), "drop use_weighting (per-row weights: "
+                                                                       "po_weight_key)"),
+                           ("f_divergence_type", args.f_divergence_type != "reverse_kl",
+                            "keep f_divergence_type='reverse_kl'")):
+        if bad:
+            raise OptionError(f"{flag} is not supported with a po_plugins objective (po_loss='{name}'): {fix}")
+    hp = dict(args.po_hparams or {})
+    if "beta" in hp:
+        raise OptionError("the objective's β is DPOConfig.beta (beta=...), not po_hparams['beta']")
+    ls = float(args.label_smoothing or 0.0)
+    if ls > 0:
+        if base == "dpo":
+            name, base = name.replace("dpo", "cdpo", 1), "cdpo"
+        if base in ("cdpo", "robust_dpo"):
+            hp.setdefault("label_smoothing", ls)
+        elif base == "exo":
+            hp.setdefault("eps", ls)
+        else:
+            raise OptionError(f"label_smoothing={ls} contradicts po_loss='{name}'; label smoothing is cDPO (po_loss="
+                              "'cdpo'), robust DPO ('robust_dpo') or EXO's ε ('exo')")
+    accepted = accepted_hparams(name)
+    if "beta" in accepted:
+        hp["beta"] = float(args.beta)
+    if base == "ipo" and args.po_loss is None:
+        hp.setdefault("length_normalize", True)  # TRL's IPO averages log-ratios over completion tokens
+    if base == "discopop":
+        hp.setdefault("tau", float(args.discopop_tau))
+    check_loss(name, hp, loss_flag="po_loss", hparam_spell=lambda k: f"po_hparams['{k}']")
+    return name, hp
+
+
+def _head_transform(config) -> tuple[float, float | None]:
+    """(logit scale, soft-cap) of the final logits, read from the config as TRL's fused head reads them."""
+    text = config.get_text_config()
+    cap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text, "lm_head_multiplier", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
+    return (1.0 if scale is None else float(scale)), (float(cap) if cap else None)
+
+
+def _is_peft(model) -> bool:
+    from accelerate.utils import is_peft_model
+
+    return is_peft_model(model)
+
+
+class RowExtras:
+    """Wraps TRL's collator: a row's margin and weight columns become `po_margin` / `po_weight` [B] tensors of the
+    same batch (in the batch's row order); rows of a dataset without the column get none (unweighted)."""
+
+    def __init__(self, inner, margin_key: str | None, weight_key: str | None):
+        self.inner, self.margin_key, self.weight_key = inner, margin_key, weight_key
+
+    def __call__(self, examples, *a, **kw):
+        keys = [k for k in (self.margin_key, self.weight_key) if k]
+        vals = {k: [ex.get(k) for ex in examples] for k in keys}
+        out = self.inner([{k: v for k, v in ex.items() if k not in keys} for ex in examples], *a, **kw)
+        for key, name in ((self.margin_key, "po_margin"), (self.weight_key, "po_weight")):
+            if key and all(key in ex for ex in examples):
+                out[name] = torch.tensor([_finite_or(v, 0.0 if name == "po_margin" else 1.0) for v in vals[key]],
+                                         dtype=torch.float32)
+        return out
+
+    def __getattr__(self, name):  # the collator's own attributes (pad_token_id, max_length, ...)
+        return getattr(self.inner, name)
+
+
+def _finite_or(v, default):
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return default
+    return v if math.isfinite(v) else default
+
+
+def _columns(ds) -> list | None:
+    cols = getattr(ds, "column_names", None)
+    return list(cols) if isinstance(cols, (list, tuple)) else None
+
+
+class PoDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer with a po_plugins objective, the band monitor, per-row margins / weights and plugin state.
+
+    Takes exactly DPOTrainer's arguments; `args` must be a PoDPOConfig.
+    """
+
+    def __init__(self, model, ref_model=None, args: PoDPOConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, *a, **kw):
+        if args is None:
+            args = PoDPOConfig()
+        if not isinstance(args, PoDPOConfig):
+            raise TypeError("PoDPOTrainer takes a po_plugins.trl.PoDPOConfig (a DPOConfig with the plugin's options): "
+                            f"got {type(args).__name__}")
+        name, hp = resolve_loss(args)
+        self.po_loss = build(name, **hp) if name else None
+        self._po_margin_key, self._po_weight_key = args.po_margin_key, args.po_weight_key
+        if self.po_loss is not None and "margins" in self.po_loss.needs and not args.po_margin_key:
+            raise OptionError(f"loss '{name}' needs reward-model margins: set po_margin_key to the dataset column "
+                              "that holds them (po_plugins.cli.score_margins writes rm_margin)")
+        self._po_check_rows(train_dataset, "training", required=True, missing=args.po_missing_margin)
+        self._po_eval_unweighted = set()
+        evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
+        for ename, eds in evals:
+            if eds is not None:
+                self._po_check_rows(eds, f"evaluation ('{ename}')", required=False, missing=args.po_missing_margin)
+        super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, *a, **kw)
+        if self.po_loss is None:
+            return
+        if self._po_margin_key or self._po_weight_key:
+            self.data_collator = RowExtras(self.data_collator, self._po_margin_key, self._po_weight_key)
+        calibrating = self.po_loss.name.startswith("rc_")
+        self.po_monitor = None
+        if args.po_monitor or calibrating:
+            path = args.po_jsonl or os.path.join(args.output_dir, "po_band.jsonl")
+            self.po_monitor = BandMonitor(self.po_loss, path, args.po_alert_steps, args.po_recheck_every,
+                                          rescore=self._po_rescore, log=self._po_print,
+                                          is_rank_0=lambda: self.args.process_index == 0)
+            self.add_callback(_StepEnd(self))
+        self._po_need_scores = calibrating or self.po_monitor is not None
+        self._po_capture = False
+        self._po_hidden = None
+        self._po_last_scores = None
+        self._po_micro = 0
+        self._po_said = set()
+        if self._po_need_scores:
+            self._po_backbone().register_forward_hook(self._po_hook)
+        self._po_print(f"[po_plugins] loss {self.po_loss!r}; monitor {'on' if self.po_monitor else 'off'}"
+                       + ("; reference-free: reference forward skipped" if self.po_loss.reference_free else ""))
+
+    # ---- columns ----------------------------------------------------------------------------------------------
+    def _po_check_rows(self, ds, role: str, required: bool, missing: str) -> None:
+        """Every column error names the dataset; a margin column must have a finite value in every row unless
+        po_missing_margin='unit'. An evaluation set without the column is evaluated unweighted."""
+        cols = _columns(ds)
+        if cols is None:
+            return
+        for key, flag in ((self._po_margin_key, "po_margin_key"), (self._po_weight_key, "po_weight_key")):
+            if not key:
+                continue
+            if key not in cols:
+                if required:
+                    raise OptionError(f"the {role} dataset has no column '{key}' (set by {flag}); its columns are "
+                                      f"{cols}. Point {flag} at the right column (score_margins writes rm_margin).")
+                logger.warning("[po_plugins] the %s dataset has no column '%s' (%s): it is evaluated unweighted",
+                               role, key, flag)
+                continue
+            values = ds[key]
+            for i, v in enumerate(values):
+                if v is None or (isinstance(v, float) and not math.isfinite(v)):
+                    if flag == "po_margin_key" and missing == "unit":
+                        continue
+                    fix = ("fill it or set po_missing_margin='unit' to give such rows weight 1"
+                           if flag == "po_margin_key" else "fill it")
+                    raise OptionError(f"row {i} of the {role} dataset has no finite value in '{key}' ({flag}); {fix}")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for key in (self._po_margin_key, self._po_weight_key):
+            if key and key not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, key]
+
+    def compute_ref_log_probs(self, model, inputs):
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k not in PLUGIN_KEYS})
+
+    # ---- the head's input --------------------------------------------------------------------------------------
+    def _po_unwrapped(self):
+        m = self.accelerator.unwrap_model(self.model)
+        return m.get_base_model() if _is_peft(m) else m
+
+    def _po_backbone(self):
+        base = self._po_unwrapped()
+        backbone = getattr(base, "base_model", None)
+        if backbone is None or backbone is base:
+            raise OptionError(f"{type(base).__name__} exposes no backbone (base_model); the band needs the LM head's "
+                              "input")
+        return backbone
+
+    def _po_hook(self, module, inputs, output):
+        if self._po_capture:
+            h = getattr(output, "last_hidden_state", None)
+            self._po_hidden = (h if h is not None else output[0]).detach()
+
+    def _po_print(self, msg: str) -> None:
+        if self.args.process_index == 0:
+            print(msg, flush=True)
+
+    # ---- the step ------------------------------------------------------------------------------------------------
+    def _po_logps(self, model, inputs, capture: bool = False):
+        """Summed completion log-probs [2B] and token counts [2B], by TRL's own fused-head forward."""
+        model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"]
+        shift = completion_mask[..., 1:]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        self._po_capture = capture
+        try:
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        finally:
+            self._po_capture = False
+        seq_len = shift.size(1)
+        per_token = outputs.log_probs[:, -seq_len:]
+        return per_token.sum(dim=1), shift.sum(dim=1), outputs, model_kwargs, labels
+
+    def _po_ref_logps(self, model_kwargs, labels, seq_len):
+        kw = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if _is_peft(self.model) and self.ref_model is None:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    out = self.model(**kw, labels=labels, fused_lm_head=True)
+            else:
+                out = self.ref_model(**kw, labels=labels, fused_lm_head=True)
+        return out.log_probs[:, -seq_len:].sum(dim=1)
+
+    def _po_scores(self, labels, n_pairs) -> ScoreStats:
+        hidden = self._po_hidden
+        self._po_hidden = None
+        lab = labels[:, 1:]
+        hid = hidden[:, :-1][:, -lab.shape[1]:]
+        pos = (lab != -100).nonzero(as_tuple=False)
+        base = self._po_unwrapped()
+        head = base.get_output_embeddings()
+        scale, cap = _head_transform(base.config)
+        rows = pos[:, 0]
+        is_chosen = torch.arange(lab.shape[0], device=lab.device) < n_pairs
+        with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
+            w = head.weight
+            h = hid[pos[:, 0], pos[:, 1]].to(w.device)
+            return score_stats_head(h, w, lab[pos[:, 0], pos[:, 1]].to(w.device), rows.to(w.device),
+                                    is_chosen.to(w.device), bias=getattr(head, "bias", None), logit_scale=scale,
+                                    softcap=cap, chunk_size=int(self.args.po_score_chunk))
+
+    def _po_rescore(self, inputs):
+        zs, _, _, _, _ = self._po_logps(self.model, inputs)
+        return zs.chunk(2, dim=0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.po_loss is None:
+            inputs = {k: v for k, v in inputs.items() if k not in PLUGIN_KEYS}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        training = mode == "train" and torch.is_grad_enabled()
+        capture = training and self._po_need_scores
+        if capture:  # po_score_every k: fresh statistics on every k-th micro-batch, the last ones in between
+            self._po_micro += 1
+            capture = self._po_last_scores is None or (self._po_micro - 1) % int(self.args.po_score_every) == 0
+        logps, counts, outputs, model_kwargs, labels = self._po_logps(model, inputs, capture)
+        zw, zl = logps.chunk(2, dim=0)
+        nw, nl = counts.chunk(2, dim=0)
+        B = zw.shape[0]
+        seq_len = inputs["completion_mask"].shape[1] - 1
+        if self.precompute_ref_logps:
+            rw, rl = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        elif self.po_loss.reference_free:
+            rw = rl = None
+        else:
+            rw, rl = self._po_ref_logps(model_kwargs, labels, seq_len).chunk(2, dim=0)
+        stats = None
+        if training and self._po_need_scores:
+            if capture and self._po_hidden is not None:
+                self._po_last_scores = self._po_scores(labels, B)
+            stats = self._po_last_scores
+        margins = inputs.get("po_margin")
+        if margins is None and "margins" in self.po_loss.needs:
+            self._po_once(f"{mode}: no '{self._po_margin_key}' column", "[po_plugins] a dataset without the "
+                          f"'{self._po_margin_key}' column ({mode}) is evaluated unweighted (every pair weight 1)")
+            margins = torch.zeros_like(zw)
+        b = PairBatch(zw, zl, rw, rl, nw, nl, weights=inputs.get("po_weight"), margins=margins, score_stats=stats)
+        per_sample, cr, rr = loss_step(self.po_loss, b, self.po_monitor, training, inputs if training else None)
+        loss = per_sample.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        self._po_metrics(mode, inputs, outputs, zw, zl, cr, rr)
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
+        return loss
+
+    def _po_once(self, key, msg):
+        if key not in self._po_said:
+            self._po_said.add(key)
+            self._po_print(msg)
+
+    def _po_metrics(self, mode, inputs, outputs, zw, zl, cr, rr):
+        """TRL's own metric keys, from the same quantities (rewards: β(z − z_ref), or β·z̄ reference-free)."""
+        gather = self.accelerator.gather_for_metrics
+        m = self._metrics[mode]
+        shift = inputs["completion_mask"][..., 1:]
+        seq_len = shift.size(1)
+        n_tok = gather(shift.sum()).sum()
+        ent = gather((outputs.entropy[:, -seq_len:].detach() * shift).sum()).sum()
+        m["entropy"].append((ent / n_tok).item() if n_tok > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        m["num_tokens"] = [self._total_train_tokens]
+        cm, rm = shift.chunk(2, dim=0)
+        if outputs.mean_logits is not None:
+            cl, rl = outputs.mean_logits[:, -seq_len:].detach().chunk(2, dim=0)
+            for key, lg, mk in (("logits/chosen", cl, cm), ("logits/rejected", rl, rm)):
+                tot, cnt = gather((lg * mk).sum()).sum().item(), gather(mk.sum()).sum().item()
+                m[key].append(tot / cnt if cnt > 0 else 0.0)
+        if outputs.is_top1 is not None:
+            top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
+            hit, cnt = gather((top1 & cm.bool()).sum()).sum(), gather(cm.sum()).sum()
+            m["mean_token_accuracy"].append((hit / cnt).item() if cnt > 0 else 0.0)
+        cr, rr = gather(cr.float()), gather(rr.float())
+        m["rewards/chosen"].append(cr.mean().item())
+        m["rewards/rejected"].append(rr.mean().item())
+        m["rewards/accuracies"].append((cr > rr).float().mean().item())
+        m["rewards/margins"].append((cr - rr).mean().item())
+        m["logps/chosen"].append(gather(zw.detach()).mean().item())
+        m["logps/rejected"].append(gather(zl.detach()).mean().item())
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.po_loss is None:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(out, exist_ok=True)
+        torch.save(plugin_state(self.po_loss, self.po_monitor), os.path.join(out, STATE_FILE.format(
+            self.args.process_index)))
+
+    def train(self, resume_from_checkpoint=None, *a, **kw):
+        path = resume_from_checkpoint
+        if isinstance(path, bool) and path:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            path = get_last_checkpoint(self.args.output_dir)
+        if path and self.po_loss is not None:
+            mine = os.path.join(path, STATE_FILE.format(self.args.process_index))
+            first = os.path.join(path, STATE_FILE.format(0))
+            found = mine if os.path.exists(mine) else first if os.path.exists(first) else None
+            if found is None:
+                self._po_print(f"[po_plugins] WARNING: {path} holds no po_plugins state; the objective's running "
+                               "statistics (RC's α) start afresh")
+            else:
+                load_plugin_state(torch.load(found, weights_only=False), self.po_loss, self.po_monitor)
+        return super().train(resume_from_checkpoint, *a, **kw)
+
+
+class _StepEnd(TrainerCallback):
+    """Closes each optimizer step for the monitor; its po/* scalars join TRL's own metrics (averaged per log)."""
+
+    def __init__(self, trainer: PoDPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        for k, v in t.po_monitor.end_step(state.global_step).items():
+            t._metrics["train"][k].append(v)
+
+
+__all__ = ["PoDPOConfig", "PoDPOTrainer", "check_host", "HostError", "TRL_NAMES", "resolve_loss"]

@@ -1,0 +1,101 @@
+"""The plugin's options, shared by every host: names, types, defaults, help and validation (no host imports).
+
+OpenRLHF spells them `--po.<name>`, TRL's `PoDPOConfig` `po_<name>`; the loss is `--loss` / `po_loss` and its
+hyperparameters go by their papers' names (`--po.gamma 1.0`, `po_hparams={"gamma": 1.0}`).
+Every check raises `OptionError` with one line naming the fix; CLIs turn it into a clean exit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# name -> (type, default, help)
+OPTIONS: dict[str, tuple[type, Any, str]] = {
+    "monitor": (bool, False, "band monitor (on by default with rc_* losses)"),
+    "alert_steps": (int, 20, "warn after this many consecutive out-of-band steps (0: never)"),
+    "recheck_every": (int, 10, "every N optimizer steps, re-score the last micro-batch for exact per-pair deltas "
+                               "(chosen_up_frac; one forward each time; 0: never)"),
+    "jsonl": (str, None, "band trace path (default <output dir>/po_band.jsonl)"),
+    "score_chunk": (int, 4096, "vocabulary chunk of the head score statistics"),
+    "score_every": (int, 1, "exact head score statistics on every k-th micro-batch, reused in between"),
+    "margin_key": (str, None, "dataset column with reward-model margins (madpo); never 'margin' on OpenRLHF"),
+    "missing_margin": (str, "error", "rows without a margin: 'error' or 'unit' (weight 1)"),
+    "ref_logp_keys": (str, None, "CHOSEN,REJECTED columns with stored reference log-probs (score_margins "
+                                 "--ref_model): the reference forward is skipped"),
+}
+# lower bounds of the integer options
+MINIMUM = {"alert_steps": 0, "recheck_every": 0, "score_chunk": 1, "score_every": 1}
+
+
+class OptionError(ValueError):
+    """A plugin option or loss choice that cannot work; the message names the fix."""
+
+
+def check_options(values: dict[str, Any], spell=lambda k: f"--po.{k}") -> None:
+    """Validate option values (already typed); `spell` renders an option's name the way the host's user wrote it."""
+    for key, low in MINIMUM.items():
+        v = values.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise OptionError(f"{spell(key)} must be an integer >= {low}, got {v!r}")
+    mm = values.get("missing_margin", "error")
+    if mm not in ("error", "unit"):
+        raise OptionError(f"{spell('missing_margin')} takes 'error' or 'unit', got {mm!r}")
+    keys = values.get("ref_logp_keys")
+    if keys and len(str(keys).split(",")) != 2:
+        raise OptionError(f"{spell('ref_logp_keys')} takes two columns: CHOSEN,REJECTED (e.g. "
+                          f"ref_chosen_logp,ref_rejected_logp from score_margins --ref_model), got {keys!r}")
+
+
+def check_loss(name: str | None, hparams: dict[str, Any], loss_flag: str = "--loss",
+               hparam_spell=lambda k: f"--po.{k}") -> None:
+    """Unknown loss, unknown hyperparameter or invalid value: one OptionError naming the choices."""
+    from .losses import accepted_hparams, build, names
+
+    if name is None:
+        return
+    if name not in names():
+        raise OptionError(f"unknown loss '{name}' ({loss_flag}); choose one of: {', '.join(names())}")
+    accepted = accepted_hparams(name)
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise OptionError(f"unknown hyperparameter {', '.join(hparam_spell(k) for k in unknown)} for loss '{name}'; "
+                          f"accepted: {', '.join(hparam_spell(k) for k in sorted(set(accepted) - {'beta'})) or 'none'}"
+                          + (" (the temperature β is the host's own beta)" if "beta" in accepted else ""))
+    try:
+        build(name, **hparams)
+    except (ValueError, TypeError) as e:
+        raise OptionError(f"invalid hyperparameter for loss '{name}': {e}") from None
+
+
+def coerce_hparam(default, raw, flag: str):
+    """A hyperparameter value from text, typed like its default."""
+    if isinstance(default, bool):
+        return parse_value(bool, raw, flag)
+    if isinstance(default, int):
+        return parse_value(int, raw, flag)
+    if isinstance(default, float) or default is None:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            if default is None:
+                return raw
+            raise OptionError(f"{flag} takes a number, got {raw!r}") from None
+    return raw
+
+
+def parse_value(kind, raw, flag: str):
+    if kind is bool:
+        if raw is None or isinstance(raw, bool):
+            return True if raw is None else raw
+        low = str(raw).lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise OptionError(f"{flag} takes true/false, got {raw!r}")
+    if raw is None:
+        raise OptionError(f"{flag} needs a value")
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise OptionError(f"{flag} takes a {kind.__name__}, got {raw!r}") from None
