@@ -34,6 +34,10 @@ from .losses import PairBatch, PairLoss
 SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "sw_norm", "sl_norm", "sw_dot_sl", "alpha", "loss",
             "w_sum", "w_capped")
 RECHECK_KEYS = ("chosen_up_frac", "rejected_down_frac", "step_delta_z_w", "step_delta_z_l")
+# keys every host's JSONL record has (one test list for all hosts)
+JSONL_KEYS = ("step", "loss_name", "z_w", "z_l", "delta_z_w", "delta_z_l", "r_w", "r_l", "d_w", "d_l", "log_r",
+              "log_r_star", "rho", "band_lower", "band_upper", "slack", "in_band", "sw_norm", "sl_norm", "sw_dot_sl",
+              "alpha", "loss", "alpha_rank_spread", *RECHECK_KEYS)
 LOG_KEYS = ("z_w", "z_l", "delta_z_w", "delta_z_l", "log_r", "log_r_star", "rho", "band_lower", "band_upper", "slack",
             "in_band", "alpha", "chosen_up_frac", "w_mean", "w_min", "w_max", "w_capped_frac")
 

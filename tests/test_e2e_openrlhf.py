@@ -163,6 +163,11 @@ def test_bad_inputs_give_one_clear_error(assets, tmp_path):
     assert res.returncode != 0 and "no column 'chosen'" in res.stderr and "--data.chosen_key" in res.stderr
     res = run(["--loss", "madpo", *flags(assets, tmp_path / "o")], tmp_path, check=False)
     assert res.returncode != 0 and "margins" in res.stderr and "--po.margin_key" in res.stderr
+    for args, msg in [(["--loss", "rc_dpo", "--po.ema_decay", "1.5"], "ema_decay must be in [0, 1), got 1.5"),
+                      (["--loss", "dpo", "--po.alert_steps", "-1"], "--po.alert_steps must be an integer >= 0"),
+                      (["--loss", "dpo", "--po.score_every", "0"], "--po.score_every must be an integer >= 1")]:
+        res = run([*args, *flags(assets, tmp_path / "o")], tmp_path, check=False)
+        assert res.returncode != 0 and msg in res.stderr and "Traceback" not in res.stderr, (args, res.stderr[-2000:])
 
 
 def test_unsupported_openrlhf_version_is_refused():
@@ -231,3 +236,25 @@ def test_stored_reference_logps_replace_the_reference_forward(assets, tmp_path):
     assert first["r_w"] == pytest.approx(first["z_w"]) and first["r_l"] == pytest.approx(first["z_l"])
     res = run(["--loss", "dpo", "--po.ref_logp_keys", "rc", *flags(assets, tmp_path / "o2")], tmp_path, check=False)
     assert res.returncode != 0 and "two columns" in res.stderr
+
+
+def test_unscored_eval_set_is_evaluated_unweighted(assets, tmp_path):
+    rows = [json.loads(x) for x in Path(assets["train"]).read_text().splitlines()]
+    data = tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps({**r, "rm_margin": (i % 5) - 2.0}) + "\n" for i, r in enumerate(rows)))
+    res = run(["--loss", "madpo", *flags(assets, tmp_path / "o", extra=[
+        "--po.margin_key", "rm_margin", "--data.dataset", data, "--eval.dataset", assets["eval"],
+        "--eval.split", "train", "--eval.steps", "2", "--logger.tensorboard_dir", tmp_path / "tb"])], tmp_path)
+    out = res.stdout + res.stderr
+    assert f"the evaluation dataset ({assets['eval']}) has no column 'rm_margin'" in out
+    assert out.count("evaluated unweighted") == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(next((tmp_path / "tb").iterdir())))
+    ea.Reload()
+    assert any("eval" in t for t in ea.Tags()["scalars"]), ea.Tags()["scalars"]
+    bad = tmp_path / "unscored_train.jsonl"
+    bad.write_text(Path(assets["train"]).read_text())
+    res = run(["--loss", "madpo", *flags(assets, tmp_path / "o2", extra=[
+        "--po.margin_key", "rm_margin", "--data.dataset", bad])], tmp_path, check=False)
+    assert res.returncode != 0 and f"the training dataset ({bad}) has no column 'rm_margin'" in res.stderr

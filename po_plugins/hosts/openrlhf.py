@@ -177,8 +177,9 @@ def _reward_dataset_class():
             built = getattr(strategy, "_po_dpo_datasets", 0) if is_dpo else 0
             if is_dpo:
                 strategy._po_dpo_datasets = built + 1
-            role, path = ("training", getattr(data, "dataset", None)) if built == 0 else \
-                ("evaluation", getattr(getattr(strategy.args, "eval", None), "dataset", None))
+            eval_path = getattr(getattr(strategy.args, "eval", None), "dataset", None)
+            role, path = ("evaluation", eval_path) if built and eval_path else ("training", getattr(data, "dataset",
+                                                                                                       None))
             where = f"the {role} dataset ({path})" if path else f"the {role} dataset"
             cols = list(getattr(dataset, "column_names", None) or [])
             if cols and self.margin_key and self.margin_key not in cols and role == "evaluation":

@@ -188,15 +188,13 @@ def resolve_loss(args) -> tuple[str | None, dict]:
         raise OptionError("the objective's β is DPOConfig.beta (beta=...), not po_hparams['beta']")
     ls = float(args.label_smoothing or 0.0)
     if ls > 0:
-        if base == "dpo":
-            name, base = name.replace("dpo", "cdpo", 1), "cdpo"
         if base in ("cdpo", "robust_dpo"):
             hp.setdefault("label_smoothing", ls)
         elif base == "exo":
             hp.setdefault("eps", ls)
         else:
-            raise OptionError(f"label_smoothing={ls} contradicts po_loss='{name}'; label smoothing is cDPO (po_loss="
-                              "'cdpo'), robust DPO ('robust_dpo') or EXO's ε ('exo')")
+            raise OptionError(f"label_smoothing={ls} contradicts po_loss='{name}' (TRL's own sigmoid ignores it too); "
+                              "label smoothing is cDPO (po_loss='cdpo'), robust DPO ('robust_dpo') or EXO's ε ('exo')")
     accepted = accepted_hparams(name)
     if "beta" in accepted:
         hp["beta"] = float(args.beta)
