@@ -331,9 +331,13 @@ def data_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("loss,extra", [("rc_dpo", ["--po.recheck_every", "1"]),
-                                        ("rc_simpo", ["--po.gamma", "0.5"]),
-                                        ("rc_madpo", ["--po.margin_key", "rm_margin"])])
+CLI_CASES = [("rc_dpo", ["--po.recheck_every", "1"]), ("rc_simpo", ["--po.gamma", "0.5"]),
+             ("rc_madpo", ["--po.margin_key", "rm_margin"])]
+CLI_CASES += [(n, ["--po.monitor"] + (["--po.margin_key", "rm_margin"] if n == "madpo" else []))
+              for n in names() if not n.startswith("rc_")]
+
+
+@pytest.mark.parametrize("loss,extra", CLI_CASES)
 def test_cli_runs_trl_own_dpo_script(model_dir, data_dir, tmp_path, loss, extra):
     flags = cli_flags(model_dir, data_dir, tmp_path / "o")
     res = run_module("po_plugins.cli.trl_dpo", ["--loss", loss, *extra, *flags], tmp_path)
@@ -382,3 +386,26 @@ def test_two_processes_zero_alpha_spread_and_match_one(model_dir, data_dir, tmp_
     assert res.returncode == 0, res.stderr[-4000:]
     rec = trace(tmp_path / "rc")
     assert all(r["alpha_rank_spread"] == 0.0 for r in rec) and len({r["alpha"] for r in rec}) > 1
+
+
+def test_deepspeed_zero3_through_trl(model_dir, data_dir, tmp_path):
+    """ZeRO-3 through TRL's own DeepSpeed integration (one process on CPU: the HF Trainer cannot size a multi-process
+    DeepSpeed batch on CPU, stock or not): the sharded head weight is gathered for the statistics, which equal the
+    unsharded run's."""
+    cfg = tmp_path / "z3.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                               "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+                               "gradient_clipping": "auto", "bf16": {"enabled": False}}))
+    plain = ["--loss", "rc_dpo", *cli_flags(model_dir, data_dir, tmp_path / "plain")]
+    z3 = ["--loss", "rc_dpo", *cli_flags(model_dir, data_dir, tmp_path / "z3", ["--deepspeed", cfg])]
+    z3.remove("--use_cpu")  # DeepSpeed's CPU accelerator takes the process instead
+    from po_plugins.tiny import free_port
+
+    one_rank = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(free_port()))  # a launcher's environment, as `deepspeed`/`torchrun` set it
+    for args in (plain, z3):
+        res = run_module("po_plugins.cli.trl_dpo", args, tmp_path, env_extra=one_rank)
+        assert res.returncode == 0, res.stderr[-4000:]
+    a, b = trace(tmp_path / "plain"), trace(tmp_path / "z3")
+    for k in ("sw_norm", "sl_norm", "sw_dot_sl", "alpha", "z_w", "loss"):
+        assert a[0][k] == pytest.approx(b[0][k], rel=1e-4), (k, a[0][k], b[0][k])
