@@ -409,3 +409,27 @@ def test_deepspeed_zero3_through_trl(model_dir, data_dir, tmp_path):
     a, b = trace(tmp_path / "plain"), trace(tmp_path / "z3")
     for k in ("sw_norm", "sl_norm", "sw_dot_sl", "alpha", "z_w", "loss"):
         assert a[0][k] == pytest.approx(b[0][k], rel=1e-4), (k, a[0][k], b[0][k])
+
+
+def test_one_report_overlays_an_openrlhf_run_and_a_trl_run(model_dir, tmp_path):
+    """po_plugins.cli.report reads a TRL run unchanged, next to a run of the real OpenRLHF CLI."""
+    if importlib.util.find_spec("openrlhf") is None:
+        pytest.skip("openrlhf not installed")
+    from po_plugins.cli.report import main
+    from po_plugins.tiny import make_pairs
+
+    make_trainer(model_dir, tmp_path / "trl", "rc_dpo", max_steps=3).train()
+    data = make_pairs(tmp_path / "pairs.jsonl", n=8)
+    res = run_module("po_plugins.cli.train_dpo", [
+        "--loss", "rc_dpo", "--model.model_name_or_path", model_dir, "--data.dataset", data, "--data.prompt_key",
+        "prompt", "--data.chosen_key", "chosen", "--data.rejected_key", "rejected", "--data.max_len", "64",
+        "--train.micro_batch_size", "2", "--train.batch_size", "4", "--train.max_epochs", "1",
+        "--ds.attn_implementation", "eager", "--ds.zero_stage", "0", "--adam.lr", "1e-2", "--lr_warmup_ratio", "0",
+        "--ckpt.output_dir", tmp_path / "orlhf"], tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    a, b = trace(tmp_path / "orlhf"), trace(tmp_path / "trl")
+    assert set(a[0]) == set(b[0])  # the same keys on both hosts
+    assert main([str(tmp_path / "orlhf"), str(tmp_path / "trl"), "--out", str(tmp_path / "rep"),
+                 "--labels", "openrlhf,trl"]) == 0
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert "openrlhf" in html and "trl" in html and list((tmp_path / "rep").glob("*.png"))
