@@ -57,9 +57,10 @@ def test_reference_free_flags():
     assert build("rc_simpo").reference_free
 
 
-def test_core_imports_without_openrlhf():
-    code = ("import sys; sys.modules['openrlhf'] = None; sys.modules['flash_attn'] = None\n"
+def test_core_and_monitor_import_without_any_host():
+    code = ("import sys\n"
+            "for host in ('openrlhf', 'flash_attn', 'trl', 'llamafactory'): sys.modules[host] = None\n"
             "import po_plugins, po_plugins.losses, po_plugins.rc, po_plugins.band, po_plugins.scores, "
-            "po_plugins.madpo, po_plugins.toy\n"
+            "po_plugins.madpo, po_plugins.toy, po_plugins.monitor, po_plugins.options, po_plugins.hosts\n"
             "assert 'deepspeed' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
