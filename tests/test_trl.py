@@ -433,3 +433,19 @@ def test_one_report_overlays_an_openrlhf_run_and_a_trl_run(model_dir, tmp_path):
                  "--labels", "openrlhf,trl"]) == 0
     html = (tmp_path / "rep" / "index.html").read_text()
     assert "openrlhf" in html and "trl" in html and list((tmp_path / "rep").glob("*.png"))
+
+
+def test_margin_column_never_reaches_a_model_forward_with_precomputed_reference(model_dir, tmp_path):
+    rs = rows(8, margins=True)
+    tr = make_trainer(model_dir, tmp_path / "p", "rc_madpo", data=dataset(rs), po_margin_key="rm_margin",
+                      precompute_ref_log_probs=True, max_steps=2, eval_strategy="no")
+    seen = []
+    for m in (tr.model, tr.ref_model):
+        m.register_forward_pre_hook(lambda mod, a, kw: seen.append(set(kw)), with_kwargs=True)
+    tr.train()
+    tr.evaluate(eval_dataset=dataset(rows(4, margins=True)))  # TRL precomputes this set through the wrapped collator
+    assert seen and not any(k.startswith("po_") or k == "rm_margin" for kws in seen for k in kws), seen
+    live = make_trainer(model_dir, tmp_path / "l", "rc_madpo", data=dataset(rs), po_margin_key="rm_margin",
+                        max_steps=2)
+    live.train()
+    torch.testing.assert_close(torch.tensor(losses(tr)), torch.tensor(losses(live)), **LOSS_TOL)
