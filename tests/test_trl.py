@@ -449,3 +449,16 @@ def test_margin_column_never_reaches_a_model_forward_with_precomputed_reference(
                         max_steps=2)
     live.train()
     torch.testing.assert_close(torch.tensor(losses(tr)), torch.tensor(losses(live)), **LOSS_TOL)
+
+
+def test_score_every_reuses_the_last_statistics(model_dir, tmp_path, monkeypatch):
+    from po_plugins.hosts import trl as host
+
+    calls = []
+    original = host.PoDPOTrainer._po_scores
+    monkeypatch.setattr(host.PoDPOTrainer, "_po_scores", lambda self, *a: calls.append(1) or original(self, *a))
+    tr = make_trainer(model_dir, tmp_path / "s", "rc_dpo", po_score_every=2, max_steps=3)  # 6 micro-batches
+    tr.train()
+    assert len(calls) == 3
+    rec = trace(tmp_path / "s")
+    assert len(rec) == 3 and all(r["sw_norm"] > 0 for r in rec)
