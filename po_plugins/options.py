@@ -67,6 +67,34 @@ def check_loss(name: str | None, hparams: dict[str, Any], loss_flag: str = "--lo
         raise OptionError(f"invalid hyperparameter for loss '{name}': {e}") from None
 
 
+def split_plugin_argv(argv: list[str]) -> tuple[str | None, dict[str, tuple[str | None, str]], list[str]]:
+    """Take `--loss NAME` and `--po.<name> [VALUE]` out of a command line (both `--flag v` and `--flag=v`);
+    returns (loss, {name: (raw value or None, flag as written)}, the host's own arguments in order)."""
+    loss, raw, rest = None, {}, []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        key, val = (a.split("=", 1) + [None])[:2] if a.startswith("--") else (a, None)
+        if key == "--loss":
+            if val is None:
+                i += 1
+                val = argv[i] if i < len(argv) else None
+            if val is None:
+                from .losses import names
+
+                raise OptionError("--loss needs a name; choose one of: " + ", ".join(names()))
+            loss = val
+        elif key.startswith("--po."):
+            if val is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val = argv[i + 1]
+                i += 1
+            raw[key[5:].replace("-", "_")] = (val, key)
+        else:
+            rest.append(a)
+        i += 1
+    return loss, raw, rest
+
+
 def coerce_hparam(default, raw, flag: str):
     """A hyperparameter value from text, typed like its default."""
     if isinstance(default, bool):

@@ -15,7 +15,7 @@ import sys
 from types import SimpleNamespace
 
 from po_plugins.options import OPTIONS as PLUGIN_FLAGS
-from po_plugins.options import OptionError, check_loss, check_options, coerce_hparam, parse_value
+from po_plugins.options import OptionError, check_loss, check_options, coerce_hparam, parse_value, split_plugin_argv
 
 
 def _parse_value(kind, raw, flag):
@@ -36,27 +36,10 @@ def split_argv(argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
     """Take --loss and --po.* out of argv; return (plugin options, host argv)."""
     from po_plugins.losses import accepted_hparams, names
 
-    loss, raw_po, rest = None, {}, []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        key, val = (a.split("=", 1) + [None])[:2] if a.startswith("--") else (a, None)
-        if key == "--loss":
-            if val is None:
-                i += 1
-                val = argv[i] if i < len(argv) else None
-            if val is None:
-                raise SystemExit("po_plugins: --loss needs a name; choose one of: " + ", ".join(names()))
-            loss = val
-        elif key.startswith("--po."):
-            name = key[5:].replace("-", "_")
-            if val is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                val = argv[i + 1]
-                i += 1
-            raw_po[name] = (val, key)
-        else:
-            rest.append(a)
-        i += 1
+    try:
+        loss, raw_po, rest = split_plugin_argv(argv)
+    except OptionError as e:
+        raise SystemExit(f"po_plugins: {e}") from None
     if loss is not None and loss not in names():
         raise SystemExit(f"po_plugins: unknown loss '{loss}'; choose one of: {', '.join(names())}")
     accepted = accepted_hparams(loss or "dpo")

@@ -15,7 +15,15 @@ import json
 import runpy
 import sys
 
-from po_plugins.options import OPTIONS, OptionError, check_loss, check_options, coerce_hparam, parse_value
+from po_plugins.options import (
+    OPTIONS,
+    OptionError,
+    check_loss,
+    check_options,
+    coerce_hparam,
+    parse_value,
+    split_plugin_argv,
+)
 
 MODULE = "trl.scripts.dpo"
 
@@ -24,25 +32,7 @@ def translate(argv: list[str]) -> list[str]:
     """--loss / --po.* -> TRL parser flags for PoDPOConfig (--po_loss, --po_<option>, --po_hparams JSON)."""
     from po_plugins.losses import accepted_hparams
 
-    loss, raw, rest = None, {}, []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        key, val = (a.split("=", 1) + [None])[:2] if a.startswith("--") else (a, None)
-        if key == "--loss":
-            if val is None:
-                i += 1
-                val = argv[i] if i < len(argv) else None
-            loss = val
-        elif key.startswith("--po."):
-            name = key[5:].replace("-", "_")
-            if val is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                val = argv[i + 1]
-                i += 1
-            raw[name] = (val, key)
-        else:
-            rest.append(a)
-        i += 1
+    loss, raw, rest = split_plugin_argv(argv)
     from po_plugins.losses import names
 
     if loss is not None and loss not in names():

@@ -10,8 +10,6 @@ It patches four seams, all plain module attributes looked up when `openrlhf.cli.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 import math
 import os
@@ -22,6 +20,7 @@ import torch
 from ..losses import PairBatch, build
 from ..monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
 from ..scores import ScoreStats, response_positions, score_stats_flat
+from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
 
 logger = logging.getLogger("po_plugins")
 
@@ -40,45 +39,14 @@ SEAMS = [
 STATE_KEY = "po_plugins"
 
 
-class HostError(RuntimeError):
-    """The installed OpenRLHF cannot host the plugin."""
-
-
 def host_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("openrlhf")
-    except PackageNotFoundError:
-        return None
+    return installed_version("openrlhf")
 
 
 def check_host(version: str | None = None) -> str:
     """Fail with one clear message unless a supported OpenRLHF with every seam is installed."""
-    from packaging.version import Version
-
-    version = host_version() if version is None else version
-    fix = "install a supported release: pip install 'po-plugins[openrlhf]' (openrlhf>=0.10.2,<0.12)"
-    if version is None:
-        raise HostError(f"OpenRLHF is not installed; {fix}")
-    v = Version(version)
-    if not (Version("0.10.2") <= v < Version("0.12")):
-        raise HostError(f"OpenRLHF {version} is not supported by po_plugins (needs >=0.10.2,<0.12: dotted flags "
-                        f"and the DPOTrainer seams); {fix}")
-    for mod_name, attr, members, fragments in SEAMS:
-        mod = importlib.import_module(mod_name)
-        obj = getattr(mod, attr, None)
-        if obj is None:
-            raise HostError(f"OpenRLHF {version}: seam {mod_name}.{attr} is missing; {fix}")
-        for m in members:
-            if not hasattr(obj, m):
-                raise HostError(f"OpenRLHF {version}: seam {mod_name}.{attr}.{m} is missing; {fix}")
-        if fragments:
-            src = inspect.getsource(obj)
-            for f in fragments:
-                if f not in src:
-                    raise HostError(f"OpenRLHF {version}: {mod_name}.{attr} no longer contains `{f}`; {fix}")
-    return version
+    return check_seams("OpenRLHF", "openrlhf", version, "0.10.2", "0.12", "dotted flags and the DPOTrainer seams",
+                       SEAMS, "openrlhf")
 
 
 def prepare_process() -> str:

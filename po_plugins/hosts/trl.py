@@ -17,8 +17,6 @@ With `po_loss=None` and no monitor, margin or weight column, PoDPOTrainer is TRL
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import logging
 import math
@@ -32,6 +30,7 @@ from ..losses import PairBatch, accepted_hparams, build, names
 from ..monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
 from ..options import OPTIONS, OptionError, check_loss, check_options
 from ..scores import ScoreStats, score_stats_head
+from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
 
 logger = logging.getLogger("po_plugins")
 
@@ -64,42 +63,13 @@ TRL_NAMES = {"sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo", "exo_pair": "exo"
              "apo_down": "apo_down", "discopop": "discopop"}
 
 
-class HostError(RuntimeError):
-    """The installed TRL cannot host the plugin."""
-
-
 def host_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("trl")
-    except PackageNotFoundError:
-        return None
+    return installed_version("trl")
 
 
 def check_host(version: str | None = None) -> str:
     """Fail with one clear message unless a supported TRL with every seam is installed."""
-    from packaging.version import Version
-
-    version = host_version() if version is None else version
-    fix = "install a supported release: pip install 'po-plugins[trl]' (trl>=1.16,<1.17)"
-    if version is None:
-        raise HostError(f"TRL is not installed; {fix}")
-    if not (Version("1.16") <= Version(version) < Version("1.17")):
-        raise HostError(f"TRL {version} is not supported by po_plugins (needs >=1.16,<1.17: the DPOTrainer with the "
-                        f"fused LM head); {fix}")
-    for mod_name, attr, members, fragments in SEAMS:
-        obj = getattr(importlib.import_module(mod_name), attr, None)
-        if obj is None:
-            raise HostError(f"TRL {version}: seam {mod_name}.{attr} is missing; {fix}")
-        for m in members:
-            if not hasattr(obj, m):
-                raise HostError(f"TRL {version}: seam {mod_name}.{attr}.{m} is missing; {fix}")
-        src = inspect.getsource(obj) if fragments else ""
-        for f in fragments:
-            if f not in src:
-                raise HostError(f"TRL {version}: {mod_name}.{attr} no longer contains `{f}`; {fix}")
-    return version
+    return check_seams("TRL", "trl", version, "1.16", "1.17", "the DPOTrainer with the fused LM head", SEAMS, "trl")
 
 
 check_host()
