@@ -238,3 +238,147 @@ def test_benchmark_quick_prints_json_last(tmp_path):
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(result) == {"batched_pairs_per_s", "single_pairs_per_s", "speedup"}
     assert result["batched_pairs_per_s"] > 0 and result["single_pairs_per_s"] > 0 and result["speedup"] > 0
+
+
+# ------------------------------------------------------------------------ TRL / Hugging Face reward models (--rm_kind)
+needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (po-plugins[trl])")
+TRL_CPU = ["--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--save_strategy", "no"]
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trl_rm(tmp_path_factory):
+    """A reward model trained and saved by TRL's own script (trl.scripts.reward, unmodified), on CPU."""
+    root = tmp_path_factory.mktemp("trl_score")
+    assets = make_assets(root / "tiny", n_train=16, n_eval=4)
+    _write_jsonl(root / "rm_data" / "train.jsonl", pair_rows(16, seed=3))
+    run("trl.scripts.reward", ["--model_name_or_path", assets["model"], "--dataset_name", root / "rm_data",
+                               "--output_dir", root / "rm", "--per_device_train_batch_size", 4, "--max_steps", 4,
+                               "--learning_rate", "5e-3", *TRL_CPU], root)
+    return SimpleNamespace(root=root, rm=root / "rm")
+
+
+def trl_datasets(eos):
+    """Three TRL preference formats, lengths varied, an `id` and a nested `meta` column in each."""
+    rng = random.Random(11)
+    base = pair_rows(10, seed=9)
+    for r in base:
+        r["chosen"] = " ".join([r["chosen"]] * rng.randint(1, 3))
+    explicit = [{"id": f"e{k}", "prompt": r["prompt"] + " ", "chosen": r["chosen"], "rejected": r["rejected"],
+                 "meta": {"k": k}} for k, r in enumerate(base)]
+    explicit[2]["chosen"] += eos  # TRL does not add a second EOS
+    explicit[5]["prompt"] = " ".join(["Tell me about the movie."] * 12)  # longer than --data.max_len
+    implicit = [{"id": f"i{k}", "chosen": f"{r['prompt']} {r['chosen']}", "rejected": f"{r['prompt']} {r['rejected']}",
+                 "meta": {"k": k}} for k, r in enumerate(base)]
+    conversational = [{"id": f"c{k}", "prompt": [{"role": "user", "content": r["prompt"]}],
+                       "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                       "rejected": [{"role": "assistant", "content": r["rejected"]}], "meta": {"k": k}}
+                      for k, r in enumerate(base)]
+    return {"explicit": explicit, "implicit": implicit, "conversational": conversational}
+
+
+def trl_reference_margins(rm_dir, rows, out_dir):
+    """Independent of the scorer: TRL's RewardTrainer prepares the rows (its tokenisation), then one forward per
+    sequence (no padding) through the model TRL loaded."""
+    import torch
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    args = RewardConfig(output_dir=str(out_dir), use_cpu=True, bf16=False, report_to="none", max_length=None)
+    trainer = RewardTrainer(model=str(rm_dir), args=args, train_dataset=Dataset.from_list(rows))
+    prepared = trainer.train_dataset
+    assert len(prepared) == len(rows)  # max_length=None: nothing filtered
+    model = trainer.model.float().eval()
+    with torch.no_grad():
+        def reward(ids):
+            return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+        return [reward(c) - reward(r) for c, r in zip(prepared["chosen_ids"], prepared["rejected_ids"])], prepared
+
+
+def test_rm_kind_detection_from_config(tmp_path):
+    from po_plugins.cli.score_margins import detect_rm_kind
+
+    for arch, kind in (("LlamaForSequenceClassification", "hf"), ("Qwen2ForSequenceClassification", "hf"),
+                       ("RewardModel", "openrlhf"), ("LlamaForCausalLM", "openrlhf")):
+        d = tmp_path / arch
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"architectures": [arch]}))
+        assert detect_rm_kind(d) == kind
+        assert detect_rm_kind(d, "openrlhf") == "openrlhf"  # an explicit --rm_kind wins
+    with pytest.raises(SystemExit, match="no config.json there; give the folder of a trained reward model"):
+        detect_rm_kind(tmp_path / "missing")
+
+
+def test_hf_rm_refuses_openrlhf_only_flags(tmp_path):
+    from po_plugins.cli.score_margins import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    base = ["--model", str(tmp_path), "--data.dataset", "x.jsonl", "--output", str(tmp_path / "o.jsonl")]
+    with pytest.raises(SystemExit, match=r"--data.apply_chat_template: OpenRLHF reward-model option, .*TRL / "
+                                         r"Hugging Face reward model.*drop it$"):
+        main(base + ["--data.apply_chat_template"])
+    with pytest.raises(SystemExit, match=r"--data.input_template, --ref_model: OpenRLHF reward-model options.*drop "
+                                         r"them \(TRL's DPO stores reference log-probs itself"):
+        main(base + ["--data.input_template", "Q: {}", "--ref_model", "sft"])
+
+
+@needs_trl
+@pytest.mark.e2e
+@pytest.mark.parametrize("fmt", ["explicit", "implicit", "conversational"])
+def test_hf_margins_equal_trl_reward_trainer_text(trl_rm, fmt, tmp_path, capsys):
+    """Every row and column kept in order; each margin equals a one-sequence-at-a-time re-score of the ids TRL's own
+    RewardTrainer builds for that row (standard with explicit / implicit prompt, conversational)."""
+    from transformers import AutoTokenizer
+
+    from po_plugins.cli.score_margins import main
+
+    eos = AutoTokenizer.from_pretrained(str(trl_rm.rm)).eos_token
+    rows = trl_datasets(eos)[fmt]
+    random.Random(1).shuffle(rows)
+    data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "scored.jsonl"
+    main(["--model", str(trl_rm.rm), "--data.dataset", str(data), "--output", str(out), "--batch_size", "3",
+          "--data.max_len", "48"])
+    err = capsys.readouterr().err
+    assert "wrote 10 rows" in err
+    scored = read_jsonl(out)
+    assert [list(o) for o in scored] == [[*r, "rm_margin"] for r in rows]
+    assert [{k: o[k] for k in r} for o, r in zip(scored, rows)] == rows
+    expect, prepared = trl_reference_margins(trl_rm.rm, rows, tmp_path / "trainer")
+    got = [o["rm_margin"] for o in scored]
+    assert max(abs(a - b) for a, b in zip(got, expect)) < 1e-4, (got, expect)
+    assert max(abs(m) for m in expect) > 1e-3  # a trained RM, not a constant
+    lengths = [max(len(c), len(r)) for c, r in zip(prepared["chosen_ids"], prepared["rejected_ids"])]
+    assert len(set(lengths)) > 2  # padded batches of different lengths were exercised
+    if fmt == "explicit":
+        i = next(k for k, r in enumerate(rows) if r["id"] == "e2")
+        assert prepared["chosen_ids"][i].count(AutoTokenizer.from_pretrained(str(trl_rm.rm)).eos_token_id) == 1
+        assert "1 row(s) are longer than --data.max_len 48 tokens" in err
+
+
+@needs_trl
+@pytest.mark.e2e
+def test_hf_scoring_resumes_to_the_same_bytes_from_a_data_folder(trl_rm, tmp_path, monkeypatch):
+    """TRL's --dataset_name folder layout (train.jsonl, test.jsonl), a split chosen by --data.dataset_split, and an
+    interrupted run resumed: the same file as an uninterrupted one."""
+    from po_plugins.cli.score_margins import STOP_ENV, main
+
+    rows = trl_datasets("</s>")["explicit"]
+    _write_jsonl(tmp_path / "data" / "train.jsonl", rows[:3])
+    _write_jsonl(tmp_path / "data" / "test.jsonl", rows)
+    flags = ["--model", str(trl_rm.rm), "--data.dataset", str(tmp_path / "data"), "--data.dataset_split", "test",
+             "--batch_size", "2", "--checkpoint_every", "1"]
+    main(flags + ["--output", str(tmp_path / "full.jsonl")])
+    assert [o["id"] for o in read_jsonl(tmp_path / "full.jsonl")] == [r["id"] for r in rows]
+    monkeypatch.setenv(STOP_ENV, "2")
+    with pytest.raises(SystemExit) as stop:
+        main(flags + ["--output", str(tmp_path / "cut.jsonl")])
+    assert stop.value.code == 3
+    monkeypatch.delenv(STOP_ENV)
+    main(flags + ["--output", str(tmp_path / "cut.jsonl"), "--resume"])
+    assert (tmp_path / "cut.jsonl").read_bytes() == (tmp_path / "full.jsonl").read_bytes()

@@ -18,6 +18,16 @@ round i = 0..k-1 runs in workdir/round_<i>/:
                 dpo.reference: initial)                                             -> policy/
 Every round's data and checkpoint are kept; a re-run skips every finished stage of every round.
 Every field is documented in examples/madpo/madpo.yaml.
+
+`host: trl` (examples/madpo/madpo_trl.yaml) runs the same three stages on Hugging Face TRL:
+  1. rm        TRL's own reward script, unmodified: python -m trl.scripts.reward (RewardTrainer; an
+               AutoModelForSequenceClassification with one label)                   -> rm/
+  2. score     po_plugins.cli.score_margins --rm_kind hf on each split of data.dataset that exists (train_split,
+               test_split), every pair formatted as TRL's RewardTrainer formats it  -> scored/<split>.jsonl
+  3. dpo       po_plugins.cli.trl_dpo --loss madpo (or rc_madpo) --po.margin_key rm_margin --dataset_name scored/
+               (TRL's own trl.scripts.dpo with the plugin's trainer)               -> policy/
+Without a visible CUDA device the training stages get `--use_cpu true --bf16 false` unless their flags set use_cpu,
+bf16 or fp16 themselves.
 """
 
 from __future__ import annotations
@@ -35,7 +45,20 @@ DONE = "po_stage_done.json"
 DATA_KEYS = ("prompt_key", "chosen_key", "rejected_key", "input_template", "apply_chat_template",
              "tokenizer_chat_template", "max_len", "dataset_split")
 PROMPT_KEYS = ("prompt_key", "input_template", "apply_chat_template", "tokenizer_chat_template")
-SECTIONS = ("workdir", "launcher", "data", "reward_model", "scoring", "dpo", "generation", "rounds")
+SECTIONS = ("host", "workdir", "launcher", "data", "reward_model", "scoring", "dpo", "generation", "rounds")
+HOSTS = ("openrlhf", "trl")
+# host: trl -- the fields of each section (TRL's scripts read the prompt/chosen/rejected columns by those names)
+TRL_FIELDS = {"data": ("dataset", "train_split", "test_split"),
+              "reward_model": ("pretrain", "output", "flags"),
+              "scoring": ("margin_key", "batch_size", "checkpoint_every", "nproc", "attn_implementation", "output"),
+              "dpo": ("pretrain", "loss", "c_max", "c_min", "lam", "tau", "output", "flags")}
+# flags the pipeline sets itself on the TRL scripts (per stage)
+TRL_MANAGED = {"reward_model": ("model_name_or_path", "dataset_name", "dataset_train_split", "dataset_test_split",
+                                "output_dir", "datasets"),
+               "dpo": ("model_name_or_path", "dataset_name", "dataset_train_split", "dataset_test_split", "output_dir",
+                       "datasets", "loss", "po.margin_key", "po_loss", "po_margin_key")}
+TRL_CPU_KEYS = ("use_cpu", "bf16", "fp16")
+TRL_RM_MAX_LENGTH = 1024  # RewardConfig.max_length's default (TRL 1.16)
 GEN_KEYS = ("prompts", "n_samples", "backend", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "batch_size",
             "nproc", "reward", "pairing", "ties", "margins", "flags", "label_flags")
 
@@ -49,6 +72,12 @@ def load_config(path: str | Path) -> dict:
     unknown = set(cfg) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"madpo config: unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    host = cfg.setdefault("host", "openrlhf")
+    if host not in HOSTS:
+        raise SystemExit(f"madpo config: host must be one of {', '.join(HOSTS)}, got {host!r} (openrlhf: "
+                         "examples/madpo/madpo.yaml; trl: examples/madpo/madpo_trl.yaml)")
+    if host == "trl":
+        return load_trl_config(cfg, base)
     gen = cfg.get("generation")
     rounds = cfg.setdefault("rounds", 1)
     if not isinstance(rounds, int) or rounds < 1:
@@ -84,6 +113,79 @@ def load_config(path: str | Path) -> dict:
     cfg["workdir"] = str((base / cfg["workdir"]).resolve()) if not os.path.isabs(cfg["workdir"]) else cfg["workdir"]
     cfg.setdefault("launcher", "python")
     cfg.setdefault("scoring", {})
+    return cfg
+
+
+def _local_path(value, base: Path) -> str:
+    """A path relative to the config's folder when it names something there (or starts with ./ ../ ~); else as
+    given (a hub name such as org/model)."""
+    text = os.path.expanduser(str(value))
+    if os.path.isabs(text):
+        return text
+    if text.startswith(("./", "../")) or (base / text).exists():
+        return str((base / text).resolve())
+    return text
+
+
+def load_trl_config(cfg: dict, base: Path) -> dict:
+    """Validate and complete a `host: trl` config (one clear error per problem, naming the fix)."""
+    example = "see examples/madpo/madpo_trl.yaml"
+    for key in ("generation", "rounds"):
+        if key in cfg and not (key == "rounds" and cfg[key] == 1):
+            raise SystemExit(f"madpo config: '{key}' (on-policy / iterative MADPO) is not available with host: trl; "
+                             "remove it, or use host: openrlhf")
+    cfg["rounds"] = 1
+    for section in ("data", "reward_model", "dpo"):
+        if not isinstance(cfg.get(section), dict):
+            raise SystemExit(f"madpo config: host: trl needs the '{section}' section ({example})")
+    if cfg.get("scoring") is None:
+        cfg["scoring"] = {}
+    for section, known in TRL_FIELDS.items():
+        if not isinstance(cfg[section], dict):
+            raise SystemExit(f"madpo config: '{section}' must be a mapping ({example})")
+        bad = sorted(set(cfg[section]) - set(known))
+        if bad and section == "data":
+            raise SystemExit(f"madpo config: data field(s) {bad} are not used with host: trl; TRL's scripts read "
+                             "the prompt/chosen/rejected columns by those names and apply the tokenizer's chat "
+                             "template to conversational rows themselves: rename the columns in your data and remove "
+                             f"the field(s); data takes {', '.join(known)} ({example})")
+        if bad:
+            raise SystemExit(f"madpo config: unknown {section} field(s) {bad} for host: trl; known: "
+                             f"{', '.join(known)} (other TRL options go under {section}.flags; {example})")
+    for section, key in (("data", "dataset"), ("reward_model", "pretrain"), ("dpo", "pretrain")):
+        if not cfg[section].get(key):
+            raise SystemExit(f"madpo config: {section}.{key} is required with host: trl ({example})")
+    for section in ("reward_model", "dpo"):
+        flags = cfg[section].get("flags") or {}
+        if not isinstance(flags, dict):
+            raise SystemExit(f"madpo config: {section}.flags must be a mapping of TRL option -> value ({example})")
+        clash = sorted(k for k in flags if k in TRL_MANAGED[section] or k.replace("-", "_") in TRL_MANAGED[section])
+        if clash:
+            raise SystemExit(f"madpo config: {section}.flags sets {clash}, which the pipeline sets itself: use "
+                             f"data.dataset / data.train_split / data.test_split, {section}.pretrain, {section}.output"
+                             + (", dpo.loss and scoring.margin_key" if section == "dpo" else "") + " instead")
+        cfg[section]["flags"] = flags
+    loss = cfg["dpo"].setdefault("loss", "madpo")
+    if loss not in ("madpo", "rc_madpo"):
+        raise SystemExit(f"madpo config: dpo.loss must be madpo or rc_madpo, got {loss!r}")
+    if cfg["scoring"].get("margin_key", "rm_margin") == "margin":
+        raise SystemExit("madpo config: scoring.margin_key must not be 'margin' (TRL's RewardTrainer and OpenRLHF's "
+                         "RewardDataset read a 'margin' column as a loss target); keep rm_margin")
+    launch = shlex.split(str(cfg.setdefault("launcher", "python")))
+    if not launch or launch[0] not in ("python", "torchrun", "accelerate"):
+        raise SystemExit(f"madpo config: with host: trl, launcher must start with python, torchrun or accelerate "
+                         f"(accelerate launch ...), got {cfg['launcher']!r}")
+    cfg.setdefault("workdir", "runs/madpo")
+    cfg["workdir"] = str((base / os.path.expanduser(cfg["workdir"])).resolve())
+    data = cfg["data"]
+    data["dataset"] = _local_path(data["dataset"], base)
+    data.setdefault("train_split", "train")
+    data.setdefault("test_split", "test")
+    for section in ("reward_model", "dpo"):
+        cfg[section]["pretrain"] = _local_path(cfg[section]["pretrain"], base)
+    for section in ("reward_model", "scoring", "dpo"):
+        if cfg[section].get("output"):
+            cfg[section]["output"] = str((base / os.path.expanduser(str(cfg[section]["output"]))).resolve())
     return cfg
 
 
@@ -214,8 +316,121 @@ def round_steps(cfg: dict, i: int) -> list[tuple[str, str, list[str], Path]]:
     return steps
 
 
+# ---------------------------------------------------------------------------------------------------- host: trl
+def trl_flag_list(flags: dict | None) -> list[str]:
+    """TRL (HfArgumentParser) flags: booleans spelled true/false (TRL's bf16 defaults to true), lists as several
+    values, mappings as JSON; None is left out."""
+    out = []
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        out.append(f"--{key}")
+        if isinstance(value, bool):
+            out.append("true" if value else "false")
+        elif isinstance(value, (list, tuple)):
+            out += [str(v) for v in value]
+        elif isinstance(value, dict):
+            out.append(json.dumps(value))
+        else:
+            out.append(str(value))
+    return out
+
+
+def cpu_flags(flags: dict) -> list[str]:
+    """--use_cpu true --bf16 false when no CUDA device is visible and the stage's flags do not decide it."""
+    if any(k in flags for k in TRL_CPU_KEYS):
+        return []
+    import torch
+
+    return [] if torch.cuda.is_available() else ["--use_cpu", "true", "--bf16", "false"]
+
+
+def trl_launcher(cfg: dict) -> list[str]:
+    parts = shlex.split(cfg["launcher"])
+    if parts[0] == "python":
+        return [sys.executable, *parts[1:], "-m"]
+    if parts[0] == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", *parts[1:]]
+    return [*parts, "-m"]  # accelerate launch [options] -m module
+
+
+def trl_splits(cfg: dict) -> list[str]:
+    """The splits to score: the train split, and the test split when data.dataset has one (a local folder: read from
+    its data files, nothing loaded; a hub name: assumed present)."""
+    data = cfg["data"]
+    have = None  # unknown (a hub name): decided by the scorer and TRL at run time
+    if Path(data["dataset"]).is_file():
+        have = ["train"]
+    elif Path(data["dataset"]).is_dir():
+        try:
+            from datasets import load_dataset_builder
+
+            builder = load_dataset_builder(data["dataset"])
+            have = [str(k) for k in (builder.config.data_files or builder.info.splits or {})]
+        except Exception as e:
+            raise SystemExit(f"madpo config: data.dataset {data['dataset']} cannot be read as a dataset folder ({e}); "
+                             "give a folder with train.jsonl (and test.jsonl)") from None
+    splits = [data["train_split"]]
+    if data["test_split"] != data["train_split"] and (have is None or data["test_split"] in have):
+        splits.append(data["test_split"])
+    if have is not None and data["train_split"] not in have:
+        raise SystemExit(f"madpo config: data.dataset {data['dataset']} has no split '{data['train_split']}' (its "
+                         f"splits: {', '.join(have)}); set data.train_split")
+    return splits
+
+
+def trl_paths(cfg: dict) -> dict:
+    w = Path(cfg["workdir"])
+    return {"rm": Path(cfg["reward_model"].get("output") or w / "rm"),
+            "scored": Path(cfg["scoring"].get("output") or w / "scored"),
+            "dpo": Path(cfg["dpo"].get("output") or w / "policy")}
+
+
+def trl_steps(cfg: dict) -> list[tuple[str, str, list[str], Path]]:
+    """rm (trl.scripts.reward), score (one per split), dpo (po_plugins.cli.trl_dpo)."""
+    data, rm, sc, dpo, p = cfg["data"], cfg["reward_model"], cfg["scoring"], cfg["dpo"], trl_paths(cfg)
+    split_flags = ["--dataset_train_split", data["train_split"], "--dataset_test_split", data["test_split"]]
+    rm_cmd = [*trl_launcher(cfg), "trl.scripts.reward", "--model_name_or_path", rm["pretrain"],
+              "--dataset_name", data["dataset"], *split_flags, "--output_dir", str(p["rm"]),
+              *cpu_flags(rm["flags"]), *trl_flag_list(rm["flags"])]
+    steps = [("rm", "rm", rm_cmd, p["rm"])]
+    margin_key = sc.get("margin_key", "rm_margin")
+    max_len = rm["flags"].get("max_length", TRL_RM_MAX_LENGTH)
+    score_opts = {k: sc[k] for k in ("batch_size", "checkpoint_every", "attn_implementation") if k in sc}
+    for split in trl_splits(cfg):
+        out = p["scored"] / f"{split}.jsonl"
+        cmd = [*_module_launch(sc.get("nproc")), "po_plugins.cli.score_margins", "--rm_kind", "hf",
+               "--model", str(p["rm"]), "--data.dataset", data["dataset"], "--data.dataset_split", split,
+               *(["--data.max_len", str(max_len)] if max_len is not None else []),
+               "--output", str(out), "--margin_key", margin_key, "--resume", *flag_list(score_opts)]
+        steps.append(("score", "score" if split == data["train_split"] else f"score {split}", cmd, out))
+    madpo_hp = {f"po.{k}": dpo[k] for k in ("c_max", "c_min", "lam", "tau") if k in dpo}
+    dpo_cmd = [*trl_launcher(cfg), "po_plugins.cli.trl_dpo", "--loss", dpo["loss"], "--po.margin_key", margin_key,
+               *trl_flag_list(madpo_hp), "--model_name_or_path", dpo["pretrain"],
+               "--dataset_name", str(p["scored"]), *split_flags, "--output_dir", str(p["dpo"]),
+               *cpu_flags(dpo["flags"]), *trl_flag_list(dpo["flags"])]
+    steps.append(("dpo", "dpo", dpo_cmd, p["dpo"]))
+    return steps
+
+
+def write_scored_card(cfg: dict, steps) -> None:
+    """scored/README.md naming each split's file, so `load_dataset(scored/)` (TRL's --dataset_name) reads exactly
+    those splits under their names (any split name; stray files are ignored)."""
+    files = [(out.stem, out.name) for stage, _, _, out in steps if stage == "score"]
+    lines = ["---", "configs:", "- config_name: default", "  data_files:"]
+    for split, name in files:
+        lines += [f"  - split: {json.dumps(split)}", f"    path: {json.dumps(name)}"]
+    lines += ["---", "", "Preference pairs with reward-model margins, written by po_plugins.cli.madpo (host: trl).",
+              ""]
+    folder = trl_paths(cfg)["scored"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.md").write_text("\n".join(lines))
+
+
 def plan(cfg: dict) -> list[tuple[str, str, list[str], Path]]:
     """Every step in order: (stage, name, command, output)."""
+    if cfg.get("host") == "trl":
+        return trl_steps(cfg)
     if not cfg.get("generation"):
         cmds, outs = commands(cfg), paths(cfg)
         return [(s, s, cmds[s], outs[s]) for s in ("rm", "score", "dpo")]
@@ -243,6 +458,8 @@ def main(argv=None) -> int:
     steps = plan(cfg)
     if not args.dry_run:
         Path(cfg["workdir"]).mkdir(parents=True, exist_ok=True)
+        if cfg["host"] == "trl":
+            write_scored_card(cfg, steps)
     for stage, name, cmd, out in steps:
         if complete(stage, out) and stage not in args.force:
             print(f"[madpo] {name}: done already ({out}), skipped", flush=True)

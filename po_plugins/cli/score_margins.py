@@ -1,15 +1,20 @@
-"""MADPO stage 1.5: score preference pairs with a trained OpenRLHF reward model; write r(chosen) − r(rejected).
+"""MADPO stage 1.5: score preference pairs with a trained reward model; write r(chosen) − r(rejected).
+
+Two kinds of reward model, told apart by the folder's config.json (or `--rm_kind`): an OpenRLHF reward model
+(`openrlhf.cli.train_rm`, `po_plugins.cli.train_rm`) and a Hugging Face sequence-classification model with one label,
+as TRL's `RewardTrainer` / `trl.scripts.reward` saves it (`architectures` ending in ForSequenceClassification).
 
     python -m po_plugins.cli.score_margins --model RM_DIR --data.dataset pairs.jsonl --output scored.jsonl \\
         [--data.prompt_key prompt] [--data.apply_chat_template] [--data.max_len 512] [--margin_key rm_margin] \\
         [--batch_size 16] [--resume] [--ref_model SFT_DIR]
     torchrun --nproc_per_node 8 -m po_plugins.cli.score_margins ...   (the same file: every pair in the same batch)
 
-Then train with `po_plugins.cli.train_dpo --loss madpo --po.margin_key rm_margin --data.dataset scored.jsonl`.
+Then train with `po_plugins.cli.train_dpo --loss madpo --po.margin_key rm_margin --data.dataset scored.jsonl`
+(TRL: `po_plugins.cli.trl_dpo --loss madpo --po.margin_key rm_margin --dataset_name <folder of scored splits>`).
 
-Exactness. Pairs are formatted by OpenRLHF's own `RewardDataset(is_dpo=False)` with the `--data.*` flags of
-stage 1 (prompt/chosen/rejected keys, input template, chat template, max_len, the EOS appended and forced
-after truncation), batched with its `collate_fn` (left padding) and scored through the stock
+Exactness (OpenRLHF reward models). Pairs are formatted by OpenRLHF's own `RewardDataset(is_dpo=False)` with the
+`--data.*` flags of stage 1 (prompt/chosen/rejected keys, input template, chat template, max_len, the EOS appended
+and forced after truncation), batched with its `collate_fn` (left padding) and scored through the stock
 `RewardModelTrainer.concatenated_forward`: the text, tokens and forward the RM saw in training. The reward is
 the raw value-head output (`normalize_reward` off, so the `mean`/`std` in config.json are not applied).
 Weights are loaded as OpenRLHF does (bf16) and scored in fp32 on CPU, bf16 on CUDA.
@@ -29,6 +34,23 @@ difference). JSON lines for `.jsonl`/`.json`, parquet for `.parquet`.
 response tokens (EOS included, prompt masked), from OpenRLHF's `Actor`, `RewardDataset(is_dpo=True)` and the
 stock `DPOTrainer.concatenated_forward`/`_get_batch_logps`, in fp32 (training computes them at
 `--ds.param_dtype`). Rows that DPO formatting drops (prompt ≥ max_len − 2 tokens) get null there.
+
+TRL / Hugging Face reward models (`--rm_kind hf`, detected automatically). Each pair is formatted as TRL 1.16's
+`RewardTrainer` formats it for training (`_prepare_dataset`): the dataset is conversational when its first row's
+prompt/chosen/rejected is a list of {"role", "content"} messages; otherwise the EOS token is appended to chosen and
+rejected unless they already end with it. An explicit prompt (the `prompt` column, or `--data.prompt_key`) is
+prepended to both (prompt + chosen, as strings or message lists); conversational rows are tokenised with the
+tokenizer's chat template (`tools`, `chat_template_kwargs` columns honoured), plain rows with `tokenizer(text)`
+(special tokens as the tokenizer adds them). Tokenizer and model come from the RM folder (TRL saves the tokenizer with
+its pad/EOS settings); the pad token is TRL's (pad, else EOS), batches are chosen + rejected right-padded as TRL's
+`DataCollatorForPreference` builds them, and the reward is the one logit at the last non-pad token (the model's own
+pooling). Weights load in their saved dtype (fp32 when TRL trained them), fp32 on CPU. TRL's training drops pairs
+longer than its `max_length`; here every row is scored in full, and the rows longer than `--data.max_len` (when given)
+are counted in the log. The OpenRLHF-only flags (`--data.input_template`, `--data.apply_chat_template`,
+`--data.tokenizer_chat_template`, `--data.disable_fast_tokenizer`, `--ref_model`) are refused with this kind. Data:
+a .json/.jsonl/.parquet/.csv/.arrow file, a `save_to_disk` folder, or a folder / dataset name that
+`datasets.load_dataset` reads (its `--data.dataset_split`: the split TRL's `--dataset_name DIR` trains on). No
+OpenRLHF import.
 
 Testing aid: the environment variable PO_PLUGINS_SCORE_STOP_AFTER=<n> makes each rank exit with status 3
 after scoring n batches in this run, without flushing what is not yet checkpointed (a simulated crash).
@@ -50,6 +72,11 @@ STOP_ENV = "PO_PLUGINS_SCORE_STOP_AFTER"
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 OUTPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 ATTN_CHOICES = ("eager", "sdpa", "flash_attention_2")
+RM_KINDS = ("auto", "openrlhf", "hf")
+OPENRLHF_MAX_LEN = 512  # --data.max_len default for OpenRLHF reward models (train_rm's)
+OPENRLHF_ONLY = (("input_template", "--data.input_template"), ("apply_chat_template", "--data.apply_chat_template"),
+                 ("tokenizer_chat_template", "--data.tokenizer_chat_template"),
+                 ("disable_fast_tokenizer", "--data.disable_fast_tokenizer"))
 
 
 def _fail(msg: str):
@@ -69,8 +96,12 @@ def add_format_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m po_plugins.cli.score_margins",
-                                description="Score preference pairs with an OpenRLHF reward model (MADPO stage 1.5).")
-    p.add_argument("--model", required=True, help="reward-model folder saved by (po_plugins|openrlhf).cli.train_rm")
+                                description="Score preference pairs with a reward model (MADPO stage 1.5).")
+    p.add_argument("--model", required=True, help="reward-model folder saved by (po_plugins|openrlhf).cli.train_rm, "
+                   "or by TRL's RewardTrainer / trl.scripts.reward")
+    p.add_argument("--rm_kind", choices=RM_KINDS, default="auto",
+                   help="openrlhf or hf (TRL / AutoModelForSequenceClassification); auto: from config.json's "
+                   "architectures (…ForSequenceClassification: hf)")
     p.add_argument("--data.dataset", dest="data.dataset", required=True,
                    help="pairs: .json/.jsonl/.parquet/.csv/.arrow file, save_to_disk folder (comma-separated: concat)")
     p.add_argument("--data.dataset_split", dest="data.dataset_split", default="train")
@@ -78,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data.chosen_key", dest="data.chosen_key", default="chosen")
     p.add_argument("--data.rejected_key", dest="data.rejected_key", default="rejected")
     add_format_flags(p)
-    p.add_argument("--data.max_len", dest="data.max_len", type=int, default=512)
+    p.add_argument("--data.max_len", dest="data.max_len", type=int, default=None,
+                   help=f"OpenRLHF RM: truncation length (default {OPENRLHF_MAX_LEN}); hf RM: rows longer than this "
+                   "are counted (TRL's max_length; nothing is truncated)")
     p.add_argument("--output", required=True, help="output file: .jsonl, .json (JSON lines) or .parquet")
     p.add_argument("--margin_key", default="rm_margin", help="name of the margin column (never 'margin')")
     p.add_argument("--batch_size", type=int, default=16, help="pairs per forward (2x sequences)")
@@ -239,6 +272,161 @@ def ref_scorer(actor, tokenizer, dataset, device=None):
         c, r, _, _ = view.concatenated_forward(actor, c_ids.to(device), c_mask.to(device), r_ids.to(device),
                                                r_mask.to(device), prompt_lens)
         return c.float().cpu(), r.float().cpu()
+
+    return score
+
+
+# ------------------------------------------------------------------------------- TRL / Hugging Face reward models
+def detect_rm_kind(path, requested: str = "auto") -> str:
+    """openrlhf | hf: ``requested`` unless auto; auto reads config.json's architectures (…ForSequenceClassification:
+    a TRL / Hugging Face reward model; anything else keeps the OpenRLHF path)."""
+    if requested != "auto":
+        return requested
+    cfg_path = Path(path, "config.json")
+    if not cfg_path.is_file():
+        _fail(f"--model {path}: no config.json there; give the folder of a trained reward model (saved by "
+              "po_plugins.cli.train_rm / openrlhf.cli.train_rm, or by TRL's trl.scripts.reward)")
+    try:
+        archs = json.loads(cfg_path.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, AttributeError):
+        _fail(f"--model {path}: config.json is not a JSON object")
+    return "hf" if any(str(a).endswith("ForSequenceClassification") for a in archs) else "openrlhf"
+
+
+def check_hf_flags(args) -> None:
+    bad = [flag for key, flag in OPENRLHF_ONLY if getattr(args.data, key)]
+    if args.ref_model:
+        bad.append("--ref_model")
+    if bad:
+        _fail(f"{', '.join(bad)}: OpenRLHF reward-model option{'s' if len(bad) > 1 else ''}, but {args.model} is a TRL "
+              "/ Hugging Face reward model, whose pairs are formatted as TRL's RewardTrainer formats them "
+              "(conversational rows through the tokenizer's chat template, plain rows as prompt + completion + EOS): "
+              f"drop {'it' if len(bad) == 1 else 'them'}"
+              + (" (TRL's DPO stores reference log-probs itself with --precompute_ref_log_probs)"
+                 if args.ref_model else ""))
+
+
+def load_pairs_hf(data):
+    """The raw dataset for a TRL reward model, with ``datasets`` alone (no OpenRLHF): files by suffix (their single
+    split), a ``save_to_disk`` folder, or anything ``load_dataset`` reads (a data folder, a cached hub name) at
+    ``data.dataset_split``. Comma-separated entries are concatenated in order."""
+    from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+
+    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+    parts = []
+    for entry in [d.strip() for d in str(data.dataset).split(",") if d.strip()]:
+        path = Path(entry)
+        try:
+            if path.is_file():
+                if path.suffix.lower() not in builders:
+                    _fail(f"--data.dataset {entry}: unknown file type; use one of {', '.join(builders)}")
+                ds = load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
+            elif path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+                ds = load_from_disk(str(path))
+                if isinstance(ds, DatasetDict):
+                    ds = ds[data.dataset_split]
+            else:
+                ds = load_dataset(entry, split=data.dataset_split)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            _fail(f"--data.dataset {entry} (split {data.dataset_split}) could not be loaded: {e}")
+        if not isinstance(ds, Dataset):
+            _fail(f"--data.dataset {entry}: expected one split, got {type(ds).__name__}")
+        parts.append(ds)
+    if not parts:
+        _fail("--data.dataset is empty")
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def hf_prompt_key(raw, data):
+    """TRL's rule: the `prompt` column is the explicit prompt when present (``--data.prompt_key`` names another)."""
+    if data.prompt_key is not None:
+        return data.prompt_key
+    return "prompt" if "prompt" in raw.column_names else None
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+
+
+def trl_pair_ids(raw, tokenizer, data) -> list:
+    """[(chosen_ids, rejected_ids)] per input row, in order: the token ids TRL 1.16's RewardTrainer trains on (see
+    the module docstring); nothing is filtered or truncated."""
+    prompt_key = hf_prompt_key(raw, data)
+    keys = [k for k in (prompt_key, data.chosen_key, data.rejected_key) if k]
+    first = raw[0] if len(raw) else {}
+    conversational = any(_is_messages(first.get(k)) for k in keys)
+    eos = tokenizer.eos_token
+    if not conversational and eos is None:
+        _fail("the reward model's tokenizer has no EOS token; TRL appends it to every plain-text completion")
+    out, plain = [], []
+    for i, row in enumerate(raw):
+        chosen, rejected = row[data.chosen_key], row[data.rejected_key]
+        prompt = row[prompt_key] if prompt_key else None
+        if not conversational:  # TRL decides EOS from the first row, for the whole dataset
+            chosen = chosen if chosen.endswith(eos) else chosen + eos
+            rejected = rejected if rejected.endswith(eos) else rejected + eos
+        if prompt is not None:
+            chosen, rejected = prompt + chosen, prompt + rejected
+        if _is_messages(chosen):
+            tools = row.get("tools")
+            kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools,
+                      **(row.get("chat_template_kwargs") or {})}
+            ids = [tokenizer.apply_chat_template(m, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+                   for m in (chosen, rejected)]
+            out.append((list(ids[0]), list(ids[1])))
+        else:
+            if not isinstance(chosen, str) or not isinstance(rejected, str):
+                _fail(f"row {i}: chosen/rejected must both be text or both be message lists")
+            plain.append(i)
+            out.append((chosen, rejected))
+    for k in range(0, len(plain), 1024):  # batch-encode plain text (the same ids as one call per text)
+        part = plain[k:k + 1024]
+        enc = tokenizer([out[i][0] for i in part] + [out[i][1] for i in part])["input_ids"]
+        for j, i in enumerate(part):
+            out[i] = (list(enc[j]), list(enc[len(part) + j]))
+    return out
+
+
+def load_hf_reward_model(path, attn_implementation=None, device=None):
+    """(model, tokenizer): the TRL reward model (AutoModelForSequenceClassification, one label) in its saved dtype,
+    fp32 on CPU, eval mode; the tokenizer saved with it, its pad token TRL's (pad, else EOS)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    device = default_device() if device is None else device
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype="auto", **kwargs)
+    if model.config.num_labels != 1:
+        _fail(f"--model {path} has num_labels={model.config.num_labels}; a reward model has one output (TRL's "
+              "RewardTrainer saves num_labels=1)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    text_cfg = model.config.get_text_config()
+    if text_cfg.pad_token_id is None:
+        text_cfg.pad_token_id = tokenizer.pad_token_id
+    if device.type == "cpu":
+        model = model.float()
+    return model.to(device).eval(), tokenizer
+
+
+def hf_scorer(model, pad_token_id: int, pair_ids: list, device=None):
+    """``fn(items) -> (chosen_rewards, rejected_rewards)``: one forward over chosen + rejected, right-padded as TRL's
+    DataCollatorForPreference pads them."""
+    import torch
+
+    device = next(model.parameters()).device if device is None else device
+
+    @torch.no_grad()
+    def score(items):
+        seqs = [pair_ids[i][0] for i in items] + [pair_ids[i][1] for i in items]
+        ids = torch.full((len(seqs), max(map(len, seqs))), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, s in enumerate(seqs):
+            ids[k, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[k, :len(s)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        rewards = logits.squeeze(-1).float().cpu()
+        return rewards[:len(items)], rewards[len(items):]
 
     return score
 
@@ -481,8 +669,8 @@ def dpo_rows(raw, dataset) -> list:
     return rows
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def openrlhf_passes(args, rank: int, world: int, say):
+    """(raw, passes) for an OpenRLHF reward model (and the optional --ref_model pass)."""
     from po_plugins import _cpu
     from po_plugins.hosts import openrlhf as host
 
@@ -491,11 +679,7 @@ def main(argv=None) -> None:
         host.check_host()
     except host.HostError as e:
         _fail(str(e))
-    import torch
-
     rank, world = _init_dist()
-    say = (lambda *m: print("po_plugins:", *m, file=sys.stderr, flush=True)) if rank == 0 else (lambda *m: None)
-
     raw = load_pairs(args.data)
     check_columns(raw, args.data)
     n = len(raw)
@@ -516,6 +700,39 @@ def main(argv=None) -> None:
                 f"{'/'.join(REF_COLUMNS)} are null")
         passes.append((REF_COLUMNS, ref_scorer(actor, ref_tok, ref_ds), rows,
                        plan_batches(_lengths(ref_ds, rank, world), args.batch_size)))
+    return raw, passes
+
+
+def hf_passes(args, rank: int, world: int, say):
+    """(raw, passes) for a TRL / Hugging Face reward model: TRL's pair formatting, right-padded batches."""
+    check_hf_flags(args)
+    _init_dist()
+    raw = load_pairs_hf(args.data)
+    check_columns(raw, SimpleNamespace(prompt_key=args.data.prompt_key, chosen_key=args.data.chosen_key,
+                                       rejected_key=args.data.rejected_key))
+    model, tokenizer = load_hf_reward_model(args.model, args.attn_implementation)
+    pair_ids = trl_pair_ids(raw, tokenizer, args.data)
+    lengths = [max(len(c), len(r)) for c, r in pair_ids]
+    if args.data.max_len is not None:
+        longer = sum(ln > args.data.max_len for ln in lengths)
+        if longer:
+            say(f"{longer} row(s) are longer than --data.max_len {args.data.max_len} tokens (TRL's reward training "
+                "drops pairs longer than its max_length); they are scored in full")
+    return raw, [((args.margin_key,), hf_scorer(model, tokenizer.pad_token_id, pair_ids), list(range(len(raw))),
+                  plan_batches(lengths, args.batch_size))]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    kind = detect_rm_kind(args.model, args.rm_kind)
+    if kind == "openrlhf" and args.data.max_len is None:
+        args.data.max_len = OPENRLHF_MAX_LEN
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    say = (lambda *m: print("po_plugins:", *m, file=sys.stderr, flush=True)) if rank == 0 else (lambda *m: None)
+    raw, passes = (hf_passes if kind == "hf" else openrlhf_passes)(args, rank, world, say)
+    n = len(raw)
+    import torch
 
     fp = fingerprint(args, n)
     done = start_parts(args.output, fp, args.resume, rank, world)
