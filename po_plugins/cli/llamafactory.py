@@ -1,0 +1,155 @@
+"""LLaMA-Factory's own training (`llamafactory-cli train`) with po_plugins' objectives, band monitor and margins.
+
+    python -m po_plugins.cli.llamafactory train cfg.yaml [key=value ...]
+
+The YAML is LLaMA-Factory's (stage: dpo), with `pref_loss:` any po_plugins objective (rc_* included) or one of
+LLaMA-Factory's own names (sigmoid, hinge, ipo, orpo, simpo: they train what their names say), and the plugin's
+`po_*` keys: po_<hyperparameter> or po_hparams (the loss's hyperparameters by paper name; β is pref_beta),
+po_monitor, po_alert_steps, po_recheck_every, po_score_every, po_score_chunk, po_jsonl, po_margin_key,
+po_missing_margin, po_weight_key. Per-dataset margin / weight columns go in dataset_info.json
+("columns": {"margin": "rm_margin", "weight": "w"}). `key=value` overrides work as with llamafactory-cli.
+
+With FORCE_TORCHRUN=1 or several GPUs, LLaMA-Factory re-launches its own launcher under torchrun (which would lose
+this wrapper); this wrapper launches torchrun on itself instead (NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR,
+MASTER_PORT as LLaMA-Factory reads them), so every worker installs the plugin. Supported: llamafactory>=0.9.5,<0.9.6
+(checked at start). Every other command (`version`, `env`, ...) goes to llamafactory-cli unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from po_plugins.options import OptionError
+
+USAGE = ("usage: python -m po_plugins.cli.llamafactory train cfg.yaml [key=value ...]\n"
+         "  a LLaMA-Factory DPO YAML (stage: dpo) with pref_loss: <po_plugins objective, or sigmoid,\n"
+         "  hinge, ipo, orpo, simpo> and po_* keys (docs/llamafactory.md)")
+_DIST_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def _fail(msg: str):
+    raise SystemExit(f"po_plugins: {msg}")
+
+
+def _prepare() -> None:
+    """CPU stand-ins before LLaMA-Factory is imported (only when no GPU is present)."""
+    from po_plugins._cpu.lf import apply_lf_cpu_shims
+
+    apply_lf_cpu_shims()
+
+
+def _host():
+    _prepare()
+    try:
+        from po_plugins.hosts import llamafactory as host
+    except RuntimeError as e:  # HostError: unsupported or missing LLaMA-Factory
+        _fail(str(e))
+    try:
+        host.check_host()
+    except host.HostError as e:
+        _fail(str(e))
+    return host
+
+
+def _under_launcher() -> bool:
+    return any(k in os.environ for k in _DIST_ENV)
+
+
+def _wants_torchrun() -> bool:
+    from llamafactory.extras.misc import get_device_count, is_env_enabled
+
+    if _under_launcher():
+        return False
+    if is_env_enabled("USE_MCA"):
+        _fail("USE_MCA (Megatron) runs its own DPO trainer, which po_plugins cannot reach: unset USE_MCA")
+    return is_env_enabled("FORCE_TORCHRUN") or get_device_count() > 1
+
+
+def _torchrun(argv: list[str]) -> int:
+    """torchrun on this module (LLaMA-Factory's launcher would re-exec its own file and lose the plugin)."""
+    from llamafactory.extras.misc import find_available_port, get_device_count
+
+    nproc = os.getenv("NPROC_PER_NODE", str(max(get_device_count(), 1)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", os.getenv("NNODES", "1"),
+           "--nproc_per_node", nproc]
+    master_addr = os.getenv("MASTER_ADDR", "127.0.0.1")
+    master_port = os.getenv("MASTER_PORT", str(find_available_port()))
+    if os.getenv("RDZV_ID") is not None:
+        nnodes = os.getenv("NNODES", "1")
+        if os.getenv("MIN_NNODES") and os.getenv("MAX_NNODES"):
+            nnodes = f"{os.environ['MIN_NNODES']}:{os.environ['MAX_NNODES']}"
+        cmd[cmd.index("--nnodes") + 1] = nnodes
+        cmd += ["--rdzv-id", os.environ["RDZV_ID"], "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                f"{master_addr}:{master_port}", "--max-restarts", os.getenv("MAX_RESTARTS", "0")]
+    else:
+        cmd += ["--node_rank", os.getenv("NODE_RANK", "0"), "--master_addr", master_addr, "--master_port", master_port]
+    env = dict(os.environ)  # each worker runs this module, so it applies the CPU stand-in and the plugin itself
+    print(f"[po_plugins] launching {nproc} workers under torchrun", flush=True)
+    return subprocess.run(cmd + ["-m", "po_plugins.cli.llamafactory", "train", *argv], env=env).returncode
+
+
+def read_config(argv: list[str]) -> dict:
+    """The YAML / JSON config and its key=value overrides, merged by LLaMA-Factory's own read_args."""
+    from llamafactory.hparams import read_args
+
+    saved = sys.argv
+    sys.argv = [saved[0], *argv]
+    try:
+        args = read_args()
+    finally:
+        sys.argv = saved
+    if not isinstance(args, dict):
+        _fail("give a YAML or JSON config: " + USAGE)
+    return args
+
+
+def run(args: dict, callbacks=None) -> None:
+    """LLaMA-Factory's run_exp on `args` (a parsed YAML dict, po_* keys included) with the plugin installed."""
+    host = _host()
+    lf_args, cfg = host.split_args(args)
+    if lf_args.get("use_ray"):
+        raise OptionError("use_ray runs LLaMA-Factory's workers in Ray actors that this wrapper cannot reach: drop "
+                          "use_ray (multi-GPU: FORCE_TORCHRUN=1 / NPROC_PER_NODE)")
+    host.install(cfg)
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(args=lf_args, callbacks=list(callbacks or []))
+
+
+def train(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    _host()
+    if _wants_torchrun():
+        return _torchrun(argv)
+    args = read_config(argv)
+    try:
+        run(args)
+    except OptionError as e:
+        _fail(str(e))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else "help"
+    if command == "train":
+        rc = train(argv[1:])
+        if rc:
+            raise SystemExit(rc)
+        return
+    if command in ("help", "-h", "--help"):
+        print(USAGE)
+        return
+    _prepare()
+    from llamafactory.cli import main as lf_main
+
+    sys.argv = [sys.argv[0], *argv]
+    lf_main()
+
+
+if __name__ == "__main__":
+    main()

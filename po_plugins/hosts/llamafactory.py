@@ -1,0 +1,614 @@
+"""The only module that knows LLaMA-Factory internals (supported: llamafactory >=0.9.5,<0.9.6 with trl 0.24 and
+transformers >=4.57.1,<5; its DPO stage, `stage: dpo`).
+
+LLaMA-Factory has no plugin or callback mechanism, so `install(config)` swaps and wraps a few names before its own
+`run_exp` runs (po_plugins.cli.llamafactory does that in every process, torchrun's workers included). The seams,
+checked by `check_host()`:
+  train.dpo.trainer.CustomDPOTrainer   subclassed (PoLFDPOTrainer) and swapped in: run_dpo imports it at call time.
+                                       get_batch_loss_metrics: the plugin's objective on LLaMA-Factory's own
+                                       concatenated_forward (summed log-probs, its reference model or its adapter-off
+                                       PEFT model); an lm_head forward hook, armed for the policy forward only, captures
+                                       the head's input and the logits it materialises (the band's score statistics)
+  train.tuner.get_train_args           wrapped: the objective is resolved from the parsed arguments (every error before
+                                       the model loads) and use_ref_model follows the objective (reference-free: none)
+  train.tuner.LogCallback              subclassed: trainer_log.jsonl also carries the po/* scalars
+  data.parser.DatasetAttr.join         wrapped: dataset_info.json's columns.margin / columns.weight are kept
+  data.loader.align_dataset            wrapped: the margin / weight column travels as _po_margin / _po_weight
+  data.processor.pairwise.PairwiseDatasetProcessor.preprocess_dataset   wrapped: the same columns survive tokenising
+                                       (its validity filter repeated, checked in its source)
+  trainer.data_collator                wrapped: each row's margin / weight becomes a [B] tensor of its batch
+  Trainer._save_checkpoint, train()    the plugin state in every checkpoint, restored by resume_from_checkpoint
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import math
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+import po_plugins.hosts as _hosts
+
+from ..losses import PairBatch, accepted_hparams, build, names
+from ..monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
+from ..options import OPTIONS, OptionError, check_loss, check_options, coerce_hparam, parse_value
+from ..scores import response_positions, score_stats_flat
+
+logger = logging.getLogger("po_plugins")
+
+SUPPORTED = (">=0.9.5", "<0.9.6")
+FIX = ("install a supported release: pip install 'po-plugins[llamafactory]' (llamafactory>=0.9.5,<0.9.6 with "
+       "trl 0.24 and transformers>=4.57.1,<5)")
+_PREPROCESS_FILTER = 'len(examples["_prompt"][i]) % 2 != 1 or len(examples["_response"][i]) < 2'
+# (module, attribute, members that must exist, source fragments the plugin relies on)
+SEAMS = [
+    ("llamafactory.train.dpo.trainer", "CustomDPOTrainer",
+     ("concatenated_forward", "compute_reference_log_probs", "get_batch_loss_metrics", "log", "compute_loss"),
+     ("self.loss_type = finetuning_args.pref_loss", 'labels = batch.pop("labels")', ".logits.to(torch.float32)",
+      "get_batch_logps(", 'self.loss_type in ["ipo", "orpo", "simpo"]', "disable_adapter()",
+      "self._stored_metrics[train_eval]")),
+    ("llamafactory.train.dpo.workflow", "run_dpo", (), ("from .trainer import CustomDPOTrainer",
+                                                        "PairwiseDataCollatorWithPadding(")),
+    ("llamafactory.train.tuner", "_training_function", (), ("get_train_args(args)", "callbacks.append(LogCallback())",
+                                                            "run_dpo(")),
+    ("llamafactory.train.tuner", "run_exp", (), ()),
+    ("llamafactory.train.callbacks", "LogCallback", ("_write_log", "on_log"),
+     ("self.thread_pool.submit(self._write_log", "if not args.should_save")),
+    ("llamafactory.data.parser", "DatasetAttr", ("join",), ('"columns" in attr',)),
+    ("llamafactory.data.loader", "_load_single_dataset", (), ("return align_dataset(",)),
+    ("llamafactory.data.loader", "align_dataset", (), ()),
+    ("llamafactory.data.processor.pairwise", "PairwiseDatasetProcessor", ("preprocess_dataset",),
+     (_PREPROCESS_FILTER,)),
+    ("llamafactory.hparams", "read_args", (), ()),
+    ("trl.trainer.dpo_trainer", "DPOTrainer", ("compute_loss", "store_metrics"),
+     ("self.get_batch_loss_metrics(model, inputs", "self.store_metrics(metrics")),
+]
+STATE_FILE = "po_plugins_state_rank{}.pt"
+# the plugin's YAML keys: po_<option>, po_hparams, po_<hyperparameter>, po_weight_key; stored reference log-probs
+# (ref_logp_keys) have no LLaMA-Factory counterpart
+LF_OPTIONS = [k for k in OPTIONS if k != "ref_logp_keys"]
+PLUGIN_KEYS = ("po_margin", "po_weight")
+ROW_COLUMNS = {"margin": "_po_margin", "weight": "_po_weight"}
+
+# LLaMA-Factory's own pref_loss names and the po_plugins objectives with the same definition (docs/llamafactory.md)
+LF_NAMES = {"sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo", "orpo": "orpo", "simpo": "simpo"}
+
+
+class HostError(getattr(_hosts, "HostError", RuntimeError)):
+    """The installed LLaMA-Factory cannot host the plugin."""
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def host_version() -> str | None:
+    return _version("llamafactory")
+
+
+def check_host(version: str | None = None) -> str:
+    """Fail with one clear message unless a supported LLaMA-Factory with every seam is installed."""
+    from packaging.version import Version
+
+    version = host_version() if version is None else version
+    if version is None:
+        raise HostError(f"LLaMA-Factory is not installed; {FIX}")
+    if not (Version("0.9.5") <= Version(version) < Version("0.9.6")):
+        raise HostError(f"LLaMA-Factory {version} is not supported by po_plugins (needs >=0.9.5,<0.9.6: its DPO "
+                        f"trainer's seams are checked against that release); {FIX}")
+    tv, trv = _version("transformers"), _version("trl")
+    if trv is not None and Version(trv) < Version("0.29") and tv is not None and Version(tv) >= Version("5.3"):
+        raise HostError(f"trl {trv} cannot be imported with transformers {tv} (its optional-package check breaks from "
+                        "transformers 5.3 on); pip install 'transformers>=4.57.1,<5'")
+    for mod_name, attr, members, fragments in SEAMS:
+        try:
+            obj = getattr(importlib.import_module(mod_name), attr, None)
+            obj = getattr(obj, "_po_replaces", obj)  # install() swapped it: check LLaMA-Factory's own
+        except ImportError as e:
+            raise HostError(f"LLaMA-Factory {version}: importing {mod_name} failed ({e}); {FIX}") from None
+        if obj is None:
+            raise HostError(f"LLaMA-Factory {version}: seam {mod_name}.{attr} is missing; {FIX}")
+        for m in members:
+            if not hasattr(obj, m):
+                raise HostError(f"LLaMA-Factory {version}: seam {mod_name}.{attr}.{m} is missing; {FIX}")
+        src = inspect.getsource(obj) if fragments else ""
+        for f in fragments:
+            if f not in src:
+                raise HostError(f"LLaMA-Factory {version}: {mod_name}.{attr} no longer contains `{f}`; {FIX}")
+    return version
+
+
+check_host()
+
+from llamafactory.data import loader as _lf_loader  # noqa: E402  (after the version check)
+from llamafactory.data.parser import DatasetAttr  # noqa: E402
+from llamafactory.data.processor.pairwise import PairwiseDatasetProcessor  # noqa: E402
+from llamafactory.train import tuner as _lf_tuner  # noqa: E402
+from llamafactory.train.callbacks import LogCallback  # noqa: E402
+from llamafactory.train.dpo import trainer as _lf_dpo_trainer  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+CustomDPOTrainer = _lf_dpo_trainer.CustomDPOTrainer
+
+
+# ---- the YAML's po_* keys ---------------------------------------------------------------------------------------
+@dataclass
+class PoLFConfig:
+    """The plugin's part of a LLaMA-Factory YAML (popped before LLaMA-Factory parses the rest)."""
+
+    hparams: dict = field(default_factory=dict)  # po_hparams and po_<hyperparameter>, by paper name
+    options: dict = field(default_factory=lambda: {k: OPTIONS[k][1] for k in LF_OPTIONS})
+    weight_key: str | None = None
+    given: tuple = ()  # the po_* keys the YAML set
+    # resolved from the parsed arguments (resolve_loss)
+    loss: str | None = None
+
+    def opt(self, key):
+        return self.options[key]
+
+
+def all_hparam_names() -> set:
+    out = set()
+    for n in names():
+        out |= set(accepted_hparams(n))
+    return out - {"beta"}
+
+
+def split_args(args: dict) -> tuple[dict, PoLFConfig]:
+    """(LLaMA-Factory's arguments, the plugin's) from a YAML dict; unknown po_* keys and bad values raise
+    OptionError."""
+    import json
+
+    lf, cfg = {}, PoLFConfig()
+    raw_hp, given = {}, []
+    known_hp = all_hparam_names()
+    for key, val in args.items():
+        if not (isinstance(key, str) and key.startswith("po_")):
+            lf[key] = val
+            continue
+        given.append(key)
+        name = key[3:]
+        if name in LF_OPTIONS:
+            kind = OPTIONS[name][0]
+            cfg.options[name] = None if val is None and OPTIONS[name][1] is None else parse_value(kind, val, key)
+        elif name == "weight_key":
+            cfg.weight_key = None if val is None else str(val)
+        elif name == "hparams":
+            if isinstance(val, str):
+                try:
+                    val = json.loads(val) if val.strip() else {}
+                except json.JSONDecodeError:
+                    raise OptionError(f"po_hparams must be a mapping (po_hparams: {{gamma: 1.0}}) or a JSON object, "
+                                      f"got {val!r}") from None
+            if not isinstance(val, dict):
+                raise OptionError(f"po_hparams must be a mapping (po_hparams: {{gamma: 1.0}}), got {val!r}")
+            for k, v in val.items():
+                raw_hp[str(k)] = (v, f"po_hparams.{k}")
+        elif name == "beta":
+            raise OptionError("po_beta: the objective's β is LLaMA-Factory's pref_beta (pref_beta: 0.1)")
+        elif name == "ref_logp_keys":
+            raise OptionError("po_ref_logp_keys (stored reference log-probs) is not supported on LLaMA-Factory, which "
+                              "always runs its reference forward: drop it")
+        elif name in known_hp:
+            raw_hp[name] = (val, key)
+        else:
+            accepted = sorted([f"po_{k}" for k in LF_OPTIONS] + ["po_hparams", "po_weight_key"])
+            raise OptionError(f"unknown key '{key}' in the LLaMA-Factory YAML; po_plugins accepts {', '.join(accepted)}"
+                              f" and po_<hyperparameter> of the objective (e.g. po_gamma: 1.0; "
+                              f"po_plugins.losses.accepted_hparams(name) lists them); β is pref_beta")
+    check_options(cfg.options, spell=lambda k: f"po_{k}")
+    cfg.hparams = {k: v for k, (v, _) in raw_hp.items()}
+    cfg._raw_hp = raw_hp
+    cfg.given = tuple(given)
+    return lf, cfg
+
+
+def resolve_loss(finetuning_args, cfg: PoLFConfig) -> tuple[str, dict]:
+    """The po_plugins objective and hyperparameters of a parsed LLaMA-Factory DPO configuration."""
+    pref = finetuning_args.pref_loss
+    beta = float(finetuning_args.pref_beta)
+    if pref == "kto_pair":
+        raise OptionError("pref_loss: kto_pair has no po_plugins objective (TRL 0.24 dropped it too); choose one of: "
+                          f"{', '.join(list(LF_NAMES) + names())}")
+    if pref not in LF_NAMES and pref not in names():
+        raise OptionError(f"unknown pref_loss '{pref}'; choose one of LLaMA-Factory's {', '.join(LF_NAMES)} or a "
+                          f"po_plugins objective: {', '.join(names())}")
+    name = LF_NAMES.get(pref, pref)
+    hp = {}
+    ls = float(finetuning_args.dpo_label_smoothing or 0.0)
+    if pref == "sigmoid" and ls > 1e-6:
+        name, hp = "cdpo", {"label_smoothing": ls}  # TRL's sigmoid with label smoothing is conservative DPO
+    elif pref == "ipo":
+        hp["length_normalize"] = True  # LLaMA-Factory's IPO averages log-probs over response tokens
+    elif pref == "orpo":
+        hp["lam"] = beta  # LLaMA-Factory's ORPO: NLL + pref_beta · odds-ratio term
+    elif pref == "simpo":
+        hp["gamma"] = float(finetuning_args.simpo_gamma)
+    if float(finetuning_args.pref_bco_weight or 0.0) > 1e-6:
+        raise OptionError(f"pref_bco_weight mixes LLaMA-Factory's BCO loss into pref_loss '{pref}'; po_plugins trains "
+                          "one objective: drop pref_bco_weight (or use pref_loss: bce)")
+    if finetuning_args.ld_alpha is not None:
+        raise OptionError(f"ld_alpha is not supported with po_plugins (pref_loss '{pref}'): drop ld_alpha")
+    raw = getattr(cfg, "_raw_hp", {k: (v, f"po_{k}") for k, v in cfg.hparams.items()})
+    accepted = accepted_hparams(name)
+    for k, (v, flag) in raw.items():
+        if k not in accepted:
+            raise OptionError(f"unknown hyperparameter {flag} for pref_loss '{pref}' ({name}); accepted: "
+                              + (", ".join(f"po_{a}" for a in sorted(set(accepted) - {"beta"})) or "none")
+                              + " (β is pref_beta)")
+        hp[k] = v if not isinstance(v, str) else coerce_hparam(accepted[k], v, flag)
+    if "beta" in accepted:
+        hp["beta"] = beta
+    check_loss(name, hp, loss_flag="pref_loss", hparam_spell=lambda k: f"po_{k}")
+    return name, hp
+
+
+# ---- install / uninstall ----------------------------------------------------------------------------------------
+_ORIGINAL: dict = {}
+_ACTIVE: dict = {"cfg": None, "name": None, "hparams": None, "missing": {"margin": [], "weight": []}}
+
+
+def install(cfg: PoLFConfig) -> None:
+    """Swap the trainer and wrap the seams for this process's run_exp (idempotent; `uninstall()` restores)."""
+    _ACTIVE.update(cfg=cfg, name=None, hparams=None, missing={"margin": [], "weight": []})
+    if _ORIGINAL:
+        return
+    _ORIGINAL.update(trainer=_lf_dpo_trainer.CustomDPOTrainer, get_train_args=_lf_tuner.get_train_args,
+                     log_callback=_lf_tuner.LogCallback, join=DatasetAttr.join, align=_lf_loader.align_dataset,
+                     preprocess=PairwiseDatasetProcessor.preprocess_dataset)
+    _lf_dpo_trainer.CustomDPOTrainer = PoLFDPOTrainer
+    _lf_tuner.get_train_args = _get_train_args
+    _lf_tuner.LogCallback = PoLogCallback
+    DatasetAttr.join = _join
+    _lf_loader.align_dataset = _align_dataset
+    PairwiseDatasetProcessor.preprocess_dataset = _preprocess_dataset
+
+
+def uninstall() -> None:
+    if not _ORIGINAL:
+        return
+    _lf_dpo_trainer.CustomDPOTrainer = _ORIGINAL["trainer"]
+    _lf_tuner.get_train_args = _ORIGINAL["get_train_args"]
+    _lf_tuner.LogCallback = _ORIGINAL["log_callback"]
+    DatasetAttr.join = _ORIGINAL["join"]
+    _lf_loader.align_dataset = _ORIGINAL["align"]
+    PairwiseDatasetProcessor.preprocess_dataset = _ORIGINAL["preprocess"]
+    _ORIGINAL.clear()
+    _ACTIVE.update(cfg=None, name=None, hparams=None)
+
+
+def _get_train_args(args=None):
+    out = _ORIGINAL["get_train_args"](args)
+    finetuning_args, cfg = out[3], _ACTIVE["cfg"]
+    if finetuning_args.stage != "dpo":
+        if cfg is not None and cfg.given:
+            raise OptionError(f"po_plugins acts on LLaMA-Factory's DPO stage (stage: dpo), got stage: "
+                              f"{finetuning_args.stage} with {', '.join(cfg.given)}: set stage: dpo or drop the po_* "
+                              "keys")
+        _ACTIVE["name"] = None
+        return out
+    if getattr(finetuning_args, "use_mca", False):
+        raise OptionError("use_mca (Megatron) runs its own DPO trainer, which po_plugins cannot reach: drop use_mca")
+    name, hp = resolve_loss(finetuning_args, cfg)
+    _ACTIVE.update(name=name, hparams=hp)
+    # the reference forward follows the objective (LLaMA-Factory decides by its own names: orpo and simpo skip it)
+    finetuning_args.use_ref_model = not build(name, **hp).reference_free
+    return out
+
+
+def _needs_margins() -> bool:
+    name = _ACTIVE["name"]
+    return bool(name) and "margins" in build(name, **_ACTIVE["hparams"]).needs
+
+
+def _join(self, attr, *a, **kw):
+    _ORIGINAL["join"](self, attr, *a, **kw)
+    cols = attr.get("columns") or {}
+    self.po_margin = cols.get("margin")
+    self.po_weight = cols.get("weight")
+
+
+def _row_value(v, what, key, i, dataset):
+    if v is None:
+        return math.nan
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise OptionError(f"row {i} of dataset '{dataset}' has a non-numeric {what} in '{key}': {v!r}") from None
+    return v
+
+
+def _align_dataset(dataset, dataset_attr, data_args, training_args):
+    """LLaMA-Factory's align_dataset, plus the margin / weight columns the plugin reads (NaN where absent)."""
+    aligned = _ORIGINAL["align"](dataset, dataset_attr, data_args, training_args)
+    cfg = _ACTIVE["cfg"]
+    if cfg is None or _ACTIVE["name"] is None:
+        return aligned
+    wanted = {}
+    if _needs_margins():
+        wanted["margin"] = (getattr(dataset_attr, "po_margin", None) or cfg.opt("margin_key"),
+                            getattr(dataset_attr, "po_margin", None) is not None)
+    if getattr(dataset_attr, "po_weight", None) or cfg.weight_key:
+        wanted["weight"] = (getattr(dataset_attr, "po_weight", None) or cfg.weight_key,
+                            getattr(dataset_attr, "po_weight", None) is not None)
+    if not wanted:
+        return aligned
+    if not hasattr(dataset, "column_names") or not hasattr(aligned, "add_column") or data_args.streaming:
+        raise OptionError("po_plugins' margin / weight columns need a map-style dataset: set streaming: false")
+    cols = list(dataset.column_names)
+    for what, (key, declared) in wanted.items():
+        if key is None or key not in cols:
+            if declared:
+                raise OptionError(f"dataset '{dataset_attr}' declares columns.{what}: '{key}' in dataset_info.json but "
+                                  f"its rows have no '{key}' (columns: {cols}); point columns.{what} at the right "
+                                  "column")
+            _ACTIVE["missing"][what].append((str(dataset_attr), key, cols))
+            values = [math.nan] * len(aligned)
+        else:
+            values = [_row_value(v, what, key, i, dataset_attr) for i, v in enumerate(dataset[key])]
+        aligned = aligned.add_column(ROW_COLUMNS[what], values)
+    return aligned
+
+
+def _preprocess_dataset(self, examples):
+    out = _ORIGINAL["preprocess"](self, examples)
+    extra = [c for c in ROW_COLUMNS.values() if c in examples]
+    if extra:  # the rows LLaMA-Factory keeps (its own filter, checked in its source by check_host)
+        keep = [i for i in range(len(examples["_prompt"]))
+                if len(examples["_prompt"][i]) % 2 == 1 and len(examples["_response"][i]) >= 2]
+        for c in extra:
+            out[c] = [examples[c][i] for i in keep]
+    return out
+
+
+class RowExtras:
+    """Wraps LLaMA-Factory's pairwise collator: the rows' _po_margin / _po_weight become `po_margin` / `po_weight`
+    [B] tensors of the same batch (NaN: margin 0, i.e. MADPO weight 1; weight 1)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features, *a, **kw):
+        present = [c for c in ROW_COLUMNS.values() if features and all(c in f for f in features)]
+        vals = {c: [f[c] for f in features] for c in present}
+        out = self.inner([{k: v for k, v in f.items() if k not in ROW_COLUMNS.values()} for f in features], *a, **kw)
+        for what, c in ROW_COLUMNS.items():
+            if c in vals:
+                default = 0.0 if what == "margin" else 1.0
+                out[f"po_{what}"] = torch.tensor([default if v is None or not math.isfinite(v) else float(v)
+                                                  for v in vals[c]], dtype=torch.float32)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class PoLogCallback(LogCallback):
+    """LLaMA-Factory's LogCallback; each trainer_log.jsonl line also carries the po/* scalars of that log."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._po_queue = deque()
+
+    def on_log(self, args, state, control, **kwargs):
+        if args.should_save and self.thread_pool is not None:  # exactly when LogCallback submits a line
+            last = state.log_history[-1] if state.log_history else {}
+            self._po_queue.append({k: v for k, v in last.items() if k.startswith("po/")})
+        return super().on_log(args, state, control, **kwargs)
+
+    def _write_log(self, output_dir, logs):
+        extra = self._po_queue.popleft() if self._po_queue else {}
+        return super()._write_log(output_dir, {**logs, **extra})
+
+
+# ---- the trainer ------------------------------------------------------------------------------------------------
+class PoLFDPOTrainer(CustomDPOTrainer):
+    """LLaMA-Factory's CustomDPOTrainer with a po_plugins objective, the band monitor, per-row margins / weights and
+    plugin state. Same constructor; the objective and options come from `install(cfg)` and the parsed arguments."""
+
+    _po_replaces = CustomDPOTrainer
+
+    def __init__(self, model, ref_model, finetuning_args, processor, disable_dropout: bool = True, **kwargs):
+        cfg, name, hp = _ACTIVE["cfg"], _ACTIVE["name"], _ACTIVE["hparams"]
+        if cfg is None or name is None:
+            raise OptionError("PoLFDPOTrainer runs under po_plugins.cli.llamafactory (install() was not called)")
+        self.po_cfg = cfg
+        self.po_loss = build(name, **hp)
+        super().__init__(model, ref_model, finetuning_args, processor, disable_dropout, **kwargs)
+        self.loss_type = "po_plugins"  # LLaMA-Factory's concatenated_forward then returns summed log-probs
+        if "margins" in self.po_loss.needs:
+            self._po_check_margins()
+        if any(c in (_columns(self.train_dataset) or []) for c in ROW_COLUMNS.values()) or any(
+                c in (_columns(d) or []) for d in _evals(self.eval_dataset) for c in ROW_COLUMNS.values()):
+            self.data_collator = RowExtras(self.data_collator)
+        calibrating = self.po_loss.name.startswith("rc_")
+        self.po_monitor = None
+        if cfg.opt("monitor") or calibrating:
+            path = cfg.opt("jsonl") or os.path.join(self.args.output_dir, "po_band.jsonl")
+            self.po_monitor = BandMonitor(self.po_loss, path, cfg.opt("alert_steps"), cfg.opt("recheck_every"),
+                                          rescore=self._po_rescore, log=self._po_print,
+                                          is_rank_0=lambda: self.args.process_index == 0)
+            self.add_callback(_StepEnd(self))
+        self._po_need_scores = calibrating or self.po_monitor is not None
+        self._po_armed = False
+        self._po_captured = None
+        self._po_last_scores = None
+        self._po_micro = 0
+        if self._po_need_scores:
+            self._po_head().register_forward_hook(self._po_hook)
+        self._po_print(f"[po_plugins] loss {self.po_loss!r} (pref_loss: {finetuning_args.pref_loss}); monitor "
+                       f"{'on' if self.po_monitor else 'off'}"
+                       + ("; reference-free: no reference forward" if self.po_loss.reference_free else ""))
+
+    # ---- columns -------------------------------------------------------------------------------------------------
+    def _po_check_margins(self):
+        cols = _columns(self.train_dataset)
+        if cols is None:
+            return
+        if "_po_margin" not in cols:
+            raise OptionError(f"loss '{self.po_loss.name}' needs reward-model margins: declare the margin column of "
+                              "each dataset in dataset_info.json (\"columns\": {\"margin\": \"rm_margin\"}) or set "
+                              "po_margin_key: rm_margin (po_plugins.cli.score_margins writes rm_margin)")
+        if self.po_cfg.opt("missing_margin") == "unit":
+            return
+        missing = {d: (k, c) for d, k, c in _ACTIVE["missing"]["margin"]}
+        for i, v in enumerate(self.train_dataset["_po_margin"]):
+            if v is None or not math.isfinite(v):
+                if missing:
+                    where = "; ".join(f"dataset '{d}' has no column '{k}' (its columns: {c})"
+                                      for d, (k, c) in missing.items())
+                    raise OptionError(f"loss '{self.po_loss.name}' needs a reward-model margin in every training row: "
+                                      f"{where}. Declare the column in dataset_info.json (\"columns\": {{\"margin\": "
+                                      "\"rm_margin\"}), set po_margin_key, or po_missing_margin: unit to give such "
+                                      "rows weight 1")
+                raise OptionError(f"row {i} of the training dataset has no finite margin; fill it or set "
+                                  "po_missing_margin: unit to give such rows weight 1")
+
+    # ---- the head's forward --------------------------------------------------------------------------------------
+    def _po_unwrapped(self):
+        m = self.accelerator.unwrap_model(self.model)
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def _po_head(self):
+        head = self._po_unwrapped().get_output_embeddings()
+        if head is None:
+            raise OptionError(f"{type(self._po_unwrapped()).__name__} has no output embeddings (lm_head); the band "
+                              "needs the LM head's forward")
+        return head
+
+    def _po_hook(self, module, inputs, output):
+        if self._po_armed:
+            self._po_captured = (inputs[0].detach(), output.detach())
+
+    def _po_print(self, msg: str) -> None:
+        if self.args.process_index == 0:
+            print(msg, flush=True)
+
+    def _po_scores(self, batch, labels, n_pairs):
+        hidden, logits = self._po_captured
+        self._po_captured = None
+        mask = labels[:, 1:] != -100
+        h, lg, y, rows = response_positions(hidden, logits, batch["input_ids"], batch["attention_mask"], mask)
+        is_chosen = torch.arange(labels.shape[0], device=labels.device) < n_pairs
+        return score_stats_flat(h, lg, y, rows, is_chosen, chunk_size=int(self.po_cfg.opt("score_chunk")))
+
+    def _po_rescore(self, inputs):
+        out = self.concatenated_forward(self.model, dict(inputs))
+        return out["chosen_logps"], out["rejected_logps"]
+
+    # ---- the step ------------------------------------------------------------------------------------------------
+    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+        extras = {k: batch[k] for k in PLUGIN_KEYS if k in batch}
+        batch = {k: v for k, v in batch.items() if k not in PLUGIN_KEYS}
+        labels = batch["labels"]
+        training = train_eval == "train" and torch.is_grad_enabled()
+        capture = training and self._po_need_scores
+        if capture:  # po_score_every k: fresh statistics on every k-th micro-batch, the last ones in between
+            self._po_micro += 1
+            capture = self._po_last_scores is None or (self._po_micro - 1) % int(self.po_cfg.opt("score_every")) == 0
+        self._po_armed = capture
+        try:
+            out = self.concatenated_forward(model, dict(batch))
+        finally:
+            self._po_armed = False
+        zw, zl = out["chosen_logps"], out["rejected_logps"]
+        B = zw.shape[0]
+        counts = (labels[:, 1:] != -100).sum(-1)
+        nw, nl = counts[:B], counts[B:]
+        if self.po_loss.reference_free:
+            rw = rl = None
+        else:
+            rw, rl = self.compute_reference_log_probs(model, dict(batch))
+        stats = None
+        if training and self._po_need_scores:
+            if capture and self._po_captured is not None:
+                self._po_last_scores = self._po_scores(batch, labels, B)
+            stats = self._po_last_scores
+        margins = extras.get("po_margin")
+        if margins is None and "margins" in self.po_loss.needs:
+            margins = torch.zeros_like(zw)  # an evaluation set without margins: every pair weight 1
+        weights = extras.get("po_weight")
+        b = PairBatch(zw, zl, rw, rl, nw, nl, weights=weights.to(zw.device) if weights is not None else None,
+                      margins=margins.to(zw.device) if margins is not None else None, score_stats=stats)
+        per_sample, cr, rr = loss_step(self.po_loss, b, self.po_monitor, training, batch if training else None)
+        if self.ftx_gamma > 1e-6:  # LLaMA-Factory's pref_ftx: + γ·NLL of the chosen response (token mean)
+            sft = -zw / nw.clamp(min=1).to(zw)
+            per_sample = per_sample + self.ftx_gamma * (sft * weights.to(sft) if weights is not None else sft)
+        prefix = "eval_" if train_eval == "eval" else ""
+        metrics = {
+            f"{prefix}rewards/chosen": cr.mean().item(),
+            f"{prefix}rewards/rejected": rr.mean().item(),
+            f"{prefix}rewards/accuracies": (cr > rr).float().mean().item(),
+            f"{prefix}rewards/margins": (cr - rr).mean().item(),
+            f"{prefix}logps/chosen": zw.detach().mean().item(),
+            f"{prefix}logps/rejected": zl.detach().mean().item(),
+            f"{prefix}logits/chosen": out["chosen_logits"].detach().mean().item(),
+            f"{prefix}logits/rejected": out["rejected_logits"].detach().mean().item(),
+        }
+        return per_sample.mean(), metrics
+
+    # ---- state ---------------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(out, exist_ok=True)
+        torch.save(plugin_state(self.po_loss, self.po_monitor),
+                   os.path.join(out, STATE_FILE.format(self.args.process_index)))
+
+    def train(self, resume_from_checkpoint=None, *a, **kw):
+        path = resume_from_checkpoint
+        if isinstance(path, bool) and path:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            path = get_last_checkpoint(self.args.output_dir)
+        if path:
+            mine = os.path.join(path, STATE_FILE.format(self.args.process_index))
+            first = os.path.join(path, STATE_FILE.format(0))
+            found = mine if os.path.exists(mine) else first if os.path.exists(first) else None
+            if found is None:
+                self._po_print(f"[po_plugins] WARNING: {path} holds no po_plugins state; the objective's running "
+                               "statistics (RC's α) start afresh")
+            else:
+                load_plugin_state(torch.load(found, weights_only=False), self.po_loss, self.po_monitor)
+                self._po_print(f"[po_plugins] restored the plugin state from {found}")
+        return super().train(resume_from_checkpoint, *a, **kw)
+
+
+def _columns(ds):
+    cols = getattr(ds, "column_names", None)
+    return list(cols) if isinstance(cols, (list, tuple)) else None
+
+
+def _evals(ds):
+    if ds is None:
+        return []
+    return list(ds.values()) if isinstance(ds, dict) else [ds]
+
+
+class _StepEnd(TrainerCallback):
+    """Closes each optimizer step for the monitor; its po/* scalars join LLaMA-Factory's stored metrics (averaged
+    per log, then into trainer_log.jsonl and the report_to backends)."""
+
+    def __init__(self, trainer: PoLFDPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        for k, v in t.po_monitor.end_step(state.global_step).items():
+            t._stored_metrics["train"][k].append(v)
+
+
+__all__ = ["PoLFConfig", "PoLFDPOTrainer", "check_host", "HostError", "LF_NAMES", "split_args", "resolve_loss",
+           "install", "uninstall"]

@@ -1,0 +1,255 @@
+"""LLaMA-Factory host (po_plugins.hosts.llamafactory, po_plugins.cli.llamafactory): the real LLaMA-Factory 0.9.5 DPO
+stage on CPU with a tiny model. Runs in the .venv-lf environment (`make test-lf`)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from po_plugins.losses import names
+from po_plugins.monitor import JSONL_KEYS, RECHECK_KEYS
+
+
+def _losses(log):
+    return [r["loss"] for r in log if "loss" in r]
+
+
+def test_every_objective_trains(assets, lf, tmp_path):
+    """Every po_plugins objective (rc_* included) and LLaMA-Factory's own names train two steps from a YAML."""
+    failures = []
+    for name in [*names(), "sigmoid", "hinge", "ipo", "orpo", "simpo"]:
+        out = tmp_path / name
+        cfg = lf.base_config(assets, out, pref_loss=name, per_device_train_batch_size=2, max_steps=2, cutoff_len=48,
+                             po_recheck_every=0)
+        try:
+            lf.run_inprocess(cfg)
+            losses = _losses(lf.trainer_log(out))
+            assert len(losses) == 2 and all(math.isfinite(v) for v in losses), losses
+        except Exception as e:  # collect all, report once
+            failures.append(f"{name}: {type(e).__name__}: {e}")
+        shutil.rmtree(out, ignore_errors=True)
+    assert not failures, "\n".join(failures)
+
+
+def test_sigmoid_matches_stock_and_hinge_bug(assets, lf, tmp_path):
+    """pref_loss: sigmoid through the plugin = stock LLaMA-Factory (per-step losses, final weights); stock `hinge`
+    trains the sigmoid loss (LLaMA-Factory 0.9.5 calls TRL 0.24's dpo_loss without loss_type), the plugin's `hinge`
+    trains the hinge loss."""
+    runs = {}
+    for loss in ("sigmoid", "hinge"):
+        stock = tmp_path / f"stock_{loss}"
+        cfg = lf.base_config(assets, stock, pref_loss=loss, max_steps=3)
+        p = lf.run_subprocess(["train", lf.write_yaml(tmp_path / f"stock_{loss}.yaml", cfg)], tmp_path, stock=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[f"stock_{loss}"] = stock
+        plug = tmp_path / f"plugin_{loss}"
+        lf.run_inprocess(lf.base_config(assets, plug, pref_loss=loss, max_steps=3))
+        runs[f"plugin_{loss}"] = plug
+    log = {k: lf.trainer_log(v) for k, v in runs.items()}
+    w = {k: lf.weights(v) for k, v in runs.items()}
+    # the plugin's sigmoid is stock LLaMA-Factory's sigmoid
+    assert _losses(log["plugin_sigmoid"]) == pytest.approx(_losses(log["stock_sigmoid"]), abs=1e-4)
+    for k in w["stock_sigmoid"]:
+        torch.testing.assert_close(w["plugin_sigmoid"][k], w["stock_sigmoid"][k], rtol=1e-5, atol=1e-6)
+    # stock hinge is the sigmoid loss, step by step and in the final weights
+    assert _losses(log["stock_hinge"]) == pytest.approx(_losses(log["stock_sigmoid"]), abs=1e-6)
+    assert _losses(log["stock_hinge"])[0] == pytest.approx(math.log(2), abs=1e-4)
+    for k in w["stock_sigmoid"]:
+        torch.testing.assert_close(w["stock_hinge"][k], w["stock_sigmoid"][k])
+    # the plugin's hinge is max(0, 1 − βΔ): 1 at the first step (policy = reference), then its own trajectory
+    assert _losses(log["plugin_hinge"])[0] == pytest.approx(1.0, abs=1e-4)
+    assert any((w["plugin_hinge"][k] - w["stock_hinge"][k]).abs().max() > 1e-6 for k in w["stock_hinge"])
+
+
+def test_rc_dpo_monitor_logs_resume(assets, lf, tmp_path):
+    """rc_dpo from the command line: α moves, every JSONL key present and finite, po/* in trainer_log.jsonl; the
+    report CLI reads the run; resuming from a checkpoint reproduces the α sequence exactly."""
+    out = tmp_path / "rc"
+    cfg = lf.base_config(assets, out, pref_loss="rc_dpo", max_steps=4, save_strategy="steps", save_steps=2,
+                         gradient_accumulation_steps=2, po_recheck_every=2, po_alert_steps=1)
+    p = lf.run_subprocess(["train", lf.write_yaml(tmp_path / "rc.yaml", cfg), "learning_rate=2e-3"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = lf.band(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        missing = [k for k in JSONL_KEYS if k not in r]
+        assert not missing, missing
+        for k in JSONL_KEYS:
+            if k in RECHECK_KEYS and r["step"] % 2:
+                assert r[k] is None
+            elif k != "loss_name":
+                assert isinstance(r[k], (int, float)) and math.isfinite(r[k]), (k, r[k])
+    alphas = [r["alpha"] for r in recs]
+    assert len(set(alphas)) == 4 and all(a != 1.0 for a in alphas)
+    log = [r for r in lf.trainer_log(out) if "loss" in r]
+    assert len(log) == 4 and all("po/alpha" in r and "po/log_r" in r and "po/in_band" in r for r in log)
+    assert [r["po/alpha"] for r in log] == pytest.approx(alphas, rel=1e-6)
+    assert "[po_plugins] loss rc(dpo" in p.stdout + p.stderr
+    assert (out / "checkpoint-2" / "po_plugins_state_rank0.pt").exists()
+    # the report CLI works on the run
+    from po_plugins.cli.report import main as report_main
+
+    try:
+        report_main([str(out), "--out", str(tmp_path / "report")])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    assert (tmp_path / "report" / "index.html").exists()
+    # resume from checkpoint-2 in a new output dir: steps 3 and 4 repeat α exactly
+    res = tmp_path / "resumed"
+    lf.run_inprocess({**cfg, "learning_rate": 2e-3, "output_dir": str(res),
+                      "resume_from_checkpoint": str(out / "checkpoint-2")})
+    again = lf.band(res)
+    assert [r["step"] for r in again] == [3, 4]
+    assert [r["alpha"] for r in again] == pytest.approx(alphas[2:], rel=1e-9, abs=0)
+
+
+def test_report_to_backends_get_scalars(assets, lf, tmp_path):
+    """The po/* scalars are in the logs every report_to backend receives (Trainer.log's on_log)."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.append(dict(logs or {}))
+
+    lf.run_inprocess(lf.base_config(assets, tmp_path / "m", pref_loss="dpo", po_monitor=True), callbacks=[Spy()])
+    train_logs = [r for r in seen if "loss" in r]
+    assert train_logs and all("po/alpha" in r and "po/rho" in r for r in train_logs)
+
+
+def test_two_processes_zero_alpha_spread(assets, lf, tmp_path):
+    """FORCE_TORCHRUN=1: the wrapper launches torchrun on itself; 2 CPU workers (gloo) keep the plugin and agree on
+    α at every step."""
+    out = tmp_path / "ddp"
+    cfg = lf.base_config(assets, out, pref_loss="rc_dpo", max_steps=2, po_recheck_every=1)
+    p = lf.run_subprocess(["train", lf.write_yaml(tmp_path / "ddp.yaml", cfg)], tmp_path,
+                          env_extra={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "launching 2 workers under torchrun" in p.stdout
+    recs = lf.band(out)
+    assert [r["step"] for r in recs] == [1, 2]
+    assert all(r["alpha_rank_spread"] == 0.0 for r in recs)
+    assert (lf.trainer_log(out)[-1]["epoch"]) == pytest.approx(0.5)  # 2 steps × 2 pairs × 2 ranks of 16 rows
+
+
+def test_lora(assets, lf, tmp_path):
+    """LoRA: the reference forward is the adapter-off model through the same modules; the hook only sees the
+    policy forward."""
+    out = tmp_path / "lora"
+    lf.run_inprocess(lf.base_config(assets, out, pref_loss="rc_dpo", finetuning_type="lora", lora_rank=4,
+                                    lora_target="all", learning_rate=5e-3, max_steps=3, po_recheck_every=1))
+    recs = lf.band(out)
+    assert len(recs) == 3 and recs[0]["r_w"] == 0.0 and recs[0]["r_l"] == 0.0  # adapter starts as the reference
+    assert recs[-1]["r_w"] != 0.0 and len({r["alpha"] for r in recs}) == 3
+    assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("dataset", ["pairs", "pairs_sg"])
+def test_weight_column_scales_the_gradient(assets, lf, tmp_path, dataset):
+    """A per-row weight column (po_weight_key) reaches the loss: with plain SGD one step moves the weights by
+    0 × and 2 × the unweighted step."""
+    from safetensors.torch import load_file
+
+    deltas = {}
+    for col in ("w0", "w1", "w2"):
+        out = tmp_path / f"{dataset}_{col}"
+        lf.run_inprocess(lf.base_config(assets, out, dataset=dataset, pref_loss="dpo", po_weight_key=col, max_steps=1,
+                                        optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+                                        weight_decay=0.0, per_device_train_batch_size=4))
+        deltas[col] = lf.weights(out)
+    w0 = load_file(f"{assets['model']}/model.safetensors")
+    moved = False
+    for k in w0:
+        d1 = deltas["w1"][k] - w0[k]
+        torch.testing.assert_close(deltas["w0"][k], w0[k], rtol=0, atol=0)
+        torch.testing.assert_close(deltas["w2"][k] - w0[k], 2 * d1, rtol=1e-4, atol=1e-6)
+        moved = moved or d1.abs().max() > 0
+    assert moved
+
+
+@pytest.mark.parametrize("dataset", ["pairs", "pairs_sg"])
+def test_margin_column_reaches_the_loss_row_by_row(assets, lf, tmp_path, dataset):
+    """MADPO with the margin column declared in dataset_info.json (alpaca and sharegpt): at the first step (policy =
+    reference, every pair's DPO loss is log 2) the loss is the batch mean of w(ĥ_i)·log 2 over its own rows."""
+    from po_plugins.madpo import margin_weights
+
+    out = tmp_path / dataset
+    lf.run_inprocess(lf.base_config(assets, out, dataset=dataset, pref_loss="madpo", max_steps=2,
+                                    per_device_train_batch_size=4, po_monitor=True, po_recheck_every=0))
+    margins = torch.tensor([r["rm_margin"] for r in assets["rows"]])
+    w = margin_weights(margins).double()
+    recs = lf.band(out)
+    for r, rows in zip(recs, (slice(0, 4), slice(4, 8))):
+        assert r["w_mean"] == pytest.approx(float(w[rows].mean()), rel=1e-5)
+        assert r["w_min"] == pytest.approx(float(w[rows].min()), rel=1e-5)
+    assert recs[0]["loss"] == pytest.approx(float(w[:4].mean()) * math.log(2), rel=1e-5)
+
+
+# ---- bad inputs: one clear error each, naming the fix ----------------------------------------------------------
+def _error(lf, assets, tmp_path, capsys=None, **kw):
+    from po_plugins.cli.llamafactory import main
+
+    path = lf.write_yaml(tmp_path / "bad.yaml", lf.base_config(assets, tmp_path / "bad", **kw))
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(path)])
+    return str(e.value)
+
+
+def test_unknown_loss(assets, lf, tmp_path):
+    msg = _error(lf, assets, tmp_path, pref_loss="rc_dpoo")
+    assert "unknown pref_loss 'rc_dpoo'" in msg and "rc_dpo" in msg and "sigmoid" in msg
+
+
+def test_unknown_po_key(assets, lf, tmp_path):
+    msg = _error(lf, assets, tmp_path, pref_loss="rc_dpo", po_monitr=True)
+    assert "unknown key 'po_monitr'" in msg and "po_monitor" in msg
+
+
+def test_unknown_hyperparameter(assets, lf, tmp_path):
+    msg = _error(lf, assets, tmp_path, pref_loss="simpo", po_c_max=2.0)
+    assert "po_c_max" in msg and "po_gamma" in msg
+
+
+def test_missing_margin_column(assets, lf, tmp_path):
+    msg = _error(lf, assets, tmp_path, pref_loss="madpo", dataset="pairs_plain")
+    assert "needs" in msg and "margin" in msg and "dataset_info.json" in msg and "po_margin_key" in msg
+    msg = _error(lf, assets, tmp_path, pref_loss="madpo", dataset="pairs_plain", po_margin_key="reward")
+    assert "has no column 'reward'" in msg and "po_missing_margin: unit" in msg
+    msg = _error(lf, assets, tmp_path, pref_loss="madpo", dataset="pairs_badmargin")
+    assert "columns.margin: 'reward_margin'" in msg and "rm_margin" in msg
+
+
+def test_unsupported_version(monkeypatch, assets, lf, tmp_path):
+    from po_plugins.hosts import llamafactory as host
+
+    with pytest.raises(host.HostError) as e:
+        host.check_host("0.9.4")
+    assert "0.9.4 is not supported" in str(e.value) and "pip install 'po-plugins[llamafactory]'" in str(e.value)
+    monkeypatch.setattr(host, "host_version", lambda: "0.10.0")
+    msg = _error(lf, assets, tmp_path, pref_loss="rc_dpo")
+    assert "LLaMA-Factory 0.10.0 is not supported" in msg and "po-plugins[llamafactory]" in msg
+
+
+def test_example_config_trains(assets, lf, tmp_path):
+    """examples/llamafactory/rc_dpo.yaml and its dataset_info.json (alpaca and sharegpt, margins declared) train, with
+    only the model, template and run length swapped for the tiny ones."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = yaml.safe_load((root / "examples/llamafactory/rc_dpo.yaml").read_text())
+    for dataset in ("pairs_scored", "pairs_scored_sharegpt"):
+        out = tmp_path / dataset
+        cfg.update(model_name_or_path=assets["model"], trust_remote_code=False, template="empty", bf16=False,
+                   dataset=dataset, dataset_dir=str(root / "examples/llamafactory/data"), output_dir=str(out),
+                   max_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=1, report_to="none",
+                   preprocessing_num_workers=None, cutoff_len=64, plot_loss=False, save_steps=0,
+                   save_strategy="no")
+        lf.run_inprocess(cfg)
+        rec = lf.band(out)[0]
+        assert rec["loss_name"] == "rc_madpo" and rec["w_mean"] > 0
