@@ -253,3 +253,47 @@ def test_example_config_trains(assets, lf, tmp_path):
         lf.run_inprocess(cfg)
         rec = lf.band(out)[0]
         assert rec["loss_name"] == "rc_madpo" and rec["w_mean"] > 0
+
+
+def test_alert(assets, lf, tmp_path, capsys):
+    """The out-of-band alert reaches the console: ORPO's chosen incentive (its NLL term) dwarfs the rejected one."""
+    out = tmp_path / "orpo"
+    lf.run_inprocess(lf.base_config(assets, out, pref_loss="orpo", po_monitor=True, po_alert_steps=1,
+                                    po_recheck_every=0))
+    recs = lf.band(out)
+    assert recs[0]["in_band"] == 0.0
+    assert "out of the disentanglement band" in capsys.readouterr().out
+
+
+def test_lf_names_and_po_keys_resolve():
+    """LLaMA-Factory's pref_loss names map to the objectives with their definitions; po_<hparam> and po_hparams set
+    the objective's hyperparameters; options are typed."""
+    from llamafactory.hparams import FinetuningArguments
+
+    from po_plugins.hosts.llamafactory import resolve_loss, split_args
+
+    def resolve(pref, po=None, **ft):
+        lf_args, cfg = split_args({"stage": "dpo", **(po or {})})
+        assert all(not k.startswith("po_") for k in lf_args)
+        return resolve_loss(FinetuningArguments(stage="dpo", pref_loss=pref, **ft), cfg)
+
+    assert resolve("sigmoid") == ("dpo", {"beta": 0.1})
+    assert resolve("sigmoid", dpo_label_smoothing=0.2) == ("cdpo", {"label_smoothing": 0.2, "beta": 0.1})
+    assert resolve("hinge", pref_beta=0.3) == ("hinge", {"beta": 0.3})
+    assert resolve("ipo") == ("ipo", {"length_normalize": True, "beta": 0.1})
+    assert resolve("orpo", pref_beta=0.2) == ("orpo", {"lam": 0.2})
+    assert resolve("simpo", pref_beta=2.0, simpo_gamma=0.5) == ("simpo", {"gamma": 0.5, "beta": 2.0})
+    assert resolve("rc_simpo", {"po_gamma": "1.5", "po_hparams": {"ema_decay": 0.9}}, pref_beta=2.0) == (
+        "rc_simpo", {"gamma": 1.5, "ema_decay": 0.9, "beta": 2.0})
+    _, cfg = split_args({"po_monitor": "true", "po_alert_steps": 3, "po_margin_key": "rm_margin"})
+    assert cfg.opt("monitor") is True and cfg.opt("alert_steps") == 3 and cfg.opt("margin_key") == "rm_margin"
+    from po_plugins.options import OptionError
+
+    for bad, text in (({"po_beta": 0.2}, "pref_beta"), ({"po_alert_steps": -1}, "po_alert_steps"),
+                      ({"po_hparams": "[1]"}, "po_hparams")):
+        with pytest.raises(OptionError, match=text):
+            split_args(bad)
+    with pytest.raises(OptionError, match="kto_pair"):
+        resolve("kto_pair")
+    with pytest.raises(OptionError, match="pref_bco_weight"):
+        resolve("sigmoid", pref_bco_weight=0.5)
