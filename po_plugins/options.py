@@ -22,9 +22,18 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
     "missing_margin": (str, "error", "rows without a margin: 'error' or 'unit' (weight 1)"),
     "ref_logp_keys": (str, None, "CHOSEN,REJECTED columns with stored reference log-probs (score_margins "
                                  "--ref_model): the reference forward is skipped"),
+    "fused_head": (bool, False, "chunked LM head: response-token log-probs and head statistics without the "
+                                "[N, T, V] logits (docs/results_memory.md)"),
+    "head_chunk": (int, 0, "token positions per chunk of the chunked head (0: about 2^24 logits a chunk)"),
 }
+# options that only one host has (TRL has its own fused head and its own stored reference log-probs)
+HOST_ONLY = {"ref_logp_keys": "openrlhf", "fused_head": "openrlhf", "head_chunk": "openrlhf"}
+
+
+def options_for(host: str) -> list[str]:
+    return [k for k in OPTIONS if HOST_ONLY.get(k, host) == host]
 # lower bounds of the integer options
-MINIMUM = {"alert_steps": 0, "recheck_every": 0, "score_chunk": 1, "score_every": 1}
+MINIMUM = {"alert_steps": 0, "recheck_every": 0, "score_chunk": 1, "score_every": 1, "head_chunk": 0}
 
 
 class OptionError(ValueError):

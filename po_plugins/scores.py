@@ -158,12 +158,13 @@ def response_positions(hidden, logits, input_ids, att_masks, loss_masks):
 
     hidden/logits: [N, L, ·] (padded) or [1, nnz, ·] (packed: the attention-mask positions in row-major order,
     as flash-attn's unpad_input lays them out). loss_masks [N, L−1]: position t predicts token t+1 of a
-    response. Returns (h [M, d], logits [M, V], labels [M], rows [M]).
+    response. Returns (h [M, d], logits [M, V] or None when logits is None, labels [M], rows [M]).
     """
     N, L = att_masks.shape
     pos = loss_masks.nonzero(as_tuple=False)  # [M, 2]
     if hidden.shape[0] == N and hidden.shape[1] == L:
-        h, lg = hidden[pos[:, 0], pos[:, 1]], logits[pos[:, 0], pos[:, 1]]
+        h = hidden[pos[:, 0], pos[:, 1]]
+        lg = logits[pos[:, 0], pos[:, 1]] if logits is not None else None
     else:
         flat = att_masks.reshape(-1).bool()
         where = torch.full((N * L,), -1, dtype=torch.long, device=flat.device)
@@ -172,5 +173,5 @@ def response_positions(hidden, logits, input_ids, att_masks, loss_masks):
         if bool((idx < 0).any()):
             raise ValueError("packed layout: a response position lies outside the attention mask")
         h = hidden.reshape(-1, hidden.shape[-1])[idx]
-        lg = logits.reshape(-1, logits.shape[-1])[idx]
+        lg = logits.reshape(-1, logits.shape[-1])[idx] if logits is not None else None
     return h, lg, input_ids[:, 1:][pos[:, 0], pos[:, 1]], pos[:, 0]

@@ -28,6 +28,12 @@ What is shimmed, and why (OpenRLHF 0.11.2, DeepSpeed 0.19.6):
   ``"torch_adam": true`` optimizer parameter, so DeepSpeed constructs ``torch.optim.AdamW`` with the
   same lr/betas/eps/weight_decay (same update rule) and nothing is compiled. An explicit ``torch_adam``
   in a config is left alone.
+* Packed attention: with ``--ds.packing_samples`` OpenRLHF forces ``attn_implementation="flash_attention_2"``,
+  whose kernels need CUDA. ``Actor.__init__`` is wrapped to load the model with ``sdpa`` instead; OpenRLHF passes a
+  packed batch as one row with ``attention_mask=None`` and ``position_ids`` restarting at 0 for every sequence, and
+  transformers (``masking_utils.find_packed_sequence_indices``) then builds the exact block-diagonal causal mask
+  for sdpa, so each sequence attends to itself only, as flash-attention's varlen kernel does. Tested: packed
+  log-probs equal unpacked ones.
 """
 
 import importlib
@@ -190,6 +196,28 @@ def _shim_all_reduce():
     return "DeepspeedStrategy.all_reduce copies CPU tensors"
 
 
+def _shim_packed_attention():
+    """flash_attention_2 -> sdpa for OpenRLHF's Actor on CPU (packed sequences: the block-diagonal causal mask)."""
+    if importlib.util.find_spec("openrlhf") is None:
+        return None
+    import openrlhf.models.actor as actor_mod
+
+    cls = actor_mod.Actor
+    if getattr(cls.__init__, "_po_sdpa", False):
+        return "flash_attention_2 -> sdpa (packed sequences: block-diagonal mask from position_ids)"
+    original = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        if str(kwargs.get("attn_implementation", "flash_attention_2")).startswith("flash_attention"):
+            kwargs["attn_implementation"] = "sdpa"
+        return original(self, *args, **kwargs)
+
+    __init__._po_sdpa = True
+    __init__.__wrapped__ = original
+    cls.__init__ = __init__
+    return "flash_attention_2 -> sdpa (packed sequences: block-diagonal mask from position_ids)"
+
+
 def apply_cpu_shims() -> bool:
     """Apply the CPU shims described in the module docstring; return True if this is a CPU run.
 
@@ -203,7 +231,8 @@ def apply_cpu_shims() -> bool:
         return True
     applied = [_shim_torch_cuda()]
     # Order matters: the flash_attn stand-in must be importable before OpenRLHF is (the all_reduce shim).
-    for shim in (_shim_flash_attn, _shim_deepspeed_shm, _shim_deepspeed_adam, _shim_all_reduce):
+    for shim in (_shim_flash_attn, _shim_deepspeed_shm, _shim_deepspeed_adam, _shim_all_reduce,
+                 _shim_packed_attention):
         label = shim()
         if label:
             applied.append(label)

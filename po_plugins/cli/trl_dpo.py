@@ -21,6 +21,7 @@ from po_plugins.options import (
     check_loss,
     check_options,
     coerce_hparam,
+    options_for,
     parse_value,
     split_plugin_argv,
 )
@@ -37,7 +38,7 @@ def translate(argv: list[str]) -> list[str]:
 
     if loss is not None and loss not in names():
         raise OptionError(f"unknown loss '{loss}' (--loss); choose one of: {', '.join(names())}")
-    options = [k for k in OPTIONS if k != "ref_logp_keys"]
+    options = options_for("trl")
     accepted = accepted_hparams(loss) if loss else {}
     po, hparams = {}, {}
     for name, (val, flag) in raw.items():
@@ -72,9 +73,9 @@ def plugin_help() -> str:
              "  --loss NAME            one of: " + ", ".join(names()),
              "  --po.<hparam> VALUE    a hyperparameter of the chosen loss (e.g. --po.gamma 1.0); the temperature "
              "is --beta"]
-    for k, (_kind, default, text) in OPTIONS.items():
-        if k != "ref_logp_keys":
-            lines.append(f"  --po.{k:<17} {text} (default {default})")
+    for k in options_for("trl"):
+        _kind, default, text = OPTIONS[k]
+        lines.append(f"  --po.{k:<17} {text} (default {default})")
     lines.append("  (reference log-probs stored ahead: TRL's --precompute_ref_log_probs)")
     return "\n".join(lines)
 

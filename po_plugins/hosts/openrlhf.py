@@ -17,9 +17,10 @@ from types import SimpleNamespace
 
 import torch
 
+from ..head import chunked_logprobs, head_transform
 from ..losses import PairBatch, build
 from ..monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
-from ..scores import ScoreStats, response_positions, score_stats_flat
+from ..scores import ScoreStats, response_positions, score_stats_flat, score_stats_head
 from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
 
 logger = logging.getLogger("po_plugins")
@@ -215,6 +216,41 @@ def _lm_head(model):
     return net.get_output_embeddings()
 
 
+class _HeadInput(torch.nn.Module):
+    """Stands in for the LM head during a --po.fused_head forward: returns its input, the backbone's last hidden
+    state, so the engine's forward (and DeepSpeed's hooks on its output) runs without building logits."""
+
+    out = None
+
+    def forward(self, x):
+        self.out = x
+        return x
+
+
+def _head_of(engine):
+    """(the causal LM, its head module, the head's attribute name) under an engine / PEFT wrapper."""
+    net = getattr(engine, "module", engine)
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    head = base.get_output_embeddings()
+    for name, child in base.named_children():
+        if child is head:
+            return base, head, name
+    raise SystemExit(f"po_plugins: --po.fused_head: cannot find the LM head among {type(base).__name__}'s modules; "
+                     "run without --po.fused_head")
+
+
+def _gathered(*params):
+    """Read access to ZeRO-3 partitioned parameters (a no-op for anything else)."""
+    import contextlib
+
+    todo = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not todo:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(todo, modifier_rank=None)
+
+
 def _trainer_class():
     from openrlhf.trainer.dpo_trainer import DPOTrainer
 
@@ -245,7 +281,11 @@ def _trainer_class():
             # Scores are those of the LM-head weight, trainable or not: under LoRA the head is frozen and the
             # paper autograds the last block's adapters instead, but DeepSpeed's engine rejects extra
             # autograd.grad calls through its graph; the head statistics stay exact and ZeRO-3 safe.
-            if self._po_need_scores:
+            self._po_fused = bool(getattr(po, "fused_head", False))
+            if self._po_fused and self.strategy.ring_attn_group is not None:
+                raise SystemExit("po_plugins: --po.fused_head does not support ring attention (--ds.ring_attn_size > "
+                                 "1) yet; drop one of them")
+            if self._po_need_scores and not self._po_fused:
                 head.register_forward_hook(self._po_hook)
             states = getattr(self.strategy, "_po_client_states", None) or {}
             if STATE_KEY in states:
@@ -254,6 +294,7 @@ def _trainer_class():
             self._po_interrupt = int(interrupt) if interrupt else None
             self.strategy.print(f"[po_plugins] loss {self.po_loss!r}; monitor "
                                 f"{'on' if self.po_monitor else 'off'}"
+                                + ("; chunked LM head (--po.fused_head)" if self._po_fused else "")
                                 + ("; reference-free: reference forward skipped" if self.po_loss.reference_free
                                    else "; reference log-probs read from the dataset: reference forward skipped"
                                    if getattr(po, "ref_logp_keys", None) else ""))
@@ -287,21 +328,26 @@ def _trainer_class():
             if capture:  # --po.score_every k: fresh statistics on every k-th micro-batch, the last ones between
                 self._po_micro += 1
                 self._po_capture = self._po_last_scores is None or (self._po_micro - 1) % self._po_every == 0
-            try:
-                input_ids, att_masks, lens2 = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask,
-                                                                       prompt_id_lens)
-                log_probs, output = model(input_ids, attention_mask=att_masks, return_output=True,
-                                          return_logprobs=True, ring_attn_group=self.strategy.ring_attn_group)
-            finally:
-                self._po_capture = False
+            input_ids, att_masks, lens2 = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask,
+                                                                   prompt_id_lens)
             loss_masks = att_masks.clone().bool()
             for mask, source_len in zip(loss_masks, lens2):
                 mask[:source_len] = False
             loss_masks = loss_masks[:, 1:]
-            sums = (log_probs * loss_masks).sum(-1)
+            B = chosen_ids.shape[0]
+            if self._po_fused:
+                sums, output = self._po_fused_forward(model, input_ids, att_masks, loss_masks, B,
+                                                      is_policy and self._po_capture)
+                self._po_capture = False
+            else:
+                try:
+                    log_probs, output = model(input_ids, attention_mask=att_masks, return_output=True,
+                                              return_logprobs=True, ring_attn_group=self.strategy.ring_attn_group)
+                finally:
+                    self._po_capture = False
+                sums = (log_probs * loss_masks).sum(-1)
             counts = loss_masks.sum(-1)
             means = sums / counts.clamp(min=1)
-            B = chosen_ids.shape[0]
             if is_policy:
                 extra = {"chosen_tokens": counts[:B], "rejected_tokens": counts[B:], "score_stats": None,
                          "margins": None, "inputs": (chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens)}
@@ -310,12 +356,62 @@ def _trainer_class():
                                                     device=sums.device)
                     extra["margin_known"] = torch.tensor([m is not None for m in margins], device=sums.device)
                 if capture:
-                    if self._po_head_cache is not None:
+                    if self._po_fused and self._po_fused_scores is not None:
+                        self._po_last_scores, self._po_fused_scores = self._po_fused_scores, None
+                    elif self._po_head_cache is not None:
                         self._po_last_scores = self._po_scores(input_ids, att_masks, loss_masks, sums, B)
                     extra["score_stats"] = self._po_last_scores
                 self._po_extra = extra
             aux_loss = output.aux_loss if "aux_loss" in output else []
             return sums[:B], sums[B:], aux_loss, -means[:B].mean()
+
+        _po_fused_scores = None
+
+        def _po_fused_forward(self, actor, input_ids, att_masks, loss_masks, B, want_scores):
+            """--po.fused_head: the backbone through the engine's own forward (the head swapped for a pass-through,
+            so the engine returns the head's input), then log-probs of the response tokens only, by the chunked
+            head (po_plugins.head): never the [N, T, V] logits. Padded or packed, as the Actor lays them out."""
+            from openrlhf.models.ring_attn_utils import unpad_and_slice_tensor
+
+            engine = actor.model
+            base, head, name = _head_of(engine)
+            if actor.packing_samples:
+                seqs, position_ids, _, _, _ = unpad_and_slice_tensor(input_ids, att_masks, None)
+                fwd_mask = None
+            else:
+                seqs, fwd_mask = input_ids, att_masks
+                position_ids = att_masks.long().cumsum(-1) - 1
+                position_ids.masked_fill_(att_masks == 0, 1)
+            scale, cap = head_transform(base.config)
+            temperature = float(getattr(actor, "temperature", 1.0) or 1.0)
+            text = base.config.get_text_config()
+            stand_in = _HeadInput()
+            setattr(base, name, stand_in)
+            if cap:
+                text.final_logit_softcapping = None  # applied by the chunked head instead
+            try:
+                output = engine(seqs, attention_mask=fwd_mask, position_ids=position_ids)
+            finally:
+                setattr(base, name, head)
+                if cap:
+                    text.final_logit_softcapping = cap
+            hidden = output["logits"]
+            x = stand_in.out
+            if hidden is not x and not (x is not None and hidden.shape == x.shape and torch.equal(hidden, x.to(
+                    hidden.dtype))):  # the model rescales its head's output in its forward (not from the config)
+                raise SystemExit(f"po_plugins: --po.fused_head: {type(base).__name__}'s forward transforms its head's "
+                                 "output in a way the chunked head does not reproduce; run without --po.fused_head")
+            h, _, y, rows = response_positions(hidden, None, input_ids, att_masks, loss_masks)
+            lp = chunked_logprobs(head, h, y, int(self.args.po.head_chunk) or None, scale, cap, temperature)
+            sums = torch.zeros(input_ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+            if want_scores:
+                is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
+                with _gathered(head.weight, getattr(head, "bias", None)):
+                    w = head.weight
+                    self._po_fused_scores = score_stats_head(
+                        h.detach(), w, y, rows, is_chosen, bias=getattr(head, "bias", None), logit_scale=scale,
+                        softcap=cap, temperature=temperature, chunk_size=int(self.args.po.score_chunk))
+            return sums, output
 
         def _po_scores(self, input_ids, att_masks, loss_masks, sums, B) -> ScoreStats:
             hidden, logits = self._po_head_cache

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
+from ..head import head_transform
 from ..losses import PairBatch, accepted_hparams, build, names
 from ..monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
-from ..options import OPTIONS, OptionError, check_loss, check_options
+from ..options import OPTIONS, OptionError, check_loss, check_options, options_for
 from ..scores import ScoreStats, score_stats_head
 from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
 
@@ -53,7 +54,7 @@ SEAMS = [
 STATE_FILE = "po_plugins_state_rank{}.pt"
 # the plugin's options as PoDPOConfig fields po_<name>; stored reference log-probs are TRL's own
 # precompute_ref_log_probs (its ref_chosen_logps / ref_rejected_logps columns)
-TRL_OPTIONS = [k for k in OPTIONS if k != "ref_logp_keys"]
+TRL_OPTIONS = options_for("trl")
 PLUGIN_KEYS = ("po_margin", "po_weight")
 NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *PLUGIN_KEYS}
 
@@ -174,20 +175,6 @@ def resolve_loss(args) -> tuple[str | None, dict]:
         hp.setdefault("tau", float(args.discopop_tau))
     check_loss(name, hp, loss_flag="po_loss", hparam_spell=lambda k: f"po_hparams['{k}']")
     return name, hp
-
-
-def _head_transform(config) -> tuple[float, float | None]:
-    """(logit scale, soft-cap) of the final logits, read from the config as TRL's fused head reads them."""
-    text = config.get_text_config()
-    cap = getattr(text, "final_logit_softcapping", None)
-    scale = getattr(text, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text, "lm_head_multiplier", None)
-    if scale is None and getattr(text, "logits_scaling", None) is not None:
-        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
-    return (1.0 if scale is None else float(scale)), (float(cap) if cap else None)
 
 
 def _is_peft(model) -> bool:
@@ -374,7 +361,7 @@ class PoDPOTrainer(DPOTrainer):
         pos = (lab != -100).nonzero(as_tuple=False)
         base = self._po_unwrapped()
         head = base.get_output_embeddings()
-        scale, cap = _head_transform(base.config)
+        scale, cap = head_transform(base.config)
         rows = pos[:, 0]
         is_chosen = torch.arange(lab.shape[0], device=lab.device) < n_pairs
         with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):

@@ -1,0 +1,75 @@
+"""The chunked LM head (po_plugins.head) against the unfused computation: values and gradients."""
+
+import pytest
+import torch
+
+from po_plugins.head import chunked_logprobs, final_logits, head_transform
+
+
+def reference(head, h, y, scale, cap, temp):
+    z = final_logits(head(h), scale, cap, temp)  # the whole [M, V] logits at once
+    return torch.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 5, 7, 64])
+@pytest.mark.parametrize("variant", ["plain", "bias", "softcap_scale_temperature", "tied"])
+def test_chunked_logprobs_equal_unfused_values_and_gradients(dtype, chunk, variant):
+    g = torch.Generator().manual_seed(3)
+    M, d, V = 23, 8, 37  # chunk sizes that divide neither
+    head = torch.nn.Linear(d, V, bias=variant == "bias").to(dtype)
+    if variant == "tied":
+        emb = torch.nn.Embedding(V, d).to(dtype)
+        head.weight = emb.weight
+    scale, cap, temp = (0.7, 2.5, 0.8) if variant == "softcap_scale_temperature" else (1.0, None, 1.0)
+    h = torch.randn(M, d, generator=g).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (M,), generator=g)
+    w = torch.randn(M, generator=g)
+    lp = chunked_logprobs(head, h, y, chunk=chunk, scale=scale, softcap=cap, temperature=temp)
+    gh, gw = torch.autograd.grad((lp * w).sum(), [h, head.weight])
+    ref = reference(head, h, y, scale, cap, temp)
+    rh, rw = torch.autograd.grad((ref * w).sum(), [h, head.weight])
+    assert lp.dtype == torch.float32 and lp.shape == (M,)
+    # bf16: the head rounds its output to bf16, and a GEMM over a chunk of rows may round differently (1 ulp)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(lp, ref, **tol)
+    torch.testing.assert_close(gh.float(), rh.float(), **tol)
+    torch.testing.assert_close(gw.float(), rw.float(), **tol)
+    if variant == "bias":
+        (gb,) = torch.autograd.grad(chunked_logprobs(head, h, y, chunk=chunk).sum(), [head.bias])
+        (rb,) = torch.autograd.grad(reference(head, h, y, 1.0, None, 1.0).sum(), [head.bias])
+        torch.testing.assert_close(gb.float(), rb.float(), **tol)
+
+
+def test_no_chunk_holds_more_than_its_positions():
+    seen = []
+
+    class Spy(torch.nn.Linear):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return super().forward(x)
+
+    head = Spy(4, 11)
+    h = torch.randn(10, 4, requires_grad=True)
+    lp = chunked_logprobs(head, h, torch.randint(0, 11, (10,)), chunk=3)
+    assert seen == [3, 3, 3, 1]  # forward: one chunk's logits at a time
+    lp.sum().backward()
+    assert seen[4:] == [1, 3, 3, 3] or sorted(seen[4:]) == [1, 3, 3, 3]  # backward: each chunk recomputed once
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+def test_empty_selection_is_a_differentiable_zero():
+    head = torch.nn.Linear(4, 9)
+    h = torch.randn(0, 4, requires_grad=True)
+    out = chunked_logprobs(head, h, torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0,)
+    out.sum().backward()
+
+
+def test_head_transform_reads_the_config_names():
+    from types import SimpleNamespace as N
+
+    assert head_transform(N(final_logit_softcapping=30.0)) == (1.0, 30.0)
+    assert head_transform(N(logit_scale=0.5)) == (0.5, None)
+    assert head_transform(N(logits_scaling=4.0, model_type="granite")) == (0.25, None)
+    assert head_transform(N(logits_scaling=4.0, model_type="hyperclovax")) == (4.0, None)
