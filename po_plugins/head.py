@@ -51,8 +51,9 @@ def _chunk_logprobs(head, h, y, scale, softcap, temperature):
 
 
 def default_chunk(vocab_size: int) -> int:
-    """Token positions per chunk: about 2^24 logits (64 MiB in fp32) at a time, at least 16 positions."""
-    return max(16, (1 << 24) // max(1, int(vocab_size)))
+    """Token positions per chunk: about 2^22 logits (16 MiB in fp32; a chunk's forward and backward hold a few such
+    buffers) at a time, at least 16 positions: 128 positions at V = 32k, 32 at V = 128k."""
+    return max(16, (1 << 22) // max(1, int(vocab_size)))
 
 
 def chunked_logprobs(

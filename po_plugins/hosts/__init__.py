@@ -33,7 +33,11 @@ def check_seams(host: str, dist: str, version: str | None, lo: str, hi: str, why
     if not (Version(lo) <= Version(version) < Version(hi)):
         raise HostError(f"{host} {version} is not supported by po_plugins (needs >={lo},<{hi}: {why}); {fix}")
     for mod_name, attr, members, fragments in seams:
-        obj = getattr(importlib.import_module(mod_name), attr, None)
+        try:
+            obj = getattr(importlib.import_module(mod_name), attr, None)
+        except ImportError as e:
+            raise HostError(f"{host} {version}: importing {mod_name} failed ({e}); {fix}") from None
+        obj = getattr(obj, "_po_replaces", obj)  # an adapter swapped it in: check the host's own
         if obj is None:
             raise HostError(f"{host} {version}: seam {mod_name}.{attr} is missing; {fix}")
         for m in members:

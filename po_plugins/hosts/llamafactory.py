@@ -22,8 +22,6 @@ checked by `check_host()`:
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 import math
 import os
@@ -32,18 +30,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-import po_plugins.hosts as _hosts
-
 from ..losses import PairBatch, accepted_hparams, build, names
 from ..monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
 from ..options import OPTIONS, OptionError, check_loss, check_options, coerce_hparam, parse_value
 from ..scores import response_positions, score_stats_flat
+from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
 
 logger = logging.getLogger("po_plugins")
 
 SUPPORTED = (">=0.9.5", "<0.9.6")
-FIX = ("install a supported release: pip install 'po-plugins[llamafactory]' (llamafactory>=0.9.5,<0.9.6 with "
-       "trl 0.24 and transformers>=4.57.1,<5)")
 _PREPROCESS_FILTER = 'len(examples["_prompt"][i]) % 2 != 1 or len(examples["_response"][i]) < 2'
 # (module, attribute, members that must exist, source fragments the plugin relies on)
 SEAMS = [
@@ -79,53 +74,21 @@ ROW_COLUMNS = {"margin": "_po_margin", "weight": "_po_weight"}
 LF_NAMES = {"sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo", "orpo": "orpo", "simpo": "simpo"}
 
 
-class HostError(getattr(_hosts, "HostError", RuntimeError)):
-    """The installed LLaMA-Factory cannot host the plugin."""
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
 def host_version() -> str | None:
-    return _version("llamafactory")
+    return installed_version("llamafactory")
 
 
 def check_host(version: str | None = None) -> str:
     """Fail with one clear message unless a supported LLaMA-Factory with every seam is installed."""
     from packaging.version import Version
 
-    version = host_version() if version is None else version
-    if version is None:
-        raise HostError(f"LLaMA-Factory is not installed; {FIX}")
-    if not (Version("0.9.5") <= Version(version) < Version("0.9.6")):
-        raise HostError(f"LLaMA-Factory {version} is not supported by po_plugins (needs >=0.9.5,<0.9.6: its DPO "
-                        f"trainer's seams are checked against that release); {FIX}")
-    tv, trv = _version("transformers"), _version("trl")
+    tv, trv = installed_version("transformers"), installed_version("trl")
     if trv is not None and Version(trv) < Version("0.29") and tv is not None and Version(tv) >= Version("5.3"):
         raise HostError(f"trl {trv} cannot be imported with transformers {tv} (its optional-package check breaks from "
                         "transformers 5.3 on); pip install 'transformers>=4.57.1,<5'")
-    for mod_name, attr, members, fragments in SEAMS:
-        try:
-            obj = getattr(importlib.import_module(mod_name), attr, None)
-            obj = getattr(obj, "_po_replaces", obj)  # install() swapped it: check LLaMA-Factory's own
-        except ImportError as e:
-            raise HostError(f"LLaMA-Factory {version}: importing {mod_name} failed ({e}); {FIX}") from None
-        if obj is None:
-            raise HostError(f"LLaMA-Factory {version}: seam {mod_name}.{attr} is missing; {FIX}")
-        for m in members:
-            if not hasattr(obj, m):
-                raise HostError(f"LLaMA-Factory {version}: seam {mod_name}.{attr}.{m} is missing; {FIX}")
-        src = inspect.getsource(obj) if fragments else ""
-        for f in fragments:
-            if f not in src:
-                raise HostError(f"LLaMA-Factory {version}: {mod_name}.{attr} no longer contains `{f}`; {FIX}")
-    return version
+    version = host_version() if version is None else version
+    return check_seams("LLaMA-Factory", "llamafactory", version, "0.9.5", "0.9.6",
+                       "its DPO trainer's seams are checked against that release", SEAMS, "llamafactory")
 
 
 check_host()

@@ -46,6 +46,7 @@ def host_version() -> str | None:
 
 def check_host(version: str | None = None) -> str:
     """Fail with one clear message unless a supported OpenRLHF with every seam is installed."""
+    version = host_version() if version is None else version
     return check_seams("OpenRLHF", "openrlhf", version, "0.10.2", "0.12", "dotted flags and the DPOTrainer seams",
                        SEAMS, "openrlhf")
 

@@ -70,6 +70,7 @@ def host_version() -> str | None:
 
 def check_host(version: str | None = None) -> str:
     """Fail with one clear message unless a supported TRL with every seam is installed."""
+    version = host_version() if version is None else version
     return check_seams("TRL", "trl", version, "1.16", "1.17", "the DPOTrainer with the fused LM head", SEAMS, "trl")
 
 
