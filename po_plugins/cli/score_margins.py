@@ -32,8 +32,10 @@ difference). JSON lines for `.jsonl`/`.json`, parquet for `.parquet`.
 
 `--ref_model PATH` also writes `ref_chosen_logp`/`ref_rejected_logp`: the reference log-probs summed over
 response tokens (EOS included, prompt masked), from OpenRLHF's `Actor`, `RewardDataset(is_dpo=True)` and the
-stock `DPOTrainer.concatenated_forward`/`_get_batch_logps`, in fp32 (training computes them at
-`--ds.param_dtype`). Rows that DPO formatting drops (prompt ≥ max_len − 2 tokens) get null there.
+stock `DPOTrainer.concatenated_forward`/`_get_batch_logps`, with the reference weights in `--ref_dtype` (default
+bf16: the dtype of the training step's reference forward, `--ds.param_dtype`; logits in fp32 as OpenRLHF takes
+them), so `--po.ref_logp_keys` reproduces the live reference. Rows that DPO formatting drops (prompt ≥ max_len − 2
+tokens) get null there.
 
 TRL / Hugging Face reward models (`--rm_kind hf`, detected automatically). Each pair is formatted as TRL 1.16's
 `RewardTrainer` formats it for training (`_prepare_dataset`): the dataset is conversational when its first row's
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint_every", type=int, default=32, help="flush finished margins every K batches")
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial*.jsonl of an interrupted run")
     p.add_argument("--ref_model", default=None, help="also write ref_chosen_logp/ref_rejected_logp (DPO reference)")
+    p.add_argument("--ref_dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="weights dtype of the --ref_model forward: the training step's --ds.param_dtype (default bf16)")
     p.add_argument("--attn_implementation", choices=ATTN_CHOICES, default=None,
                    help="default: flash_attention_2 on CUDA, eager on CPU")
     return p
@@ -217,15 +221,16 @@ def load_reward_model(path, attn_implementation=None, device=None, use_fast=True
     return model, tokenizer
 
 
-def load_ref_model(path, attn_implementation=None, device=None, use_fast=True):
-    """(actor, tokenizer): OpenRLHF's Actor as train_dpo loads the reference (bf16; fp32 on CPU); right padding."""
+def load_ref_model(path, attn_implementation=None, device=None, use_fast=True, dtype="bf16"):
+    """(actor, tokenizer): OpenRLHF's Actor as train_dpo loads the reference, weights in `dtype` (the training step's
+    --ds.param_dtype: then the stored log-probs are the ones training would compute); right padding."""
     from openrlhf.models import Actor
     from openrlhf.utils import get_tokenizer
 
     device = default_device() if device is None else device
     attn = attn_implementation or ("flash_attention_2" if device.type == "cuda" else "eager")
-    actor = Actor(str(path), attn_implementation=attn, param_dtype="bf16")
-    if device.type == "cpu":
+    actor = Actor(str(path), attn_implementation=attn, param_dtype="fp16" if dtype == "fp16" else "bf16")
+    if dtype == "fp32":
         actor = actor.float()
     actor = actor.to(device).eval()
     tokenizer = get_tokenizer(str(path), actor.model, "right", None, use_fast=use_fast)
@@ -517,6 +522,7 @@ def fingerprint(args, n_rows: int) -> str:
                  if os.path.exists(d.strip().split("@")[0]) else d for d in args.data.dataset.split(",")],
         "data_args": vars(args.data), "rows": n_rows, "batch_size": args.batch_size,
         "margin_key": args.margin_key, "attn": args.attn_implementation,
+        "ref_dtype": getattr(args, "ref_dtype", "bf16") if args.ref_model else None,
     }
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -692,7 +698,8 @@ def openrlhf_passes(args, rank: int, world: int, say):
     passes = [((args.margin_key,), rm_scorer(model, tokenizer, rm_ds), list(range(n)),
                plan_batches(_lengths(rm_ds, rank, world), args.batch_size))]
     if args.ref_model:
-        actor, ref_tok = load_ref_model(args.ref_model, args.attn_implementation, use_fast=use_fast)
+        actor, ref_tok = load_ref_model(args.ref_model, args.attn_implementation, use_fast=use_fast,
+                                        dtype=args.ref_dtype)
         ref_ds = reward_dataset(raw, ref_tok, args.data, is_dpo=True)
         rows = dpo_rows(raw, ref_ds)
         if len(rows) < n:
