@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # name: (vocab, hidden, layers, pairs per micro-batch, answer sentences per response, max_len)
 SHAPES = {
     "v32k_medium": (32768, 256, 4, 2, 12, 320),
-    "v128k_long": (131072, 256, 2, 1, 40, 1024),
+    "v128k_long": (131072, 256, 2, 2, 90, 1024),
 }
 QUICK = {"quick": (8192, 64, 2, 1, 4, 128)}
 MODES = {"stock": [], "rc_dpo_fused": ["--loss", "rc_dpo", "--po.fused_head"],

@@ -47,7 +47,8 @@ def final_logits(raw: torch.Tensor, scale: float = 1.0, softcap: float | None = 
 
 def _chunk_logprobs(head, h, y, scale, softcap, temperature):
     z = final_logits(head(h), scale, softcap, temperature)
-    return z.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    return z.gather(-1, y[:, None]).squeeze(-1) - lse, lse.detach()
 
 
 def default_chunk(vocab_size: int) -> int:
@@ -65,24 +66,29 @@ def chunked_logprobs(
     softcap: float | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """log p(y_t | ·) for every position, fp32 [M], differentiable with respect to `hidden` and the head's
     parameters. `chunk` positions at a time (default `default_chunk(V)`); with gradients enabled each chunk is
-    checkpointed, so its logits are freed after the forward and recomputed in the backward."""
+    checkpointed, so its logits are freed after the forward and recomputed in the backward. `return_lse=True` also
+    returns the detached log-normalisers [M] (the head statistics reuse them instead of a pass of their own)."""
     M = hidden.shape[0]
     if M == 0:  # keep the graph connected so a backward through an empty selection is a zero, not an error
-        return hidden.sum(-1).float() * 0.0
+        zero = hidden.sum(-1).float() * 0.0
+        return (zero, zero.detach()) if return_lse else zero
     if chunk is None:
         weight = getattr(head, "weight", None)
         V = vocab_size or (getattr(weight, "ds_shape", None) or getattr(weight, "shape", (1 << 15,)))[0]
         chunk = default_chunk(V)
     labels = labels.long()
     track = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-    out = []
+    out, lses = [], []
     for a in range(0, M, chunk):
         h, y = hidden[a:a + chunk], labels[a:a + chunk]
         if track:
-            out.append(checkpoint(_chunk_logprobs, head, h, y, scale, softcap, temperature, use_reentrant=False))
+            lp, lse = checkpoint(_chunk_logprobs, head, h, y, scale, softcap, temperature, use_reentrant=False)
         else:
-            out.append(_chunk_logprobs(head, h, y, scale, softcap, temperature))
-    return torch.cat(out)
+            lp, lse = _chunk_logprobs(head, h, y, scale, softcap, temperature)
+        out.append(lp)
+        lses.append(lse)
+    return (torch.cat(out), torch.cat(lses)) if return_lse else torch.cat(out)

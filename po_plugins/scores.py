@@ -80,6 +80,8 @@ def score_stats_head(
     temperature: float = 1.0,
     chunk_size: int = 4096,
     method: str = "auto",
+    lse: torch.Tensor | None = None,  # [M] log-normalisers already computed (e.g. by po_plugins.head): one pass less
+    head_dtype: torch.dtype | None = None,  # compute the head product in this dtype, as the model's head does
 ) -> ScoreStats:
     """‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩ of the head weight from the head's input and weight, for hosts whose fused head never
     materialises logits: the logits are rebuilt chunk by chunk over the vocabulary (two passes: log-normaliser, then
@@ -88,23 +90,26 @@ def score_stats_head(
     The logit of token v is z = c·tanh(s·u/c)/T with u = h·W_vᵀ + b_v (without soft-capping z = s·u/T), so
     ∂(log-prob)/∂W_v = Σ_t ([y_t = v] − p_tv)·(∂z_tv/∂u_tv)·h_t: exact, including the scale, cap and temperature.
     """
-    h = hidden.float()
     s, T = float(logit_scale), float(temperature)
+    h = hidden.to(head_dtype) if head_dtype is not None else hidden.float()
 
     def chunk(a, b):
-        u = h @ weight[a:b].float().T
-        if bias is not None:
-            u = u + bias[a:b].float()
+        if head_dtype is not None:  # the model's own head product (e.g. bf16), then fp32 as the log-probs take it
+            u = torch.nn.functional.linear(h, weight[a:b], None if bias is None else bias[a:b]).float()
+        else:
+            u = h @ weight[a:b].float().T
+            if bias is not None:
+                u = u + bias[a:b].float()
         x = u * s
         if softcap:
             t = torch.tanh(x / softcap)
             return softcap * t / T, (s / T) * (1 - t * t)
         return x / T, None if s == T else torch.full((), s / T, device=h.device)
 
-    return _stats(hidden, labels, rows, is_chosen, weight.shape[0], chunk, chunk_size, method)
+    return _stats(hidden, labels, rows, is_chosen, weight.shape[0], chunk, chunk_size, method, lse)
 
 
-def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method) -> ScoreStats:
+def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, lse=None) -> ScoreStats:
     """The shared core: `chunk(a, b)` gives the final logits of vocabulary rows [a, b) at every position and the
     derivative of the final logit with respect to the head's raw output there (None: 1)."""
     if method not in ("auto", "vocab", "gram"):
@@ -117,9 +122,12 @@ def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method) -> Sco
     h = hidden.float() * row_scale[rows][:, None]  # [M, d], scaled by 1/n of its side
     y = labels.long()
     M, d = h.shape
-    lse = torch.full((M, 1), -math.inf, dtype=torch.float32, device=h.device)
-    for a in range(0, V, chunk_size):
-        lse = torch.logaddexp(lse, torch.logsumexp(chunk(a, min(a + chunk_size, V))[0], dim=-1, keepdim=True))
+    if lse is not None:
+        lse = lse.detach().float().reshape(M, 1).to(h.device)
+    else:
+        lse = torch.full((M, 1), -math.inf, dtype=torch.float32, device=h.device)
+        for a in range(0, V, chunk_size):
+            lse = torch.logaddexp(lse, torch.logsumexp(chunk(a, min(a + chunk_size, V))[0], dim=-1, keepdim=True))
 
     def a_chunk(a, b):  # (onehot − softmax) ⊙ ∂z/∂u on vocabulary rows [a, b): [M, b − a]
         z, dz = chunk(a, b)

@@ -73,3 +73,26 @@ def test_head_transform_reads_the_config_names():
     assert head_transform(N(logit_scale=0.5)) == (0.5, None)
     assert head_transform(N(logits_scaling=4.0, model_type="granite")) == (0.25, None)
     assert head_transform(N(logits_scaling=4.0, model_type="hyperclovax")) == (4.0, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_statistics_reuse_the_chunked_heads_normalisers(dtype):
+    """--po.fused_head's statistics: the chunked head's log-normalisers and the head's own product (in its dtype)
+    give the statistics of the logits the model itself produces, as the logits path computes them."""
+    from po_plugins.scores import score_stats_flat, score_stats_head
+
+    g = torch.Generator().manual_seed(5)
+    M, d, V = 19, 8, 41
+    head = torch.nn.Linear(d, V, bias=True).to(dtype)
+    h = torch.randn(M, d, generator=g).to(dtype)
+    y = torch.randint(0, V, (M,), generator=g)
+    rows = torch.arange(M) % 4
+    is_chosen = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        _, lse = chunked_logprobs(head, h, y, chunk=6, return_lse=True)
+        fused = score_stats_head(h, head.weight, y, rows, is_chosen, bias=head.bias, chunk_size=10, lse=lse,
+                                 head_dtype=dtype)
+        logits = score_stats_flat(h, head(h), y, rows, is_chosen, chunk_size=10)  # the logits path (a hook's view)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    for a, b in zip(fused, logits):
+        torch.testing.assert_close(a, b, **tol)

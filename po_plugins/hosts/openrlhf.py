@@ -403,7 +403,8 @@ def _trainer_class():
                 raise SystemExit(f"po_plugins: --po.fused_head: {type(base).__name__}'s forward transforms its head's "
                                  "output in a way the chunked head does not reproduce; run without --po.fused_head")
             h, _, y, rows = response_positions(hidden, None, input_ids, att_masks, loss_masks)
-            lp = chunked_logprobs(head, h, y, int(self.args.po.head_chunk) or None, scale, cap, temperature)
+            lp, lse = chunked_logprobs(head, h, y, int(self.args.po.head_chunk) or None, scale, cap, temperature,
+                                       return_lse=True)
             sums = torch.zeros(input_ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
             if want_scores:
                 is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
@@ -411,7 +412,8 @@ def _trainer_class():
                     w = head.weight
                     self._po_fused_scores = score_stats_head(
                         h.detach(), w, y, rows, is_chosen, bias=getattr(head, "bias", None), logit_scale=scale,
-                        softcap=cap, temperature=temperature, chunk_size=int(self.args.po.score_chunk))
+                        softcap=cap, temperature=temperature, chunk_size=int(self.args.po.score_chunk), lse=lse,
+                        head_dtype=w.dtype)  # the head's own product and the chunked head's normalisers
             return sums, output
 
         def _po_scores(self, input_ids, att_masks, loss_masks, sums, B) -> ScoreStats:
