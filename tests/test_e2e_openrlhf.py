@@ -224,6 +224,20 @@ def test_overhead_benchmark_quick_prints_json_last(tmp_path):
         assert out[k] > 0, k
 
 
+def test_memory_benchmark_quick_prints_json_last(tmp_path):
+    import subprocess
+    import sys as _sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([_sys.executable, str(root / "benchmarks" / "memory.py"), "--quick"], cwd=root,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shape = json.loads(res.stdout.strip().splitlines()[-1])["shapes"]["quick"]
+    for k in ("rc_dpo_fused_peak_mem_ratio", "rc_dpo_fused_step_time_ratio", "dpo_fused_peak_mem_ratio",
+              "dpo_fused_step_time_ratio"):
+        assert shape[k] > 0, k
+
+
 def test_stored_reference_logps_replace_the_reference_forward(assets, tmp_path):
     rows = [json.loads(x) for x in Path(assets["train"]).read_text().splitlines()]
     data = tmp_path / "with_ref.jsonl"
