@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from ..losses import PairBatch, accepted_hparams, build, names
-from ..monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
+from ..monitor import loss_step
 from ..options import OPTIONS, OptionError, check_loss, check_options, coerce_hparam, parse_value
 from ..scores import response_positions, score_stats_flat
 from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
+from .hf_trainer import RowExtras, TrainerPlugin, columns
 
 logger = logging.getLogger("po_plugins")
 
@@ -63,7 +63,6 @@ SEAMS = [
     ("trl.trainer.dpo_trainer", "DPOTrainer", ("compute_loss", "store_metrics"),
      ("self.get_batch_loss_metrics(model, inputs", "self.store_metrics(metrics")),
 ]
-STATE_FILE = "po_plugins_state_rank{}.pt"
 # the plugin's YAML keys: po_<option>, po_hparams, po_<hyperparameter>, po_weight_key; stored reference log-probs
 # (ref_logp_keys) have no LLaMA-Factory counterpart
 LF_OPTIONS = [k for k in OPTIONS if k != "ref_logp_keys"]
@@ -99,7 +98,6 @@ from llamafactory.data.processor.pairwise import PairwiseDatasetProcessor  # noq
 from llamafactory.train import tuner as _lf_tuner  # noqa: E402
 from llamafactory.train.callbacks import LogCallback  # noqa: E402
 from llamafactory.train.dpo import trainer as _lf_dpo_trainer  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
 CustomDPOTrainer = _lf_dpo_trainer.CustomDPOTrainer
 
@@ -334,28 +332,6 @@ def _preprocess_dataset(self, examples):
     return out
 
 
-class RowExtras:
-    """Wraps LLaMA-Factory's pairwise collator: the rows' _po_margin / _po_weight become `po_margin` / `po_weight`
-    [B] tensors of the same batch (NaN: margin 0, i.e. MADPO weight 1; weight 1)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, features, *a, **kw):
-        present = [c for c in ROW_COLUMNS.values() if features and all(c in f for f in features)]
-        vals = {c: [f[c] for f in features] for c in present}
-        out = self.inner([{k: v for k, v in f.items() if k not in ROW_COLUMNS.values()} for f in features], *a, **kw)
-        for what, c in ROW_COLUMNS.items():
-            if c in vals:
-                default = 0.0 if what == "margin" else 1.0
-                out[f"po_{what}"] = torch.tensor([default if v is None or not math.isfinite(v) else float(v)
-                                                  for v in vals[c]], dtype=torch.float32)
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 class PoLogCallback(LogCallback):
     """LLaMA-Factory's LogCallback; each trainer_log.jsonl line also carries the po/* scalars of that log."""
 
@@ -375,7 +351,7 @@ class PoLogCallback(LogCallback):
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------------
-class PoLFDPOTrainer(CustomDPOTrainer):
+class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
     """LLaMA-Factory's CustomDPOTrainer with a po_plugins objective, the band monitor, per-row margins / weights and
     plugin state. Same constructor; the objective and options come from `install(cfg)` and the parsed arguments."""
 
@@ -391,18 +367,12 @@ class PoLFDPOTrainer(CustomDPOTrainer):
         self.loss_type = "po_plugins"  # LLaMA-Factory's concatenated_forward then returns summed log-probs
         if "margins" in self.po_loss.needs:
             self._po_check_margins()
-        if any(c in (_columns(self.train_dataset) or []) for c in ROW_COLUMNS.values()) or any(
-                c in (_columns(d) or []) for d in _evals(self.eval_dataset) for c in ROW_COLUMNS.values()):
-            self.data_collator = RowExtras(self.data_collator)
-        calibrating = self.po_loss.name.startswith("rc_")
-        self.po_monitor = None
-        if cfg.opt("monitor") or calibrating:
-            path = cfg.opt("jsonl") or os.path.join(self.args.output_dir, "po_band.jsonl")
-            self.po_monitor = BandMonitor(self.po_loss, path, cfg.opt("alert_steps"), cfg.opt("recheck_every"),
-                                          rescore=self._po_rescore, log=self._po_print,
-                                          is_rank_0=lambda: self.args.process_index == 0)
-            self.add_callback(_StepEnd(self))
-        self._po_need_scores = calibrating or self.po_monitor is not None
+        if any(c in (columns(self.train_dataset) or []) for c in ROW_COLUMNS.values()) or any(
+                c in (columns(d) or []) for d in _evals(self.eval_dataset) for c in ROW_COLUMNS.values()):
+            self.data_collator = RowExtras(self.data_collator, {"po_margin": (ROW_COLUMNS["margin"], 0.0),
+                                                                "po_weight": (ROW_COLUMNS["weight"], 1.0)})
+        self._po_start_monitor(cfg.opt("monitor"), cfg.opt("jsonl"), cfg.opt("alert_steps"), cfg.opt("recheck_every"))
+        self._po_need_scores = self.po_monitor is not None
         self._po_armed = False
         self._po_captured = None
         self._po_last_scores = None
@@ -415,7 +385,7 @@ class PoLFDPOTrainer(CustomDPOTrainer):
 
     # ---- columns -------------------------------------------------------------------------------------------------
     def _po_check_margins(self):
-        cols = _columns(self.train_dataset)
+        cols = columns(self.train_dataset)
         if cols is None:
             return
         if "_po_margin" not in cols:
@@ -453,9 +423,8 @@ class PoLFDPOTrainer(CustomDPOTrainer):
         if self._po_armed:
             self._po_captured = (inputs[0].detach(), output.detach())
 
-    def _po_print(self, msg: str) -> None:
-        if self.args.process_index == 0:
-            print(msg, flush=True)
+    def _po_step_metrics(self) -> dict:
+        return self._stored_metrics["train"]
 
     def _po_scores(self, batch, labels, n_pairs):
         hidden, logits = self._po_captured
@@ -520,57 +489,11 @@ class PoLFDPOTrainer(CustomDPOTrainer):
         }
         return per_sample.mean(), metrics
 
-    # ---- state ---------------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        os.makedirs(out, exist_ok=True)
-        torch.save(plugin_state(self.po_loss, self.po_monitor),
-                   os.path.join(out, STATE_FILE.format(self.args.process_index)))
-
-    def train(self, resume_from_checkpoint=None, *a, **kw):
-        path = resume_from_checkpoint
-        if isinstance(path, bool) and path:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            path = get_last_checkpoint(self.args.output_dir)
-        if path:
-            mine = os.path.join(path, STATE_FILE.format(self.args.process_index))
-            first = os.path.join(path, STATE_FILE.format(0))
-            found = mine if os.path.exists(mine) else first if os.path.exists(first) else None
-            if found is None:
-                self._po_print(f"[po_plugins] WARNING: {path} holds no po_plugins state; the objective's running "
-                               "statistics (RC's α) start afresh")
-            else:
-                load_plugin_state(torch.load(found, weights_only=False), self.po_loss, self.po_monitor)
-                self._po_print(f"[po_plugins] restored the plugin state from {found}")
-        return super().train(resume_from_checkpoint, *a, **kw)
-
-
-def _columns(ds):
-    cols = getattr(ds, "column_names", None)
-    return list(cols) if isinstance(cols, (list, tuple)) else None
-
 
 def _evals(ds):
     if ds is None:
         return []
     return list(ds.values()) if isinstance(ds, dict) else [ds]
-
-
-class _StepEnd(TrainerCallback):
-    """Closes each optimizer step for the monitor; its po/* scalars join LLaMA-Factory's stored metrics (averaged
-    per log, then into trainer_log.jsonl and the report_to backends)."""
-
-    def __init__(self, trainer: PoLFDPOTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        t = self.trainer
-        for k, v in t.po_monitor.end_step(state.global_step).items():
-            t._stored_metrics["train"][k].append(v)
 
 
 __all__ = ["PoLFConfig", "PoLFDPOTrainer", "check_host", "HostError", "LF_NAMES", "split_args", "resolve_loss",

@@ -20,18 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainerCallback
 
 from ..head import head_transform
 from ..losses import PairBatch, accepted_hparams, build, names
-from ..monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
+from ..monitor import loss_step
 from ..options import OPTIONS, OptionError, check_loss, check_options, options_for
 from ..scores import ScoreStats, score_stats_head
-from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
+from . import HostError, check_seams, installed_version
+from .hf_trainer import RowExtras, TrainerPlugin, columns  # noqa: F401  (HostError: re-exported)
 
 logger = logging.getLogger("po_plugins")
 
@@ -51,7 +50,6 @@ SEAMS = [
     ("trl.models.utils", "disable_gradient_checkpointing", (), ()),
     ("trl", "DPOConfig", (), ()),
 ]
-STATE_FILE = "po_plugins_state_rank{}.pt"
 # the plugin's options as PoDPOConfig fields po_<name>; stored reference log-probs are TRL's own
 # precompute_ref_log_probs (its ref_chosen_logps / ref_rejected_logps columns)
 TRL_OPTIONS = options_for("trl")
@@ -184,41 +182,7 @@ def _is_peft(model) -> bool:
     return is_peft_model(model)
 
 
-class RowExtras:
-    """Wraps TRL's collator: a row's margin and weight columns become `po_margin` / `po_weight` [B] tensors of the
-    same batch (in the batch's row order); rows of a dataset without the column get none (unweighted)."""
-
-    def __init__(self, inner, margin_key: str | None, weight_key: str | None):
-        self.inner, self.margin_key, self.weight_key = inner, margin_key, weight_key
-
-    def __call__(self, examples, *a, **kw):
-        keys = [k for k in (self.margin_key, self.weight_key) if k]
-        vals = {k: [ex.get(k) for ex in examples] for k in keys}
-        out = self.inner([{k: v for k, v in ex.items() if k not in keys} for ex in examples], *a, **kw)
-        for key, name in ((self.margin_key, "po_margin"), (self.weight_key, "po_weight")):
-            if key and all(key in ex for ex in examples):
-                out[name] = torch.tensor([_finite_or(v, 0.0 if name == "po_margin" else 1.0) for v in vals[key]],
-                                         dtype=torch.float32)
-        return out
-
-    def __getattr__(self, name):  # the collator's own attributes (pad_token_id, max_length, ...)
-        return getattr(self.inner, name)
-
-
-def _finite_or(v, default):
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return default
-    return v if math.isfinite(v) else default
-
-
-def _columns(ds) -> list | None:
-    cols = getattr(ds, "column_names", None)
-    return list(cols) if isinstance(cols, (list, tuple)) else None
-
-
-class PoDPOTrainer(DPOTrainer):
+class PoDPOTrainer(TrainerPlugin, DPOTrainer):
     """TRL's DPOTrainer with a po_plugins objective, the band monitor, per-row margins / weights and plugin state.
 
     Takes exactly DPOTrainer's arguments; `args` must be a PoDPOConfig.
@@ -246,17 +210,12 @@ class PoDPOTrainer(DPOTrainer):
         super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, *a, **kw)
         if self.po_loss is None:
             return
-        if self._po_margin_key or self._po_weight_key:
-            self.data_collator = RowExtras(self.data_collator, self._po_margin_key, self._po_weight_key)
-        calibrating = self.po_loss.name.startswith("rc_")
-        self.po_monitor = None
-        if args.po_monitor or calibrating:
-            path = args.po_jsonl or os.path.join(args.output_dir, "po_band.jsonl")
-            self.po_monitor = BandMonitor(self.po_loss, path, args.po_alert_steps, args.po_recheck_every,
-                                          rescore=self._po_rescore, log=self._po_print,
-                                          is_rank_0=lambda: self.args.process_index == 0)
-            self.add_callback(_StepEnd(self))
-        self._po_need_scores = calibrating or self.po_monitor is not None
+        carried = {key: (col, default) for key, col, default in (("po_margin", self._po_margin_key, 0.0),
+                                                                  ("po_weight", self._po_weight_key, 1.0)) if col}
+        if carried:
+            self.data_collator = RowExtras(self.data_collator, carried)
+        self._po_start_monitor(args.po_monitor, args.po_jsonl, args.po_alert_steps, args.po_recheck_every)
+        self._po_need_scores = self.po_monitor is not None
         self._po_capture = False
         self._po_hidden = None
         self._po_last_scores = None
@@ -271,7 +230,7 @@ class PoDPOTrainer(DPOTrainer):
     def _po_check_rows(self, ds, role: str, required: bool, missing: str) -> None:
         """Every column error names the dataset; a margin column must have a finite value in every row unless
         po_missing_margin='unit'. An evaluation set without the column is evaluated unweighted."""
-        cols = _columns(ds)
+        cols = columns(ds)
         if cols is None:
             return
         for key, flag in ((self._po_margin_key, "po_margin_key"), (self._po_weight_key, "po_weight_key")):
@@ -320,9 +279,8 @@ class PoDPOTrainer(DPOTrainer):
             h = getattr(output, "last_hidden_state", None)
             self._po_hidden = (h if h is not None else output[0]).detach()
 
-    def _po_print(self, msg: str) -> None:
-        if self.args.process_index == 0:
-            print(msg, flush=True)
+    def _po_step_metrics(self) -> dict:
+        return self._metrics["train"]
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def _po_logps(self, model, inputs, capture: bool = False):
@@ -453,47 +411,6 @@ class PoDPOTrainer(DPOTrainer):
         m["rewards/margins"].append((cr - rr).mean().item())
         m["logps/chosen"].append(gather(zw.detach()).mean().item())
         m["logps/rejected"].append(gather(zl.detach()).mean().item())
-
-    # ---- state -----------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.po_loss is None:
-            return
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        os.makedirs(out, exist_ok=True)
-        torch.save(plugin_state(self.po_loss, self.po_monitor), os.path.join(out, STATE_FILE.format(
-            self.args.process_index)))
-
-    def train(self, resume_from_checkpoint=None, *a, **kw):
-        path = resume_from_checkpoint
-        if isinstance(path, bool) and path:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            path = get_last_checkpoint(self.args.output_dir)
-        if path and self.po_loss is not None:
-            mine = os.path.join(path, STATE_FILE.format(self.args.process_index))
-            first = os.path.join(path, STATE_FILE.format(0))
-            found = mine if os.path.exists(mine) else first if os.path.exists(first) else None
-            if found is None:
-                self._po_print(f"[po_plugins] WARNING: {path} holds no po_plugins state; the objective's running "
-                               "statistics (RC's α) start afresh")
-            else:
-                load_plugin_state(torch.load(found, weights_only=False), self.po_loss, self.po_monitor)
-        return super().train(resume_from_checkpoint, *a, **kw)
-
-
-class _StepEnd(TrainerCallback):
-    """Closes each optimizer step for the monitor; its po/* scalars join TRL's own metrics (averaged per log)."""
-
-    def __init__(self, trainer: PoDPOTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        t = self.trainer
-        for k, v in t.po_monitor.end_step(state.global_step).items():
-            t._metrics["train"][k].append(v)
 
 
 __all__ = ["PoDPOConfig", "PoDPOTrainer", "check_host", "HostError", "TRL_NAMES", "resolve_loss"]
