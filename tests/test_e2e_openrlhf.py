@@ -317,6 +317,22 @@ def test_fused_head_follows_the_stock_trajectory(assets, tmp_path):
         assert diff <= upd * update, (name, diff / update)
 
 
+def test_fused_head_under_zero3_matches_the_stock_step(assets, tmp_path):
+    """ZeRO-3 shards the head weight: the chunked head calls the head module, whose hooks gather it in the forward
+    and in the recomputation, and its gradient reaches the partitioned parameter (the head's final weights follow
+    the stock run's)."""
+    lr = ["--adam.lr", "1e-3"]
+    run(["openrlhf.cli.train_dpo", *flags(assets, tmp_path / "stock", stage=3, extra=lr)], tmp_path,
+        module="po_plugins._cpu.run_stock")
+    run(["--loss", "dpo", "--po.fused_head", "--po.monitor", *flags(assets, tmp_path / "fused", stage=3, extra=lr)],
+        tmp_path)
+    w0, ws, wf = weights(assets["model"]), weights(tmp_path / "stock"), weights(tmp_path / "fused")
+    head = "lm_head.weight"
+    update = (ws[head].float() - w0[head].float()).norm()
+    assert update > 0 and (wf[head].float() - ws[head].float()).norm() <= 1e-2 * update
+    assert (wf[head].float() - w0[head].float()).norm() > 0.5 * update
+
+
 def test_packed_sequences_end_to_end(assets, tmp_path):
     """--ds.packing_samples on CPU (sdpa with the block-diagonal packed mask): the first step's log-probs equal the
     unpacked ones; dpo and rc_dpo train packed, with and without the fused head; margins survive packing."""
