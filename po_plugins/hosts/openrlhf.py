@@ -412,7 +412,9 @@ def _trainer_class():
                     w = head.weight
                     self._po_fused_scores = score_stats_head(
                         h.detach(), w, y, rows, is_chosen, bias=getattr(head, "bias", None), logit_scale=scale,
-                        softcap=cap, temperature=temperature, chunk_size=int(self.args.po.score_chunk), lse=lse,
+                        softcap=cap, temperature=temperature, lse=lse,
+                        # at most ~2^22 statistics entries a vocabulary chunk, however many response tokens
+                        chunk_size=max(64, min(int(self.args.po.score_chunk), (1 << 22) // max(1, h.shape[0]))),
                         head_dtype=w.dtype)  # the head's own product and the chunked head's normalisers
             return sums, output
 
