@@ -106,20 +106,27 @@ def _shim_torch_cuda() -> str:
     return "torch.cuda.{set_device,current_device,synchronize,empty_cache}"
 
 
+def install_stand_in(name: str, folder: Path, label: str) -> str | None:
+    """Put the named stand-in package in `folder` first on sys.path when `import name` fails (any exception: a CUDA
+    wheel next to CPU torch raises OSError, not only ImportError); return `label`, or None when the real package
+    imports."""
+    try:
+        importlib.import_module(name)
+        return None
+    except Exception:
+        for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            sys.modules.pop(mod, None)
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+        importlib.invalidate_caches()
+        module = importlib.import_module(name)
+        assert getattr(module, "PO_PLUGINS_STAND_IN", False), module.__file__
+        return label
+
+
 def _shim_flash_attn():
     """Put the stand-in on sys.path if the real flash_attn is not importable; return a label or None."""
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        sys.modules.pop("flash_attn", None)
-        if str(_HERE) not in sys.path:
-            sys.path.insert(0, str(_HERE))
-        importlib.invalidate_caches()
-        import flash_attn
-
-        assert getattr(flash_attn, "PO_PLUGINS_STAND_IN", False), flash_attn.__file__
-        return "flash_attn stand-in (bert_padding, utils.distributed; no ops)"
-    return None
+    return install_stand_in("flash_attn", _HERE, "flash_attn stand-in (bert_padding, utils.distributed; no ops)")
 
 
 def _shim_deepspeed_shm():

@@ -6,8 +6,6 @@ GPU is present and the real ``import torchaudio`` fails. A GPU machine installs 
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 AUDIO_DIR = Path(__file__).resolve().parent / "audio"
@@ -20,19 +18,9 @@ def apply_lf_cpu_shims() -> str | None:
 
     if torch.cuda.is_available():
         return None
-    try:
-        import torchaudio  # noqa: F401
-    except Exception:  # the PyPI CUDA wheel next to CPU torch raises OSError, not only ImportError
-        for name in [m for m in sys.modules if m == "torchaudio" or m.startswith("torchaudio.")]:
-            sys.modules.pop(name, None)
-        if str(AUDIO_DIR) not in sys.path:
-            sys.path.insert(0, str(AUDIO_DIR))
-        importlib.invalidate_caches()
-        import torchaudio
+    from . import install_stand_in
 
-        assert getattr(torchaudio, "PO_PLUGINS_STAND_IN", False), torchaudio.__file__
-        return "torchaudio stand-in (po_plugins/_cpu/audio)"
-    return None
+    return install_stand_in("torchaudio", AUDIO_DIR, "torchaudio stand-in (po_plugins/_cpu/audio)")
 
 
 def pythonpath_entry() -> str:

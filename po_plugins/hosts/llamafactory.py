@@ -38,7 +38,7 @@ from .hf_trainer import RowExtras, TrainerPlugin, columns
 
 logger = logging.getLogger("po_plugins")
 
-SUPPORTED = (">=0.9.5", "<0.9.6")
+SUPPORTED = ("0.9.5", "0.9.6")  # >=, <
 _PREPROCESS_FILTER = 'len(examples["_prompt"][i]) % 2 != 1 or len(examples["_response"][i]) < 2'
 # (module, attribute, members that must exist, source fragments the plugin relies on)
 SEAMS = [
@@ -86,7 +86,7 @@ def check_host(version: str | None = None) -> str:
         raise HostError(f"trl {trv} cannot be imported with transformers {tv} (its optional-package check breaks from "
                         "transformers 5.3 on); pip install 'transformers>=4.57.1,<5'")
     version = host_version() if version is None else version
-    return check_seams("LLaMA-Factory", "llamafactory", version, "0.9.5", "0.9.6",
+    return check_seams("LLaMA-Factory", "llamafactory", version, *SUPPORTED,
                        "its DPO trainer's seams are checked against that release", SEAMS, "llamafactory")
 
 

@@ -25,7 +25,7 @@ from . import HostError, check_seams, installed_version  # noqa: F401  (HostErro
 
 logger = logging.getLogger("po_plugins")
 
-SUPPORTED = (">=0.10.2", "<0.12")
+SUPPORTED = ("0.10.2", "0.12")  # >=, <
 # (module, attribute, members that must exist, source fragments the plugin relies on)
 SEAMS = [
     ("openrlhf.trainer.dpo_trainer", "DPOTrainer",
@@ -47,7 +47,7 @@ def host_version() -> str | None:
 def check_host(version: str | None = None) -> str:
     """Fail with one clear message unless a supported OpenRLHF with every seam is installed."""
     version = host_version() if version is None else version
-    return check_seams("OpenRLHF", "openrlhf", version, "0.10.2", "0.12", "dotted flags and the DPOTrainer seams",
+    return check_seams("OpenRLHF", "openrlhf", version, *SUPPORTED, "dotted flags and the DPOTrainer seams",
                        SEAMS, "openrlhf")
 
 
@@ -156,7 +156,6 @@ def _reward_dataset_class():
                 strategy.print(f"[po_plugins] {where} has no column '{self.margin_key}' (--po.margin_key): it is "
                                "evaluated unweighted (every pair weight 1)")
                 self.margin_key, self.missing_margin = None, "unit"
-                self.unweighted_eval = True
             if cols:
                 for flag, key in (("--data.chosen_key", data.chosen_key), ("--data.rejected_key", data.rejected_key),
                                   ("--data.prompt_key", getattr(data, "prompt_key", None)),
@@ -355,7 +354,6 @@ def _trainer_class():
                 if any(m is not None for m in margins) or getattr(self.args.po, "margin_key", None):
                     extra["margins"] = torch.tensor([0.0 if m is None else float(m) for m in margins],
                                                     device=sums.device)
-                    extra["margin_known"] = torch.tensor([m is not None for m in margins], device=sums.device)
                 if capture:
                     if self._po_fused and self._po_fused_scores is not None:
                         self._po_last_scores, self._po_fused_scores = self._po_fused_scores, None

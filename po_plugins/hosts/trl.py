@@ -29,12 +29,12 @@ from ..losses import PairBatch, accepted_hparams, build, names
 from ..monitor import loss_step
 from ..options import OPTIONS, OptionError, check_loss, check_options, options_for
 from ..scores import ScoreStats, score_stats_head
-from . import HostError, check_seams, installed_version
-from .hf_trainer import RowExtras, TrainerPlugin, columns  # noqa: F401  (HostError: re-exported)
+from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
+from .hf_trainer import RowExtras, TrainerPlugin, columns
 
 logger = logging.getLogger("po_plugins")
 
-SUPPORTED = (">=1.16", "<1.17")
+SUPPORTED = ("1.16", "1.17")  # >=, <
 # (module, attribute, members that must exist, source fragments the plugin relies on)
 SEAMS = [
     ("trl.trainer.dpo_trainer", "DPOTrainer",
@@ -69,7 +69,7 @@ def host_version() -> str | None:
 def check_host(version: str | None = None) -> str:
     """Fail with one clear message unless a supported TRL with every seam is installed."""
     version = host_version() if version is None else version
-    return check_seams("TRL", "trl", version, "1.16", "1.17", "the DPOTrainer with the fused LM head", SEAMS, "trl")
+    return check_seams("TRL", "trl", version, *SUPPORTED, "the DPOTrainer with the fused LM head", SEAMS, "trl")
 
 
 check_host()
@@ -199,8 +199,8 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         self.po_loss = build(name, **hp) if name else None
         self._po_margin_key, self._po_weight_key = args.po_margin_key, args.po_weight_key
         if self.po_loss is not None and "margins" in self.po_loss.needs and not args.po_margin_key:
-            raise OptionError(f"loss '{name}' needs reward-model margins: set po_margin_key to the dataset column "
-                              "that holds them (po_plugins.cli.score_margins writes rm_margin)")
+            raise OptionError(f"loss '{name}' needs reward-model margins: set po_margin_key (--po.margin_key) to the "
+                              "dataset column that holds them (po_plugins.cli.score_margins writes rm_margin)")
         self._po_check_rows(train_dataset, "training", required=True, missing=args.po_missing_margin)
         self._po_eval_unweighted = set()
         evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
@@ -238,8 +238,9 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
                 continue
             if key not in cols:
                 if required:
-                    raise OptionError(f"the {role} dataset has no column '{key}' (set by {flag}); its columns are "
-                                      f"{cols}. Point {flag} at the right column (score_margins writes rm_margin).")
+                    raise OptionError(f"the {role} dataset has no column '{key}' (set by {flag}, --po.{flag[3:]} on "
+                                      f"the command line); its columns are {cols}. Point it at the right column "
+                                      "(score_margins writes rm_margin).")
                 logger.warning("[po_plugins] the %s dataset has no column '%s' (%s): it is evaluated unweighted",
                                role, key, flag)
                 continue
