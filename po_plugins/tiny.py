@@ -6,7 +6,9 @@
   tokenizer in one folder, usable as ``--model.model_name_or_path`` for OpenRLHF's ``train_dpo``
   (Actor, get_tokenizer) and ``train_rm`` (get_llm_for_sequence_regression loads the base model).
 * :func:`make_pairs` writes a JSONL preference set (``prompt``, ``chosen``, ``rejected``) whose
-  chosen answers use positive words and rejected answers negative words: a learnable signal.
+  chosen answers use positive words and rejected answers negative words: a learnable signal
+  (``kind="sentiment"``, :func:`pair_rows`), or whose rejected answer is the chosen one continued
+  (``kind="shared"``, :func:`shared_pair_rows`: shared text, different lengths, as in ``make demo``).
 * :func:`make_assets` builds all of it under one root.
 
 Nothing here touches the network; identical arguments give identical files.
@@ -167,26 +169,56 @@ def pair_rows(n: int, seed: int = 0, with_prompt: bool = True) -> list:
     return rows
 
 
-def make_pairs(path, n: int = 64, seed: int = 0, with_prompt: bool = True) -> Path:
-    """Write :func:`pair_rows` as JSONL to ``path`` and return the path."""
+def shared_pair_rows(n: int, seed: int = 0, extra: int = 2, with_prompt: bool = True) -> list:
+    """``n`` preference rows whose ``chosen`` and ``rejected`` share text and differ in length.
+
+    ``chosen`` is one positive sentence about the prompt's topic; ``rejected`` is that same sentence continued by
+    ``extra`` more sentences about the same topic with negative words (about ``1 + extra`` times as long). The
+    head scores of such pairs are aligned (ρ well above 0) and the rejected one is the larger (r* > 1): DPO's
+    incentive ratio r = 1 falls below the band's lower edge and the chosen log-likelihood is pushed down with the
+    rejected continuation, which repeats its words.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        prompt = rng.choice(PROMPTS).format(t=topic)
+        chosen = _answer(rng, topic, POSITIVE)
+        rejected = " ".join([chosen, *(_answer(rng, topic, NEGATIVE) for _ in range(extra))])
+        if with_prompt:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        else:
+            rows.append({"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {rejected}"})
+    return rows
+
+
+PAIR_KINDS = {"sentiment": pair_rows, "shared": shared_pair_rows}
+
+
+def make_pairs(path, n: int = 64, seed: int = 0, with_prompt: bool = True, kind: str = "sentiment") -> Path:
+    """Write :func:`pair_rows` (``kind="sentiment"``) or :func:`shared_pair_rows` (``kind="shared"``) as JSONL to
+    ``path`` and return the path."""
+    if kind not in PAIR_KINDS:
+        raise ValueError(f"kind={kind!r}: one of {sorted(PAIR_KINDS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for row in pair_rows(n, seed=seed, with_prompt=with_prompt):
+        for row in PAIR_KINDS[kind](n, seed=seed, with_prompt=with_prompt):
             f.write(json.dumps(row) + "\n")
     return path
 
 
-def make_assets(root, n_train: int = 64, n_eval: int = 16, seed: int = 0, **model_kwargs) -> dict:
-    """Build a tiny model folder plus train/eval preference JSONL under ``root``.
+def make_assets(root, n_train: int = 64, n_eval: int = 16, seed: int = 0, kind: str = "sentiment",
+                **model_kwargs) -> dict:
+    """Build a tiny model folder plus train/eval preference JSONL (``kind``: see :func:`make_pairs`) under ``root``.
 
     Returns ``{"model": <dir>, "train": <jsonl>, "eval": <jsonl>}`` (``pathlib.Path`` values).
     The eval set uses a different seed so its rows differ from the training rows.
     """
     root = Path(root)
     model_dir = make_model(root / "model", seed=seed, **model_kwargs)
-    train = make_pairs(root / "data" / "train.jsonl", n=n_train, seed=seed)
-    evals = make_pairs(root / "data" / "eval.jsonl", n=n_eval, seed=seed + 10_000)
+    train = make_pairs(root / "data" / "train.jsonl", n=n_train, seed=seed, kind=kind)
+    evals = make_pairs(root / "data" / "eval.jsonl", n=n_eval, seed=seed + 10_000, kind=kind)
     return {"model": model_dir, "train": train, "eval": evals}
 
 
