@@ -1,4 +1,4 @@
-"""One all-reduce helper for the plugin's small statistics vectors (no-op without torch.distributed)."""
+"""Collectives for the plugin's statistics (no-ops without torch.distributed)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,26 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0 the tensors of every rank (rows may differ per rank), in rank order, on t's device."""
+    dist = torch.distributed
+    if world_size() == 1:
+        return t
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    n = torch.tensor([t.shape[0]], dtype=torch.long, device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(x) for x in sizes]
+    top = max(sizes)
+    pad = torch.zeros((top, *t.shape[1:]), dtype=t.dtype, device=dev)
+    pad[: t.shape[0]] = t.detach().to(dev)
+    parts = [torch.empty_like(pad) for _ in sizes]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)]).to(t.device)

@@ -576,6 +576,63 @@ class MIDPO(PairLoss):
         return -logsig(self.beta * ((b.policy_chosen - lw) - (b.policy_rejected - ll)))
 
 
+# ---- + NLL of the chosen response --------------------------------------------------------------------------
+class ChosenNLL(PairLoss):
+    """`base` + coef·NLL of the chosen response (token mean), per pair: RPO's form (arXiv 2404.19733 Eq. 3),
+        ℓ_i = ℓ_base,i − coef·z_w,i / |y_w,i|
+    which is what OpenRLHF's --model.nll_loss_coef and LLaMA-Factory's pref_ftx add outside the loss. Folded into
+    the objective, the term is part of the incentives (d_w,i gains coef/|y_w,i|), of RC's α (an rc_ objective scales
+    it with the chosen path) and of the band. Row weights multiply it like the rest of the row's loss."""
+
+    incentive_sign = "positive"
+
+    def __init__(self, base: PairLoss, coef: float):
+        if not (isinstance(coef, (int, float)) and coef >= 0 and math.isfinite(coef)):
+            raise ValueError(f"the chosen-NLL coefficient must be a finite number >= 0, got {coef!r}")
+        self.base, self.coef = base, float(coef)
+        self.name, self.paper = base.name, base.paper + " + chosen NLL (arXiv 2404.19733)"
+        self.defaults = {**base.defaults, "nll_coef": 0.0}
+        self.hparams = {**base.hparams, "nll_coef": self.coef}
+        self.incentive_sign = base.incentive_sign
+
+    @property
+    def needs(self):
+        return tuple(dict.fromkeys((*self.base.needs, "tokens")))
+
+    def __call__(self, b: PairBatch) -> torch.Tensor:
+        self.check(b)
+        out = self.base(b)
+        nll = -b.policy_chosen.float() / _len(b.chosen_tokens, b.policy_chosen.float())
+        if b.weights is not None:
+            nll = nll * b.weights.detach().to(nll)
+        return out + self.coef * nll
+
+    @contextlib.contextmanager
+    def frozen(self):
+        with self.base.frozen():
+            yield self
+
+    def state_dict(self) -> dict:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"{self.base!r} + {self.coef}·NLL(chosen)"
+
+
+def with_chosen_nll(loss: PairLoss, coef: float) -> PairLoss:
+    """`loss` with coef·NLL of the chosen response folded in (inside RC's calibration for rc_ objectives)."""
+    if not coef:
+        return loss
+    if hasattr(loss, "base") and loss.name.startswith(RC_PREFIX):  # RC calibrates the whole objective
+        loss.base = ChosenNLL(loss.base, coef)
+        loss.hparams = {**loss.hparams, "nll_coef": float(coef)}
+        return loss
+    return ChosenNLL(loss, coef)
+
+
 # ---- registry ---------------------------------------------------------------------------------------------
 RC_PREFIX = "rc_"
 

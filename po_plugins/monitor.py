@@ -1,20 +1,19 @@
 """The disentanglement-band monitor and the loss glue every host shares (no host imports).
 
 A host adapter does three things with it:
-  * per training micro-batch, `loss_step(loss, batch, monitor, training, recheck_inputs)` computes the per-sample
-    losses and the detached implicit rewards, and hands the micro-batch to the monitor;
-  * once per optimizer step, `monitor.end_step(global_step)` reduces the window over micro-batches and ranks, writes
-    one JSONL record (rank 0), prints the out-of-band alert, and returns the `po/<key>` scalars for the host's logs;
+  * per training micro-batch, `loss_step(loss, batch, monitor, training, recheck_inputs, tokens)` computes the
+    per-sample losses and the detached implicit rewards, and hands the micro-batch (and its response tokens,
+    `po_plugins.scores.Tokens`) to the monitor;
+  * once per optimizer step, `monitor.end_step(global_step)` computes the step's band, writes one JSONL record
+    (rank 0), prints the out-of-band alert, and returns the `po/<key>` scalars for the host's logs;
   * with each checkpoint, `plugin_state(loss, monitor)` is saved and `load_plugin_state(...)` restores it.
 
-JSONL record keys (one object per optimizer step, after a `{"meta": ...}` line; docs/monitor.md):
-  step, loss_name, z_w, z_l (mean summed log-probs), r_w, r_l (mean z − z_ref), d_w, d_l (mean incentives, after RC's
-  α), log_r, log_r_star, rho, band_lower, band_upper, slack, in_band, sw_norm, sl_norm, sw_dot_sl, alpha,
-  delta_z_w, delta_z_l (change of the window means since the previous step), loss, alpha_rank_spread,
-  chosen_up_frac, rejected_down_frac, step_delta_z_w, step_delta_z_l (exact re-score every `recheck_every` steps,
-  null otherwise) and, for margin-weighted losses, w_mean, w_min, w_max, w_capped_frac.
-Every mean is over all pairs of the optimizer step on all ranks (pairs weigh equally whatever the micro-batch size
-and world size); the score statistics are averaged per pair of the window.
+The band is the band of the optimizer step: its mean incentives over all pairs of the step on all ranks, and the
+head scores s_w = ∇_W mean z_w, s_l = ∇_W mean z_l of the step's summed gradient, computed exactly from the head
+inputs of every micro-batch of the step (gathered from all ranks; each rank evaluates a slice of the vocabulary),
+so the record does not depend on the micro-batch size or the world size. The verdict is the paper's sign
+conditions (ż_w ≥ 0, ż_l ≤ 0), which are the band when both mean incentives are positive. docs/monitor.md lists
+every key.
 """
 
 from __future__ import annotations
@@ -27,25 +26,34 @@ from typing import Callable
 import torch
 
 from . import incentives
-from ._dist import all_reduce
+from ._dist import all_gather_rows, all_reduce, rank, world_size
 from .band import alert_message, band_stats
 from .losses import PairBatch, PairLoss
+from .scores import HeadSpec, ScoreStats, Tokens, partial_lse, step_score_sums
 
-SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "sw_norm", "sl_norm", "sw_dot_sl", "alpha", "loss",
-            "w_sum", "w_capped")
-RECHECK_KEYS = ("chosen_up_frac", "rejected_down_frac", "step_delta_z_w", "step_delta_z_l")
+SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "alpha", "loss", "w_sum", "w_capped")
+RECHECK_KEYS = ("chosen_up_frac", "rejected_down_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w",
+                "probe_delta_z_l")
 # keys every host's JSONL record has (one test list for all hosts)
-JSONL_KEYS = ("step", "loss_name", "z_w", "z_l", "delta_z_w", "delta_z_l", "r_w", "r_l", "d_w", "d_l", "log_r",
-              "log_r_star", "rho", "band_lower", "band_upper", "slack", "in_band", "sw_norm", "sl_norm", "sw_dot_sl",
-              "alpha", "loss", "alpha_rank_spread", *RECHECK_KEYS)
-LOG_KEYS = ("z_w", "z_l", "delta_z_w", "delta_z_l", "log_r", "log_r_star", "rho", "band_lower", "band_upper", "slack",
-            "in_band", "alpha", "chosen_up_frac", "w_mean", "w_min", "w_max", "w_capped_frac")
+JSONL_KEYS = ("step", "loss_name", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "log_r", "log_r_star", "rho",
+              "band_lower", "band_upper", "slack", "in_band", "pred_sign_w", "pred_sign_l", "edge", "sw_norm",
+              "sl_norm", "sw_dot_sl", "score_pairs", "alpha", "loss", "alpha_rank_spread", *RECHECK_KEYS)
+# null on some steps by definition: no positive mean incentive (log r), ρ ≤ 0 (no edges), in band (no edge crossed)
+MAYBE_NULL = ("log_r", "band_lower", "band_upper", "slack", "edge")
+LOG_KEYS = ("z_w", "z_l", "log_r", "log_r_star", "rho", "band_lower", "band_upper", "slack", "in_band", "alpha",
+            "chosen_up_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w", "probe_delta_z_l", "w_mean",
+            "w_min", "w_max", "w_capped_frac")
+
+
+class PluginStateError(ValueError):
+    """A checkpoint's plugin state does not fit this run (another objective)."""
 
 
 def loss_step(loss: PairLoss, b: PairBatch, monitor: BandMonitor | None = None, training: bool = True,
-              recheck_inputs=None):
+              recheck_inputs=None, tokens: Tokens | None = None):
     """Per-sample losses [B] of `b`, and the detached implicit rewards (β(z − z_ref), or β·z̄ for reference-free
-    objectives) the hosts log; feeds the monitor on training micro-batches."""
+    objectives) the hosts log; feeds the monitor on training micro-batches (`tokens`: this micro-batch's response
+    tokens for the step's head scores, None on micro-batches the host does not score)."""
     per_sample = loss(b)
     beta = float(loss.hparams.get("beta", 1.0))
     zw, zl = b.policy_chosen.detach(), b.policy_rejected.detach()
@@ -56,7 +64,7 @@ def loss_step(loss: PairLoss, b: PairBatch, monitor: BandMonitor | None = None, 
     else:
         cr, rr = beta * (zw - b.ref_chosen.detach()), beta * (zl - b.ref_rejected.detach())
     if training and monitor is not None:
-        monitor.add_micro(b, per_sample, recheck_inputs)
+        monitor.add_micro(b, per_sample, recheck_inputs, tokens)
     return per_sample, cr, rr
 
 
@@ -71,18 +79,22 @@ def margin_weights_of(b: PairBatch, loss: PairLoss) -> torch.Tensor | None:
 
 
 class BandMonitor:
-    """Per optimizer step: the band from the incentives and head scores, aggregated over the accumulation window and
-    all-reduced over ranks; returned as `po/*` scalars and appended to rank 0's JSONL.
+    """Per optimizer step: the band of the step from its incentives and its head scores, over the accumulation
+    window and all ranks; returned as `po/*` scalars and appended to rank 0's JSONL.
 
     loss: the objective being trained (RC objectives expose their α and base incentives).
     path: JSONL file. alert_steps: warn once after this many consecutive out-of-band steps (0: never).
-    recheck_every: every N steps call `rescore(recheck_inputs)` -> (z_w, z_l) on the last micro-batch after the update
-    (no grad) for exact per-pair changes (0: never). log: the host's rank-aware print. is_rank_0: who writes.
+    recheck_every: every N steps call `rescore(inputs)` -> (z_w, z_l) (no grad) on the step's last micro-batch and
+    on a fixed probe micro-batch (the first one trained on) for per-pair changes on the same pairs (0: never).
+    head: a callable returning a context manager that yields the `HeadSpec` (weight gathered if sharded); every
+    rank enters it at the same step. score_chunk: vocabulary chunk. log: the host's rank-aware print.
+    is_rank_0: who writes. hint: the alert's suggested fix (None: the calibrated objective's name).
     """
 
     def __init__(self, loss: PairLoss, path: str, alert_steps: int = 20, recheck_every: int = 10,
                  rescore: Callable | None = None, log: Callable[[str], None] = print,
-                 is_rank_0: Callable[[], bool] = lambda: True):
+                 is_rank_0: Callable[[], bool] = lambda: True, head: Callable | None = None, score_chunk: int = 4096,
+                 hint: str | None = None):
         self.loss = loss
         self.path = path
         self.alert_steps = int(alert_steps)
@@ -90,25 +102,27 @@ class BandMonitor:
         self.rescore = rescore
         self.log = log
         self.is_rank_0 = is_rank_0
-        self.prev = None
+        self.head = head
+        self.score_chunk = int(score_chunk)
+        self.hint = hint
         self.out_streak = 0
         self.acc = None
+        self.tokens: list[Tokens] = []
         self.last_inputs = None
         self.last_z = None
         self.last_alpha = 1.0
+        self.probe = None
         self._truncated = False
 
-    def add_micro(self, b: PairBatch, per_sample: torch.Tensor, recheck_inputs=None) -> None:
+    def add_micro(self, b: PairBatch, per_sample: torch.Tensor, recheck_inputs=None,
+                  tokens: Tokens | None = None) -> None:
         loss = self.loss
-        if b.score_stats is None:
-            raise ValueError("the band monitor needs head score statistics on every training micro-batch")
         alpha = float(getattr(loss, "alpha", 1.0))
         base_d = getattr(loss, "last_incentives", None)
         if base_d is not None:  # RC already differentiated its base objective on this micro-batch
             d_w, d_l = alpha * base_d[0], base_d[1] / alpha
         else:
             d_w, d_l = incentives(loss, b)
-        st = b.score_stats
         zw, zl = b.policy_chosen.detach().double(), b.policy_rejected.detach().double()
         refw = b.ref_chosen.detach().double() if b.ref_chosen is not None else torch.zeros_like(zw)
         refl = b.ref_rejected.detach().double() if b.ref_rejected is not None else torch.zeros_like(zl)
@@ -120,19 +134,18 @@ class BandMonitor:
         else:
             w = w.to(zw.device)
             capped = (b.margins <= -loss.hparams["tau"]).double().sum().to(zw.device)
-
-        def dev(x):
-            return torch.as_tensor(x).detach().double().reshape(()).to(zw.device)
-
         # kept on the device: no host sync per micro-batch; reduced once per optimizer step
         sums = torch.stack([n, zw.sum(), zl.sum(), (zw - refw).sum(), (zl - refl).sum(), d_w.double().sum().to(n),
-                            d_l.double().sum().to(n), n * dev(st.sw_norm), n * dev(st.sl_norm), n * dev(st.sw_dot_sl),
-                            n * alpha, per_sample.detach().double().sum(), w.sum(), capped])
+                            d_l.double().sum().to(n), n * alpha, per_sample.detach().double().sum(), w.sum(), capped])
         maxes = torch.stack([w.max(), -w.min()])
         self.acc = (sums, maxes) if self.acc is None else (self.acc[0] + sums, torch.maximum(self.acc[1], maxes))
+        if tokens is not None:
+            self.tokens.append(tokens)
         self.last_alpha = alpha
         self.last_inputs = recheck_inputs
         self.last_z = (zw, zl)
+        if self.probe is None and recheck_inputs is not None and self.recheck_every > 0:
+            self.probe = {"inputs": recheck_inputs, "z_w": zw.clone(), "z_l": zl.clone()}
 
     def _reduce(self, acc) -> dict:
         sums, maxes = all_reduce(acc[0], "sum").cpu(), all_reduce(acc[1], "max").cpu()
@@ -140,26 +153,87 @@ class BandMonitor:
         out.update(w_max=float(maxes[0]), w_min=-float(maxes[1]))
         return out
 
+    def _step_scores(self) -> tuple[ScoreStats | None, int]:
+        """The step's ‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩ (None when no micro-batch of the step was scored) and how many pairs
+        they cover: exact, from the response tokens of every scored micro-batch on every rank."""
+        toks, self.tokens = self.tokens, []
+        dev = self.last_z[0].device
+        counts = all_reduce(torch.tensor([float(len(toks)), float(sum(t.pairs for t in toks))], dtype=torch.float64,
+                                         device=dev), "sum").cpu()
+        n_micro, n_pairs = int(counts[0]), int(counts[1])
+        if n_micro == 0:
+            return None, 0
+        if n_micro == 1 and toks and toks[0].stats is not None:  # one micro-batch is the step: its own statistics
+            return toks[0].stats, n_pairs
+        if self.head is None or any(t.hidden is None for t in toks):
+            raise ValueError("band monitor: the step's head statistics need each scored micro-batch's response "
+                             "tokens (Tokens.hidden) and the head (BandMonitor(head=...))")
+        ws, r = world_size(), rank()
+        with self.head() as spec:
+            spec: HeadSpec
+            wdev = spec.weight.device
+            if toks:
+                local = [torch.cat([getattr(t, k).to(wdev) for t in toks]) for k in ("hidden", "labels", "chosen")]
+                have_lse = all(t.lse is not None for t in toks)
+                lse = torch.cat([t.lse.float().to(wdev) for t in toks]) if have_lse else None
+            else:
+                d = spec.weight.shape[1]
+                local = [torch.zeros(0, d, device=wdev), torch.zeros(0, dtype=torch.long, device=wdev),
+                         torch.zeros(0, dtype=torch.bool, device=wdev)]
+                have_lse, lse = True, torch.zeros(0, device=wdev)
+            have_lse = bool(all_reduce(torch.tensor([0.0 if have_lse else 1.0], device=dev), "max").item() == 0)
+            hidden, labels, chosen = local
+            if ws > 1:
+                hidden = all_gather_rows(hidden.float())
+                labels = all_gather_rows(labels.long())
+                chosen = all_gather_rows(chosen.long()).bool()
+                lse = all_gather_rows(lse) if have_lse else None
+            elif not have_lse:
+                lse = None
+            V = spec.weight.shape[0]
+            vocab = (r * V // ws, (r + 1) * V // ws)
+            chunk = max(64, min(self.score_chunk, (1 << 22) // max(1, hidden.shape[0])))
+            all_toks = Tokens(hidden, labels, chosen, lse, n_pairs)
+            if lse is None:  # a log-sum-exp over the ranks' vocabulary slices
+                part = partial_lse(all_toks, spec, vocab, chunk)
+                top = all_reduce(part, "max")
+                top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+                lse = top + all_reduce((part - top).exp(), "sum").log()
+                all_toks = all_toks._replace(lse=lse)
+            sums = all_reduce(step_score_sums(all_toks, spec, n_pairs, vocab, chunk).double(), "sum").cpu()
+        return ScoreStats(sums[0].clamp(min=0).sqrt(), sums[1].clamp(min=0).sqrt(), sums[2]), n_pairs
+
     def _alpha_spread(self) -> float:
         """max − min over ranks of the last micro-batch's α (0 when every rank calibrates identically)."""
         v = all_reduce(torch.tensor([self.last_alpha, -self.last_alpha], dtype=torch.float64), "max")
         return float(v[0] + v[1])
 
     def _recheck(self, global_step: int) -> dict:
-        """Exact per-pair change of z over this optimizer step: re-score the last micro-batch (no grad) every
-        `recheck_every` steps (one forward of a micro-batch each time); null on the other steps. Every rank calls
-        it at the same steps (ZeRO-3 forwards are collective)."""
+        """Per-pair changes of z on the same pairs, every `recheck_every` steps (null on the other steps): the
+        step's last micro-batch re-scored after the update (its change over this one step), and the probe
+        micro-batch (the first trained on) re-scored (its change since the start of training). Every rank calls it
+        at the same steps (ZeRO-3 forwards are collective)."""
         due = self.recheck_every > 0 and global_step % self.recheck_every == 0
         if not due or self.last_inputs is None or self.rescore is None:
             return dict.fromkeys(RECHECK_KEYS)
+        dev = self.last_z[0].device
         with torch.no_grad():
             zw2, zl2 = self.rescore(self.last_inputs)
+            pw, pl = self.rescore(_to_device(self.probe["inputs"], dev)) if self.probe else (None, None)
         dw, dl = zw2.double() - self.last_z[0].to(zw2.device), zl2.double() - self.last_z[1].to(zl2.device)
-        vec = torch.stack([(dw > 0).double().sum(), (dl < 0).double().sum(),
-                           torch.tensor(float(dw.numel()), dtype=torch.float64, device=dw.device), dw.sum(), dl.sum()])
-        up, down, n, sdw, sdl = (float(x) for x in all_reduce(vec, "sum").cpu())
-        return {"chosen_up_frac": up / n, "rejected_down_frac": down / n, "step_delta_z_w": sdw / n,
-                "step_delta_z_l": sdl / n}
+        one = torch.tensor(1.0, dtype=torch.float64, device=dw.device)
+        vec = [(dw > 0).double().sum(), (dl < 0).double().sum(), one * dw.numel(), dw.sum(), dl.sum()]
+        if pw is not None:
+            vec += [one * pw.numel(), (pw.double() - self.probe["z_w"].to(pw.device)).sum().to(one),
+                    (pl.double() - self.probe["z_l"].to(pl.device)).sum().to(one)]
+        else:
+            vec += [one * 0, one * 0, one * 0]
+        up, down, n, sdw, sdl, pn, pdw, pdl = (float(x) for x in all_reduce(torch.stack(vec), "sum").cpu())
+        out = {"chosen_up_frac": up / n, "rejected_down_frac": down / n, "step_delta_z_w": sdw / n,
+               "step_delta_z_l": sdl / n, "probe_delta_z_w": None, "probe_delta_z_l": None}
+        if pn > 0:
+            out.update(probe_delta_z_w=pdw / pn, probe_delta_z_l=pdl / pn)
+        return out
 
     def end_step(self, global_step: int) -> dict:
         """Close the optimizer step: the JSONL record (rank 0), the alert, and {'po/<key>': value} for the logs."""
@@ -171,26 +245,33 @@ class BandMonitor:
         rec = {"step": int(global_step), "loss_name": self.loss.name}
         for k in ("z_w", "z_l", "r_w", "r_l", "d_w", "d_l"):
             rec[k] = s[k] / n
-        sw, sl, dot = s["sw_norm"] / n, s["sl_norm"] / n, s["sw_dot_sl"] / n
-        band = band_stats(rec["d_w"], rec["d_l"], sw, sl, dot)
-        rec.update(log_r=band["log_r"], log_r_star=band["log_r_star"], rho=band["rho"], band_lower=band["lower"],
-                   band_upper=band["upper"], slack=band["slack"], in_band=band["in_band"],
-                   sw_norm=sw, sl_norm=sl, sw_dot_sl=dot, alpha=s["alpha"] / n)
-        rec["delta_z_w"] = rec["z_w"] - self.prev["z_w"] if self.prev else 0.0
-        rec["delta_z_l"] = rec["z_l"] - self.prev["z_l"] if self.prev else 0.0
+        st, scored = self._step_scores()
+        if st is None:
+            rec.update(dict.fromkeys(("log_r", "log_r_star", "rho", "band_lower", "band_upper", "slack", "in_band",
+                                      "pred_sign_w", "pred_sign_l", "edge", "sw_norm", "sl_norm", "sw_dot_sl")))
+        else:
+            sw, sl, dot = (float(x) for x in st)
+            band = band_stats(rec["d_w"], rec["d_l"], sw, sl, dot)
+            rec.update(log_r=band["log_r"], log_r_star=band["log_r_star"], rho=band["rho"],
+                       band_lower=band["lower"], band_upper=band["upper"], slack=band["slack"],
+                       in_band=band["in_band"], pred_sign_w=band["pred_sign_w"], pred_sign_l=band["pred_sign_l"],
+                       edge=band["edge"], sw_norm=sw, sl_norm=sl, sw_dot_sl=dot)
+        rec["score_pairs"] = scored
+        rec["alpha"] = s["alpha"] / n
         rec["loss"] = s["loss"] / n
         rec["alpha_rank_spread"] = self._alpha_spread()
         rec.update(self._recheck(global_step))
         if "margins" in self.loss.needs:
             rec.update(w_mean=s["w_sum"] / n, w_min=s["w_min"], w_max=s["w_max"], w_capped_frac=s["w_capped"] / n)
-        self.prev = {"z_w": rec["z_w"], "z_l": rec["z_l"]}
-        self.out_streak = 0 if rec["in_band"] else self.out_streak + 1
-        msg = alert_message(self.out_streak, self.alert_steps, rec)
+        rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+        if rec["in_band"] is not None:
+            self.out_streak = 0 if rec["in_band"] else self.out_streak + 1
+        msg = alert_message(self.out_streak, self.alert_steps, rec, self.hint)
         if msg:
             self.log(msg)
         if self.is_rank_0():
             self._write(rec)
-        return {f"po/{k}": rec[k] for k in LOG_KEYS if rec.get(k) is not None and math.isfinite(rec[k])}
+        return {f"po/{k}": rec[k] for k in LOG_KEYS if rec.get(k) is not None}
 
     def _write(self, rec: dict) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -211,27 +292,53 @@ class BandMonitor:
             if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
                 with open(self.path, "w") as f:
                     meta = {"loss": self.loss.name, "hparams": _jsonable(self.loss.hparams)}
-                    f.write(json.dumps({"meta": meta}) + "\n")
+                    f.write(json.dumps({"meta": meta}, allow_nan=False) + "\n")
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
             f.flush()
 
     def state_dict(self) -> dict:
-        return {"prev": self.prev, "out_streak": self.out_streak}
+        probe = None
+        if self.probe is not None:
+            probe = {k: _to_device(v, "cpu") for k, v in self.probe.items()}
+        return {"out_streak": self.out_streak, "probe": probe}
 
     def load_state_dict(self, state: dict) -> None:
-        self.prev = state.get("prev")
         self.out_streak = int(state.get("out_streak", 0))
+        self.probe = state.get("probe")
+
+
+def _to_device(obj, device):
+    """Tensors inside tuples, lists and dicts moved to `device` (other objects, e.g. the hosts' ints, as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def plugin_state(loss: PairLoss, monitor: BandMonitor | None) -> dict:
-    """What a checkpoint carries for the plugin: the objective's running state (RC's EMAs and α, β-DPO's
+    """What a checkpoint carries for the plugin: the objective's name and running state (RC's EMAs and α, β-DPO's
     statistics) and the monitor's, so that a resumed run continues the identical α sequence."""
-    return {"loss": loss.state_dict(), "monitor": monitor.state_dict() if monitor is not None else {}}
+    return {"loss_name": loss.name, "loss": loss.state_dict(),
+            "monitor": monitor.state_dict() if monitor is not None else {}}
 
 
-def load_plugin_state(state: dict, loss: PairLoss, monitor: BandMonitor | None) -> None:
-    loss.load_state_dict(state["loss"])
+def load_plugin_state(state: dict, loss: PairLoss, monitor: BandMonitor | None, where: str = "the checkpoint") -> None:
+    """Restore `plugin_state`; PluginStateError (one line, naming both objectives) when the checkpoint was
+    trained with another objective."""
+    saved = state.get("loss_name")
+    if saved is not None and saved != loss.name:
+        raise PluginStateError(f"{where} was trained with the objective '{saved}', this run uses '{loss.name}': "
+                               f"resume with the loss '{saved}', or start a fresh run in a new output directory")
+    try:
+        loss.load_state_dict(state["loss"])
+    except (KeyError, TypeError) as e:
+        raise PluginStateError(f"{where} holds the state of another objective (missing {e}); this run uses "
+                               f"'{loss.name}': resume with the loss the checkpoint was trained with, or start a "
+                               "fresh run in a new output directory") from None
     if monitor is not None:
         monitor.load_state_dict(state.get("monitor", {}))
 

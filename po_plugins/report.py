@@ -161,13 +161,18 @@ def summarize(records: list[dict]) -> dict:
     """Summary numbers for one run.
 
     Keys: ``steps`` (number of step records), ``first_step``, ``last_step``, ``loss_name``,
-    ``delta_z_w`` / ``delta_z_l`` (last finite z minus first finite z), ``in_band_frac`` (over records
-    whose in_band is not null), ``alpha_mean`` and ``slack_mean`` (over finite values; an unbounded
-    band's ``slack = +inf`` is excluded). Values that cannot be computed are None.
+    ``delta_z_w`` / ``delta_z_l``: the change of the chosen / rejected log-likelihood on the same pairs, i.e. the
+    last finite ``probe_delta_z_w`` / ``probe_delta_z_l`` (the monitor's fixed probe batch re-scored, change since
+    the start; None when the trace has no re-score), ``delta_step`` (the step it was measured at),
+    ``batch_delta_z_w`` / ``batch_delta_z_l`` (last minus first batch mean: different pairs, a trend only),
+    ``in_band_frac`` (over records whose in_band is not null), ``alpha_mean`` and ``slack_mean`` (over finite
+    values). Values that cannot be computed are None.
     """
     steps = _steps(records)
     zw0, zw1 = _first_last(_series(records, "z_w"))
     zl0, zl1 = _first_last(_series(records, "z_l"))
+    probe = [(r.get("step"), _num(r.get("probe_delta_z_w")), _num(r.get("probe_delta_z_l"))) for r in records]
+    probe = [p for p in probe if p[1] is not None and p[2] is not None]
     flags = [f for f in (_flag(r.get("in_band")) for r in records) if f is not None]
     loss_names = [r.get("loss_name") for r in records if isinstance(r.get("loss_name"), str)]
     return {
@@ -175,8 +180,11 @@ def summarize(records: list[dict]) -> dict:
         "first_step": steps[0] if steps else None,
         "last_step": steps[-1] if steps else None,
         "loss_name": loss_names[-1] if loss_names else None,
-        "delta_z_w": None if zw0 is None else zw1 - zw0,
-        "delta_z_l": None if zl0 is None else zl1 - zl0,
+        "delta_z_w": probe[-1][1] if probe else None,
+        "delta_z_l": probe[-1][2] if probe else None,
+        "delta_step": probe[-1][0] if probe else None,
+        "batch_delta_z_w": None if zw0 is None else zw1 - zw0,
+        "batch_delta_z_l": None if zl0 is None else zl1 - zl0,
         "in_band_frac": sum(flags) / len(flags) if flags else None,
         "alpha_mean": _mean(_series(records, "alpha")),
         "slack_mean": _mean(_series(records, "slack")),
@@ -307,20 +315,23 @@ def _fig_likelihood(Figure, runs, smooth):
         handles.append(Line2D([], [], color=c, lw=2, label=label))
         for key, style in (("z_w", "-"), ("z_l", "--")):
             y = _arr(_series(records, key))
-            if not np.isfinite(y).any():
-                continue
-            drew = True
-            base = y[np.isfinite(y)][0]
-            for ax, vals in ((ax_z, y), (ax_d, y - base)):
+            if np.isfinite(y).any():
+                drew = True
                 if smooth > 1:
-                    ax.plot(x, vals, style, color=c, lw=0.8, alpha=0.25)
-                ax.plot(x, _smooth(vals, smooth), style, color=c, lw=1.6, **_marker_kw(len(x)))
+                    ax_z.plot(x, y, style, color=c, lw=0.8, alpha=0.25)
+                ax_z.plot(x, _smooth(y, smooth), style, color=c, lw=1.6, **_marker_kw(len(x)))
+            p = _arr(_series(records, "probe_" + key.replace("z_", "delta_z_")))
+            ok = np.isfinite(p)
+            if ok.any():  # re-scored on the same pairs every recheck_every steps: the points themselves
+                drew = True
+                ax_d.plot(np.concatenate([[0.0], x[ok]]), np.concatenate([[0.0], p[ok]]), style, color=c, lw=1.6,
+                          marker="o", ms=3)
     handles += [Line2D([], [], color="k", ls="-", label="chosen z_w"),
                 Line2D([], [], color="k", ls="--", label="rejected z_l")]
-    ax_z.set_title("Policy log-likelihoods", loc="left", fontsize=11)
+    ax_z.set_title("Policy log-likelihoods, batch means (different pairs at every step)", loc="left", fontsize=11)
     ax_z.set_ylabel("z = log π(y|x)")
-    ax_d.set_title("Change relative to the first step", loc="left", fontsize=11)
-    ax_d.set_ylabel("z(t) − z(first)")
+    ax_d.set_title("Change on the same pairs (the monitor's probe batch, re-scored)", loc="left", fontsize=11)
+    ax_d.set_ylabel("z(t) − z(start)")
     ax_d.set_xlabel("optimizer step")
     ax_d.axhline(0, color="0.3", lw=0.8)
     for ax in (ax_z, ax_d):
@@ -468,9 +479,10 @@ pre {{ background: #f7f7f7; padding: 0.6em; overflow-x: auto; }}
 </head>
 <body>
 <h1>Disentanglement-band report</h1>
-<p>Trace: <code>{TRACE_NAME}</code> (one record per optimizer step). Δz is the last minus the
-first finite value; means skip null/NaN/±inf; in-band fraction counts steps with a non-null
-indicator.{smooth_note}</p>
+<p>Trace: <code>{TRACE_NAME}</code> (one record per optimizer step). Δz is the change of the mean log-likelihood
+on the same pairs: the monitor's probe batch (the first micro-batch trained on) re-scored every
+<code>recheck_every</code> steps, last value against the start ("—": no re-score in the trace). Means skip
+null/NaN/±inf; in-band fraction counts steps with a non-null indicator.{smooth_note}</p>
 <table>
 <thead><tr><th>run</th><th>loss</th><th>steps</th><th>Δz_w</th><th>Δz_l</th><th>in band</th>
 <th>mean α</th><th>mean slack</th></tr></thead>

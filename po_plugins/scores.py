@@ -54,8 +54,15 @@ def score_stats_flat(
     is_chosen: torch.Tensor,  # [N]   bool per sequence
     chunk_size: int = 4096,
     method: str = "auto",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> ScoreStats:
     """The same statistics from response positions already gathered (any layout, e.g. packed sequences).
+
+    `logits` are the logits that are softmaxed, z = c·tanh(s·u/c)/T of the head's raw output u (z = s·u/T without
+    soft-capping; the defaults: z = u); scale, cap and temperature enter as ∂z/∂u, so the statistics stay those of
+    the head weight.
 
     Two exact evaluations of s = Aᵀ H (A = onehot − softmax, rows scaled by 1/n of their side, H the head inputs):
       "vocab": s chunk by chunk over the vocabulary, ‖s‖² summed: O(M·V·d) work, O(M·chunk + chunk·d) memory;
@@ -64,7 +71,75 @@ def score_stats_flat(
     "auto" takes the cheaper: gram when M < 2d (measured crossover on CPU; one GEMM beats two per chunk).
     """
     V = logits.shape[-1]
-    return _stats(hidden, labels, rows, is_chosen, V, lambda a, b: (logits[:, a:b].float(), None), chunk_size, method)
+    s, T = float(logit_scale), float(temperature)
+
+    def chunk(a, b):
+        z = logits[:, a:b].float()
+        if softcap:
+            t = z * (T / softcap)
+            return z, (s / T) * (1 - t * t)
+        return z, None if s == T else torch.full((), s / T, device=z.device)
+
+    return _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method)
+
+
+class HeadSpec(NamedTuple):
+    """What rebuilds the logits that are softmaxed from the head's input: z = c·tanh(s·(h·Wᵀ + b)/c)/T (without
+    soft-capping z = s·(h·Wᵀ + b)/T). `head_dtype`: the dtype of the model's own head product (None: fp32)."""
+
+    weight: torch.Tensor  # [V, d] (gathered if sharded)
+    bias: torch.Tensor | None = None  # [V]
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+    head_dtype: torch.dtype | None = None
+
+
+class Tokens(NamedTuple):
+    """The response tokens of one micro-batch, as the step-level statistics need them (po_plugins.monitor)."""
+
+    hidden: torch.Tensor  # [M, d] LM-head inputs at the response positions (detached, any dtype)
+    labels: torch.Tensor  # [M] next-token ids
+    chosen: torch.Tensor  # [M] bool: the token belongs to a chosen response
+    lse: torch.Tensor | None  # [M] fp32 log-normalisers of the final logits (None: recomputed)
+    pairs: int  # pairs of the micro-batch (the 1/n of each side)
+    stats: ScoreStats | None = None  # this micro-batch's own statistics when the host computed them (RC)
+
+
+def tokens_of(hidden, labels, rows, n_pairs: int, lse: torch.Tensor | None = None,
+              stats: ScoreStats | None = None) -> Tokens:
+    """Tokens from gathered response positions (rows < n_pairs are chosen)."""
+    return Tokens(hidden.detach(), labels.detach(), (rows < n_pairs).detach(),
+                  None if lse is None else lse.detach().float(), int(n_pairs), stats)
+
+
+def final_lse(logits: torch.Tensor, scale: float = 1.0, softcap: float | None = None,
+              temperature: float = 1.0) -> torch.Tensor:
+    """[M] log-normalisers of the logits that are softmaxed, from a head's raw output [M, V] at response positions."""
+    from .head import final_logits
+
+    return torch.logsumexp(final_logits(logits.detach(), scale, softcap, temperature), dim=-1)
+
+
+def _head_chunk(h: torch.Tensor, spec: HeadSpec):
+    """chunk(a, b) -> (final logits of vocabulary rows [a, b) at every position, ∂z/∂u there or None for 1)."""
+    s, T, cap, weight, bias = float(spec.logit_scale), float(spec.temperature), spec.softcap, spec.weight, spec.bias
+    hh = h.to(spec.head_dtype) if spec.head_dtype is not None else h.float()
+
+    def chunk(a, b):
+        if spec.head_dtype is not None:  # the model's own head product (e.g. bf16), then fp32 as the log-probs take it
+            u = torch.nn.functional.linear(hh, weight[a:b], None if bias is None else bias[a:b]).float()
+        else:
+            u = hh @ weight[a:b].float().T
+            if bias is not None:
+                u = u + bias[a:b].float()
+        x = u * s
+        if cap:
+            t = torch.tanh(x / cap)
+            return cap * t / T, (s / T) * (1 - t * t)
+        return x / T, None if s == T else torch.full((), s / T, device=h.device)
+
+    return chunk
 
 
 @torch.no_grad()
@@ -90,44 +165,72 @@ def score_stats_head(
     The logit of token v is z = c·tanh(s·u/c)/T with u = h·W_vᵀ + b_v (without soft-capping z = s·u/T), so
     ∂(log-prob)/∂W_v = Σ_t ([y_t = v] − p_tv)·(∂z_tv/∂u_tv)·h_t: exact, including the scale, cap and temperature.
     """
-    s, T = float(logit_scale), float(temperature)
-    h = hidden.to(head_dtype) if head_dtype is not None else hidden.float()
+    spec = HeadSpec(weight, bias, logit_scale, softcap, temperature, head_dtype)
+    return _stats(hidden, labels, rows, is_chosen, weight.shape[0], _head_chunk(hidden, spec), chunk_size, method,
+                  lse)
 
-    def chunk(a, b):
-        if head_dtype is not None:  # the model's own head product (e.g. bf16), then fp32 as the log-probs take it
-            u = torch.nn.functional.linear(h, weight[a:b], None if bias is None else bias[a:b]).float()
-        else:
-            u = h @ weight[a:b].float().T
-            if bias is not None:
-                u = u + bias[a:b].float()
-        x = u * s
-        if softcap:
-            t = torch.tanh(x / softcap)
-            return softcap * t / T, (s / T) * (1 - t * t)
-        return x / T, None if s == T else torch.full((), s / T, device=h.device)
 
-    return _stats(hidden, labels, rows, is_chosen, weight.shape[0], chunk, chunk_size, method, lse)
+@torch.no_grad()
+def step_score_sums(tokens: Tokens, spec: HeadSpec, n_pairs: int, vocab: tuple[int, int] | None = None,
+                    chunk_size: int = 4096, method: str = "auto") -> torch.Tensor:
+    """[‖s_w‖², ‖s_l‖², ⟨s_w, s_l⟩] restricted to vocabulary rows `vocab` = [a, b) (default: all), where
+    s = ∇_W (1/n_pairs)·Σ z over every token of `tokens` (e.g. all micro-batches of an optimizer step, gathered
+    from all ranks). The three entries are sums over vocabulary rows, so slices computed on different ranks add
+    up to the full statistics. `tokens.lse` must be the full-vocabulary log-normalisers."""
+    a0, b0 = vocab if vocab is not None else (0, spec.weight.shape[0])
+    if tokens.lse is None:
+        raise ValueError("step_score_sums needs the log-normalisers (Tokens.lse)")
+    h = tokens.hidden.float() / max(int(n_pairs), 1)
+    return _sums(h, tokens.labels.long(), tokens.chosen.bool(), tokens.lse, _head_chunk(tokens.hidden, spec),
+                 a0, b0, chunk_size, method)
+
+
+@torch.no_grad()
+def partial_lse(tokens: Tokens, spec: HeadSpec, vocab: tuple[int, int], chunk_size: int = 4096) -> torch.Tensor:
+    """[M] log-sum-exp of the final logits over vocabulary rows [a, b) (combine slices with a log-sum-exp)."""
+    chunk = _head_chunk(tokens.hidden, spec)
+    a0, b0 = vocab
+    out = torch.full((tokens.hidden.shape[0],), -math.inf, dtype=torch.float32, device=tokens.hidden.device)
+    for a in range(a0, b0, chunk_size):
+        out = torch.logaddexp(out, torch.logsumexp(chunk(a, min(a + chunk_size, b0))[0], dim=-1))
+    return out
 
 
 def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, lse=None) -> ScoreStats:
-    """The shared core: `chunk(a, b)` gives the final logits of vocabulary rows [a, b) at every position and the
+    """Per micro-batch: `chunk(a, b)` gives the final logits of vocabulary rows [a, b) at every position and the
     derivative of the final logit with respect to the head's raw output there (None: 1)."""
-    if method not in ("auto", "vocab", "gram"):
-        raise ValueError(f"method must be auto, vocab or gram, got {method!r}")
     is_chosen = is_chosen.bool().to(rows.device)
     n_w = int(is_chosen.sum())
     n_l = int((~is_chosen).sum())
     row_scale = torch.where(is_chosen, 1.0 / max(n_w, 1), 1.0 / max(n_l, 1)).to(torch.float32)
     side_w = is_chosen[rows]  # [M] True for chosen tokens
     h = hidden.float() * row_scale[rows][:, None]  # [M, d], scaled by 1/n of its side
-    y = labels.long()
-    M, d = h.shape
+    M = h.shape[0]
     if lse is not None:
-        lse = lse.detach().float().reshape(M, 1).to(h.device)
+        lse = lse.detach().float().reshape(M).to(h.device)
     else:
-        lse = torch.full((M, 1), -math.inf, dtype=torch.float32, device=h.device)
+        lse = torch.full((M,), -math.inf, dtype=torch.float32, device=h.device)
         for a in range(0, V, chunk_size):
-            lse = torch.logaddexp(lse, torch.logsumexp(chunk(a, min(a + chunk_size, V))[0], dim=-1, keepdim=True))
+            lse = torch.logaddexp(lse, torch.logsumexp(chunk(a, min(a + chunk_size, V))[0], dim=-1))
+    sw2, sl2, dot = _sums(h, labels.long(), side_w, lse, chunk, 0, V, chunk_size, method)
+    return ScoreStats(sw2.clamp(min=0).sqrt(), sl2.clamp(min=0).sqrt(), dot)
+
+
+def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method) -> torch.Tensor:
+    """The shared core: [‖s_w‖², ‖s_l‖², ⟨s_w, s_l⟩] over vocabulary rows [a0, b0) of s = Aᵀ h, A = onehot − softmax
+    (times ∂z/∂u), with h already scaled by 1/n of its side.
+
+    Two exact evaluations:
+      "vocab": s chunk by chunk over the vocabulary, ‖s‖² summed: O(M·V·d) work, O(M·chunk + chunk·d) memory;
+      "gram":  ⟨s_a, s_b⟩ = Σ_{i∈a, j∈b} (A Aᵀ)_ij (H Hᵀ)_ij with A Aᵀ accumulated over vocabulary chunks:
+               O(M²·V) work, O(M·chunk + M²) memory.
+    "auto" takes the cheaper: gram when M < 2d (measured crossover on CPU; one GEMM beats two per chunk)."""
+    if method not in ("auto", "vocab", "gram"):
+        raise ValueError(f"method must be auto, vocab or gram, got {method!r}")
+    M, d = h.shape
+    lse = lse.detach().float().reshape(M, 1).to(h.device)
+    side_w = side_w.to(h.device)
+    y = y.to(h.device)
 
     def a_chunk(a, b):  # (onehot − softmax) ⊙ ∂z/∂u on vocabulary rows [a, b): [M, b − a]
         z, dz = chunk(a, b)
@@ -140,25 +243,21 @@ def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, lse=No
 
     if method == "gram" or (method == "auto" and M < 2 * d):
         k = torch.zeros(M, M, dtype=torch.float32, device=h.device)  # A Aᵀ
-        for a in range(0, V, chunk_size):
-            ac = a_chunk(a, min(a + chunk_size, V))
+        for a in range(a0, b0, chunk_size):
+            ac = a_chunk(a, min(a + chunk_size, b0))
             k += ac @ ac.T
         kh = k * (h @ h.T)
         w = side_w.float()
         lw = 1.0 - w
-        return ScoreStats((w @ kh @ w).clamp(min=0).sqrt(), (lw @ kh @ lw).clamp(min=0).sqrt(), w @ kh @ lw)
+        return torch.stack([w @ kh @ w, lw @ kh @ lw, w @ kh @ lw])
     hw, hl = h[side_w], h[~side_w]
-    sw2 = torch.zeros((), dtype=torch.float32, device=h.device)
-    sl2 = torch.zeros_like(sw2)
-    dot = torch.zeros_like(sw2)
-    for a in range(0, V, chunk_size):
-        ac = a_chunk(a, min(a + chunk_size, V))
+    out = torch.zeros(3, dtype=torch.float32, device=h.device)
+    for a in range(a0, b0, chunk_size):
+        ac = a_chunk(a, min(a + chunk_size, b0))
         gw = ac[side_w].T @ hw  # [chunk, d]
         gl = ac[~side_w].T @ hl
-        sw2 += gw.pow(2).sum()
-        sl2 += gl.pow(2).sum()
-        dot += (gw * gl).sum()
-    return ScoreStats(sw2.sqrt(), sl2.sqrt(), dot)
+        out += torch.stack([gw.pow(2).sum(), gl.pow(2).sum(), (gw * gl).sum()])
+    return out
 
 
 def response_positions(hidden, logits, input_ids, att_masks, loss_masks):

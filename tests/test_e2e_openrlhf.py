@@ -14,8 +14,9 @@ from po_plugins.tiny import DIST_VARS, free_port, make_assets, run_module
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(importlib.util.find_spec("openrlhf") is None,
                                                   reason="openrlhf not installed (make test installs it)")]
-KEYS = ["step", "z_w", "z_l", "delta_z_w", "delta_z_l", "r_w", "r_l", "d_w", "d_l", "log_r", "log_r_star", "rho",
-        "band_lower", "band_upper", "slack", "in_band", "alpha", "chosen_up_frac"]
+KEYS = ["step", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "log_r", "log_r_star", "rho", "band_lower", "band_upper",
+        "slack", "in_band", "alpha", "chosen_up_frac", "probe_delta_z_w", "sw_norm", "score_pairs"]
+NULLABLE = ("band_upper", "band_lower", "slack", "log_r")  # ρ ≤ 0: no edges; a mean incentive ≤ 0: no log r
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,7 @@ def test_losses_run_end_to_end_with_the_monitor(assets, tmp_path, loss, stage):
     for r in rec:
         for k in KEYS:
             assert k in r, (k, r)
-            # the band edges (and so the slack) are ±inf when ρ ≤ 0: the band is unbounded
-            assert math.isfinite(float(r[k])) or k in ("band_upper", "band_lower", "slack"), (k, r)
+            assert (r[k] is None and k in NULLABLE) or math.isfinite(float(r[k])), (k, r)
         assert r["loss_name"] == loss
     if loss in ("dpo", "rc_dpo"):
         assert rec[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy equals reference at step 1
@@ -127,6 +127,75 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(assets, tmp_path):
     a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
     for k in a:
         assert (a[k] == b[k]).all(), k
+    # resuming the rc_dpo checkpoint with another objective: one line that names both
+    other = args(tmp_path / "part")
+    other[1] = "dpo"
+    res = run(other, tmp_path, check=False)
+    err = res.stdout + res.stderr
+    assert res.returncode != 0 and "trained with the objective 'rc_dpo', this run uses 'dpo'" in err, err[-2000:]
+    assert "KeyError" not in err and "Traceback" not in err
+
+
+def test_step_band_does_not_depend_on_micro_batch_size_or_processes(assets, tmp_path):
+    """The band is the optimizer step's (its summed head gradient): the first step (same model, same 4 pairs) gives
+    the same record for micro-batches of 1, 2 and 4 pairs and for 1 and 2 processes. (The record against autograd
+    of the step's gradient: tests/test_monitor.py.)"""
+    runs = {}
+    for name, micro, nproc in (("m4", 4, 1), ("m2", 2, 1), ("m1", 1, 1), ("p2m1", 1, 2), ("p2m2", 2, 2)):
+        run(["--loss", "dpo", "--po.monitor", *flags(assets, tmp_path / name, micro=micro, batch=4)], tmp_path,
+            nproc=nproc)
+        runs[name] = trace(tmp_path / name)[0]
+    ref = runs["m4"]
+    assert ref["score_pairs"] == 4 and -1 <= ref["rho"] <= 1
+    for name, r in runs.items():
+        assert r["score_pairs"] == 4, name
+        for k in ("z_w", "d_w", "d_l", "sw_norm", "sl_norm", "sw_dot_sl", "rho", "log_r_star"):
+            # bf16 forwards of differently padded micro-batches round differently
+            assert r[k] == pytest.approx(ref[k], rel=2e-2, abs=1e-3), (name, k, r[k], ref[k])
+        assert r["in_band"] == ref["in_band"], name
+
+
+def test_nll_term_is_folded_and_the_step_equals_stock(assets, tmp_path):
+    """--model.nll_loss_coef with a plugin objective: the NLL term is inside the objective (incentives, RC, band), and
+    OpenRLHF's losses, logs and weights stay the stock step's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    nll = ["--model.nll_loss_coef", "0.5", "--adam.lr", "1e-3"]
+    run(["openrlhf.cli.train_dpo", *flags(assets, tmp_path / "stock", extra=[
+        "--logger.tensorboard_dir", tmp_path / "tb_stock", *nll])], tmp_path, module="po_plugins._cpu.run_stock")
+    res = run(["--loss", "dpo", "--po.monitor", *flags(assets, tmp_path / "plugin", extra=[
+        "--logger.tensorboard_dir", tmp_path / "tb_plugin", *nll])], tmp_path)
+    assert "NLL(chosen)" in res.stdout + res.stderr
+
+    def scalars(d, tag):
+        ea = EventAccumulator(str(next(Path(d).iterdir())))
+        ea.Reload()
+        return [e.value for e in ea.Scalars(tag)]
+
+    for tag in ("train/loss", "train/nll_loss"):
+        stock = scalars(tmp_path / "tb_stock", tag)
+        assert len(stock) == 4 and scalars(tmp_path / "tb_plugin", tag) == pytest.approx(stock, rel=1e-5), tag
+    ws, wp, w0 = weights(tmp_path / "stock"), weights(tmp_path / "plugin"), weights(assets["model"])
+    update = sum(float(((ws[k].float() - w0[k].float()) ** 2).sum()) for k in ws) ** 0.5
+    diff = sum(float(((ws[k].float() - wp[k].float()) ** 2).sum()) for k in ws) ** 0.5
+    assert diff <= 1e-2 * update
+    # the term is in the monitor's incentives: at step 1 (policy = reference) DPO's d_w = d_l = β/2, and the NLL
+    # adds c/|y_w| to d_w
+    rec = trace(tmp_path / "plugin")[0]
+    assert rec["d_l"] == pytest.approx(0.05, rel=1e-4) and rec["d_w"] > rec["d_l"] + 0.5 / 64
+    meta = json.loads(Path(tmp_path / "plugin" / "po_band.jsonl").read_text().splitlines()[0])["meta"]
+    assert meta["hparams"]["nll_coef"] == 0.5
+    res = run(["--loss", "rc_dpo", *flags(assets, tmp_path / "rc", extra=nll)], tmp_path)
+    assert all(r["d_w"] > 0 for r in trace(tmp_path / "rc"))
+
+
+def test_ring_attention_is_refused_at_start_with_the_band(assets, tmp_path):
+    for loss in (["--loss", "rc_dpo"], ["--loss", "dpo", "--po.monitor"]):
+        res = run([*loss, *flags(assets, tmp_path / "out", extra=["--ds.ring_attn_size", "2"])], tmp_path,
+                  check=False)
+        err = res.stdout + res.stderr
+        assert res.returncode != 0 and "do not support ring attention (--ds.ring_attn_size 2" in err, err[-2000:]
+        assert "Traceback" not in err
 
 
 def test_two_processes_agree_with_one(assets, tmp_path):
@@ -203,10 +272,14 @@ def test_deepspeed_launcher(assets, tmp_path):
 def test_score_every_reuses_the_last_statistics(assets, tmp_path):
     run(["--loss", "rc_dpo", "--po.score_every", "1000", *flags(assets, tmp_path / "out")], tmp_path)
     rec = trace(tmp_path / "out")
-    assert len({(r["sw_norm"], r["sl_norm"], r["sw_dot_sl"]) for r in rec}) == 1  # computed once, reused
+    # scored once (the first micro-batch: 2 of step 1's 4 pairs); RC reuses those statistics; the later steps have
+    # no scored micro-batch, so their band is null (not a stale copy)
+    assert rec[0]["score_pairs"] == 2 and rec[0]["sw_norm"] > 0 and rec[0]["in_band"] in (0.0, 1.0)
+    assert all(r["score_pairs"] == 0 and r["sw_norm"] is None and r["in_band"] is None for r in rec[1:])
+    assert all(r["alpha"] != 1.0 for r in rec[1:])  # RC calibrates on the reused statistics
     run(["--loss", "rc_dpo", *flags(assets, tmp_path / "every")], tmp_path)
     every = trace(tmp_path / "every")
-    assert len({r["sw_norm"] for r in every}) == 4
+    assert len({r["sw_norm"] for r in every}) == 4 and all(r["score_pairs"] == 4 for r in every)
     # default --po.recheck_every 10: the exact per-pair deltas are null on steps 1-4, the keys still present
     assert all("chosen_up_frac" in r and r["chosen_up_frac"] is None for r in every)
 
@@ -284,7 +357,7 @@ def test_fused_head_trains_at_every_zero_stage_and_with_lora(assets, tmp_path, l
     rec = trace(tmp_path / "out")
     assert [r["step"] for r in rec] == [1, 2, 3, 4] and all(r["sw_norm"] > 0 for r in rec)
     for k in KEYS:
-        assert all(math.isfinite(float(r[k])) for r in rec if k not in ("band_upper", "band_lower", "slack")), k
+        assert all(math.isfinite(float(r[k])) for r in rec if r[k] is not None or k not in NULLABLE), k
 
 
 def test_fused_head_follows_the_stock_trajectory(assets, tmp_path):

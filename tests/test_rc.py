@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import po_plugins
 from po_plugins.losses import PairBatch, build, names
@@ -139,3 +140,46 @@ def test_last_incentives_scaled_by_alpha_are_the_calibrated_incentives():
     base_w, base_l = rc.last_incentives
     torch.testing.assert_close(d_w, rc.alpha * base_w, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(d_l, base_l / rc.alpha, rtol=1e-6, atol=1e-9)
+
+
+def test_chosen_nll_folded_into_the_objective_incentives_and_rc():
+    """RPO's form of --model.nll_loss_coef / pref_ftx: the term is in the per-sample loss, in the incentives (against
+    autograd of the full loss) and inside RC's calibration (gradient paths α and 1/α, forward value unchanged)."""
+    from po_plugins import incentives
+    from po_plugins.losses import ChosenNLL, PairBatch, build, with_chosen_nll
+    from po_plugins.scores import ScoreStats
+
+    g = torch.Generator().manual_seed(3)
+    zw, zl = -20 - 5 * torch.rand(6, generator=g), -22 - 5 * torch.rand(6, generator=g)
+    rw, rl = zw + torch.randn(6, generator=g), zl + torch.randn(6, generator=g)
+    nw, nl = torch.randint(3, 30, (6,), generator=g), torch.randint(3, 30, (6,), generator=g)
+    c = 0.7
+
+    def pb(a, b):
+        return PairBatch(a, b, rw, rl, nw, nl, score_stats=ScoreStats(*(torch.tensor(x) for x in (1.0, 4.0, 3.0))))
+
+    folded = with_chosen_nll(build("dpo", beta=0.1), c)
+    assert isinstance(folded, ChosenNLL) and folded.name == "dpo" and folded.hparams["nll_coef"] == c
+    a, b = zw.clone().requires_grad_(), zl.clone().requires_grad_()
+    full = -F.logsigmoid(0.1 * ((a - rw) - (b - rl))) - c * a / nw  # independent formula
+    torch.testing.assert_close(folded(pb(a, b)), full.detach())
+    gw, gl = torch.autograd.grad(full.sum(), [a, b])
+    d_w, d_l = incentives(folded, pb(zw, zl))
+    torch.testing.assert_close(d_w, -gw)
+    torch.testing.assert_close(d_l, gl)
+    assert float((d_w - incentives(build("dpo", beta=0.1), pb(zw, zl))[0] - c / nw).abs().max()) < 1e-6
+
+    rc = with_chosen_nll(build("rc_dpo", beta=0.1), c)
+    assert rc.name == "rc_dpo" and isinstance(rc.base, ChosenNLL) and rc.hparams["nll_coef"] == c
+    for _ in range(3):  # move α away from 1
+        rc(pb(zw.clone().requires_grad_(), zl.clone().requires_grad_()))
+    a, b = zw.clone().requires_grad_(), zl.clone().requires_grad_()
+    out = rc(pb(a, b))
+    alpha = rc.alpha
+    assert alpha != 1.0
+    torch.testing.assert_close(out.detach(), full.detach())  # forward value unchanged
+    gw2, gl2 = torch.autograd.grad(out.sum(), [a, b])
+    torch.testing.assert_close(gw2, alpha * gw)  # the NLL's push is calibrated with the chosen path
+    torch.testing.assert_close(gl2, gl / alpha)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        with_chosen_nll(build("dpo"), -1.0)

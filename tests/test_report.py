@@ -50,7 +50,8 @@ def _run_b_records():
         {"step": i + 1, "loss_name": "dpo", "z_w": zw[i], "z_l": zl[i], "delta_z_w": 0.0, "delta_z_l": 0.0,
          "r_w": 0.0, "r_l": 0.0, "d_w": 0.5, "d_l": 0.5, "log_r": 0.0, "log_r_star": 0.05, "rho": 0.6,
          "band_lower": 0.05 - 0.5108, "band_upper": 0.05 + 0.5108, "slack": slack[i], "in_band": True,
-         "alpha": 1.0, "chosen_up_frac": 0.5}
+         "alpha": 1.0, "chosen_up_frac": 0.5, "probe_delta_z_w": [None, 0.1, None, 0.2][i],
+         "probe_delta_z_l": [None, -0.3, None, -0.5][i]}
         for i in range(4)
     ]
 
@@ -70,10 +71,12 @@ def runs(tmp_path):
 # A: z_w finite -1.0 ... -0.7 -> +0.3; z_l finite -1.2, -1.3, -1.4, -1.6 -> -0.4;
 #    in_band non-null 1,0,true,false,1 -> 3/5; alpha finite 1.5,1.2,0.8,1.0,0.5 -> 1.0;
 #    slack finite 0.12,-0.28,-0.05,0.01 -> -0.05.
-EXPECTED_A = {"steps": 6, "delta_z_w": 0.3, "delta_z_l": -0.4, "in_band_frac": 0.6, "alpha_mean": 1.0,
+# B: the probe's last re-score (step 4) gives Δz on the same pairs; A has no re-score: its Δz is unknown, and only the
+#    batch-mean trend is there.
+EXPECTED_A = {"steps": 6, "batch_delta_z_w": 0.3, "batch_delta_z_l": -0.4, "in_band_frac": 0.6, "alpha_mean": 1.0,
               "slack_mean": -0.05}
-EXPECTED_B = {"steps": 4, "delta_z_w": 0.2, "delta_z_l": -0.5, "in_band_frac": 1.0, "alpha_mean": 1.0,
-              "slack_mean": 0.25}
+EXPECTED_B = {"steps": 4, "delta_z_w": 0.2, "delta_z_l": -0.5, "delta_step": 4, "batch_delta_z_w": 0.2,
+              "batch_delta_z_l": -0.5, "in_band_frac": 1.0, "alpha_mean": 1.0, "slack_mean": 0.25}
 
 
 def _check_summary(summary, expected):
@@ -98,6 +101,7 @@ def test_summarize_matches_hand_computed(runs):
         trace_a = load_trace(a / "po_band.jsonl")
     sa = summarize(trace_a)
     _check_summary(sa, EXPECTED_A)
+    assert sa["delta_z_w"] is None and sa["delta_z_l"] is None
     assert sa["first_step"] == 1 and sa["last_step"] == 6 and sa["loss_name"] == "rc_dpo"
     _check_summary(summarize(load_trace(b)), EXPECTED_B)
 
@@ -143,9 +147,9 @@ def test_cli_writes_pngs_and_index(runs, tmp_path, capsys):
     assert str(tmp_path) not in page.split("<table>")[0]  # image paths are relative
     # labels: meta.loss for run A, directory name for run B
     assert "<td>rc_dpo</td>" in page and "<td>run_b</td>" in page
-    # summary row of run A, formatted
-    for cell in ["<td>6</td>", "<td>+0.3</td>", "<td>-0.4</td>", "<td>60.0%</td>", "<td>1</td>",
-                 "<td>-0.05</td>"]:
+    # summary row of run A, formatted (no re-score in its trace: Δz unknown, not the batch-mean trend)
+    assert "<td>+0.3</td>" not in page
+    for cell in ["<td>6</td>", "<td>—</td>", "<td>60.0%</td>", "<td>1</td>", "<td>-0.05</td>"]:
         assert cell in page, cell
     for cell in ["<td>4</td>", "<td>+0.2</td>", "<td>-0.5</td>", "<td>100.0%</td>", "<td>+0.25</td>"]:
         assert cell in page, cell

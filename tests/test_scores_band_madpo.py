@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from po_plugins.band import alert_message, band_stats
+from po_plugins.band import alert_message, band_stats, predicted_signs
 from po_plugins.madpo import margin_weights, scale_c
 from po_plugins.scores import head_score_stats, response_positions, score_stats_flat, score_stats_head
 from po_plugins.toy import train
@@ -79,10 +79,53 @@ def test_band_stats_edges_and_slack():
     assert out["lower"] == pytest.approx(math.log(2.0) + math.log(0.5))
     assert out["upper"] == pytest.approx(math.log(2.0) - math.log(0.5))
     assert out["slack"] == pytest.approx(math.log(2.0)) and out["in_band"] == 1.0
-    out = band_stats(1.0, 1.0, 1.0, 5.0, 0.9 * 5.0)  # r = 1, r* = 5, ρ = 0.9: far above the band
-    assert out["slack"] < 0 and out["in_band"] == 0.0
-    neg = band_stats(1.0, 1.0, 1.0, 5.0, -1.0)  # ρ ≤ 0: always in band
-    assert neg["in_band"] == 1.0 and neg["lower"] == -math.inf and neg["upper"] == math.inf
+    out = band_stats(1.0, 1.0, 1.0, 5.0, 0.9 * 5.0)  # r = 1, r* = 5, ρ = 0.9: far below the lower edge
+    assert out["slack"] < 0 and out["in_band"] == 0.0 and out["edge"] == "lower" and out["pred_sign_w"] == -1
+    out = band_stats(1.0, 1.0, 5.0, 1.0, 0.9 * 5.0)  # r* = 1/5: above the upper edge, the rejected rises
+    assert out["slack"] < 0 and out["edge"] == "upper" and out["pred_sign_l"] == 1 and out["pred_sign_w"] == 1
+    neg = band_stats(1.0, 1.0, 1.0, 5.0, -1.0)  # ρ ≤ 0: always in band; the band is the whole line (no edges)
+    assert neg["in_band"] == 1.0 and neg["lower"] is None and neg["upper"] is None and neg["slack"] is None
+    assert neg["rho"] == pytest.approx(-0.2) and neg["edge"] is None
+
+
+def test_band_verdict_is_the_sign_conditions_for_incentives_of_every_sign():
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(2000):
+        dw, dl = (float(x) for x in torch.randn(2, generator=g))
+        sw, sl = (float(x) for x in torch.rand(2, generator=g) * 3 + 0.1)
+        rho = float(torch.rand((), generator=g)) * 2 - 1
+        out = band_stats(dw, dl, sw, sl, rho * sw * sl)
+        pw, pl = predicted_signs(dw, dl, sw, sl, rho * sw * sl)
+        assert out["in_band"] == float(pw >= 0 and pl <= 0), (dw, dl, sw, sl, rho)
+        assert (out["pred_sign_w"], out["pred_sign_l"]) == (pw, pl)
+        assert -1.0 <= out["rho"] <= 1.0
+        if dw > 0 and dl > 0 and rho > 0:  # the paper's band: slack ≥ 0 ⇔ in band
+            assert (out["slack"] >= 0) == bool(out["in_band"])
+        else:
+            assert out["slack"] is None
+        if dw <= 0 or dl <= 0:
+            assert out["log_r"] is None
+        seen.add((dw > 0, dl > 0, out["edge"]))
+    # every sign pattern occurred, with each edge (past-target objectives: both incentives negative)
+    assert {(False, False, "lower"), (False, False, "upper"), (True, False, "upper"), (False, True, "lower"),
+            (True, True, "lower"), (True, True, "upper"), (True, True, None)} <= seen
+
+
+def test_band_of_objectives_past_their_target_and_satisfied_hinges():
+    # cDPO/IPO past their target: both incentives negative, d = (−1, −1), ρ = 0.5 → the chosen falls, the rejected
+    # rises (the old clamp reported this in band with slack 0.693)
+    out = band_stats(-1.0, -1.0, 1.0, 1.0, 0.5)
+    assert out["in_band"] == 0.0 and out["edge"] == "both" and out["log_r"] is None and out["slack"] is None
+    # one mean ≤ 0 (a satisfied hinge has d = 0): no log r = 27.6 any more
+    out = band_stats(1.0, 0.0, 1.0, 1.0, 0.5)
+    # ż_w ∝ d_w‖s_w‖² = 1 > 0, ż_l ∝ d_w⟨s_w, s_l⟩ = 0.5 > 0: only the chosen is pushed, and the shared direction
+    # lifts the rejected too
+    assert out["log_r"] is None and out["in_band"] == 0.0 and out["edge"] == "upper"
+    msg = alert_message(1, 1, {"step": 3, "loss_name": "hinge", "d_w": 1.0, "d_l": 0.0, **{
+        k: out[k] for k in ("log_r", "edge")}})
+    assert "band is undefined" in msg and "rejected log-likelihood is predicted to rise" in msg
+
 
 
 @pytest.mark.parametrize("name", ["dpo", "rc_dpo", "bce", "rc_cpo", "lsif"])
@@ -132,7 +175,11 @@ def test_out_of_band_alert_fires_once_at_the_threshold():
     rec = {"step": 7, "loss_name": "dpo", "log_r": 0.0, "band_lower": 0.5, "band_upper": 1.2}
     assert alert_message(2, 3, rec) is None and alert_message(4, 3, rec) is None
     msg = alert_message(3, 3, rec)
-    assert "3 consecutive steps" in msg and "step 7" in msg and "--loss rc_dpo" in msg
+    assert "3 consecutive steps" in msg and "step 7" in msg and "rc_dpo" in msg
+    assert "chosen log-likelihood is predicted to fall" in alert_message(3, 3, {**rec, "edge": "lower"})
+    up = alert_message(3, 3, {**rec, "edge": "upper"})
+    assert "upper edge" in up and "rejected log-likelihood is predicted to rise" in up and "chosen" not in up
+    assert "--loss rc_dpo" in alert_message(3, 3, rec, "; consider --loss rc_dpo")
     assert "--loss rc_" not in alert_message(3, 3, {**rec, "loss_name": "rc_dpo"})
     assert alert_message(3, 0, rec) is None
 

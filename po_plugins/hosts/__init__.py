@@ -48,3 +48,15 @@ def check_seams(host: str, dist: str, version: str | None, lo: str, hi: str, why
             if f not in src:
                 raise HostError(f"{host} {version}: {mod_name}.{attr} no longer contains `{f}`; {fix}")
     return version
+
+
+def gathered(*params):
+    """Read access to ZeRO-3 partitioned parameters (a no-op for anything else); collective under ZeRO-3."""
+    import contextlib
+
+    todo = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not todo:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(todo, modifier_rank=None)

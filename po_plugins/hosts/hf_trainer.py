@@ -13,7 +13,9 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from ..monitor import BandMonitor, load_plugin_state, plugin_state
+from ..monitor import BandMonitor, PluginStateError, load_plugin_state, plugin_state
+from ..scores import HeadSpec
+from . import gathered
 
 STATE_FILE = "po_plugins_state_rank{}.pt"
 
@@ -29,14 +31,38 @@ class TrainerPlugin:
         if self.args.process_index == 0:
             print(msg, flush=True)
 
-    def _po_start_monitor(self, on: bool, jsonl: str | None, alert_steps: int, recheck_every: int) -> None:
+    def _po_start_monitor(self, on: bool, jsonl: str | None, alert_steps: int, recheck_every: int,
+                          score_chunk: int = 4096) -> None:
         """The band monitor (on for rc_* objectives too), writing `<output_dir>/po_band.jsonl` by default."""
         self.po_monitor = None
-        if on or self.po_loss.name.startswith("rc_"):
+        calibrating = self.po_loss.name.startswith("rc_")
+        if on or calibrating:
             path = jsonl or os.path.join(self.args.output_dir, "po_band.jsonl")
             self.po_monitor = BandMonitor(self.po_loss, path, alert_steps, recheck_every, rescore=self._po_rescore,
-                                          log=self._po_print, is_rank_0=lambda: self.args.process_index == 0)
+                                          log=self._po_print, is_rank_0=lambda: self.args.process_index == 0,
+                                          head=self._po_head_spec, score_chunk=score_chunk)
             self.add_callback(StepEnd(self))
+        # per-micro-batch statistics: RC calibrates on them; a step of one micro-batch on one process reuses them
+        self._po_micro_stats = calibrating or (self.args.gradient_accumulation_steps == 1
+                                               and self.args.world_size == 1)
+
+    def _po_head_spec(self):
+        """The head as the band's step statistics rebuild the logits (weight gathered under ZeRO-3)."""
+        import contextlib
+
+        from ..head import head_transform
+
+        @contextlib.contextmanager
+        def spec():
+            m = self.accelerator.unwrap_model(self.model)
+            base = m.get_base_model() if hasattr(m, "get_base_model") else m
+            head = base.get_output_embeddings()
+            scale, cap = head_transform(base.config)
+            bias = getattr(head, "bias", None)
+            with gathered(head.weight, bias):
+                yield HeadSpec(head.weight, bias, scale, cap, 1.0, head.weight.dtype)
+
+        return spec()
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -63,7 +89,11 @@ class TrainerPlugin:
                 self._po_print(f"[po_plugins] WARNING: {path} holds no po_plugins state; the objective's running "
                                "statistics (RC's α) start afresh")
             else:
-                load_plugin_state(torch.load(found, weights_only=False), self.po_loss, self.po_monitor)
+                try:
+                    load_plugin_state(torch.load(found, weights_only=False), self.po_loss, self.po_monitor,
+                                      f"the checkpoint {path}")
+                except PluginStateError as e:
+                    raise SystemExit(f"po_plugins: {e}") from None
                 self._po_print(f"[po_plugins] restored the plugin state from {found}")
         return super().train(resume_from_checkpoint, *a, **kw)
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..losses import PairBatch, accepted_hparams, build, names
+from ..head import final_logits, head_transform
+from ..losses import PairBatch, accepted_hparams, build, names, with_chosen_nll
 from ..monitor import loss_step
 from ..options import OPTIONS, OptionError, check_loss, check_options, coerce_hparam, parse_value
-from ..scores import response_positions, score_stats_flat
+from ..scores import response_positions, score_stats_flat, tokens_of
 from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
 from .hf_trainer import RowExtras, TrainerPlugin, columns
 
@@ -371,7 +372,10 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
                 c in (columns(d) or []) for d in _evals(self.eval_dataset) for c in ROW_COLUMNS.values()):
             self.data_collator = RowExtras(self.data_collator, {"po_margin": (ROW_COLUMNS["margin"], 0.0),
                                                                 "po_weight": (ROW_COLUMNS["weight"], 1.0)})
-        self._po_start_monitor(cfg.opt("monitor"), cfg.opt("jsonl"), cfg.opt("alert_steps"), cfg.opt("recheck_every"))
+        if self.ftx_gamma > 1e-6:  # pref_ftx: + γ·NLL of the chosen response, folded into the objective (RPO's form)
+            self.po_loss = with_chosen_nll(self.po_loss, float(self.ftx_gamma))
+        self._po_start_monitor(cfg.opt("monitor"), cfg.opt("jsonl"), cfg.opt("alert_steps"), cfg.opt("recheck_every"),
+                               int(cfg.opt("score_chunk")))
         self._po_need_scores = self.po_monitor is not None
         self._po_armed = False
         self._po_captured = None
@@ -427,12 +431,20 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         return self._stored_metrics["train"]
 
     def _po_scores(self, batch, labels, n_pairs):
+        """This micro-batch's response tokens (the head's input and raw output from the hook) and, where needed,
+        its own head statistics."""
         hidden, logits = self._po_captured
         self._po_captured = None
         mask = labels[:, 1:] != -100
         h, lg, y, rows = response_positions(hidden, logits, batch["input_ids"], batch["attention_mask"], mask)
-        is_chosen = torch.arange(labels.shape[0], device=labels.device) < n_pairs
-        return score_stats_flat(h, lg, y, rows, is_chosen, chunk_size=int(self.po_cfg.opt("score_chunk")))
+        scale, cap = head_transform(self._po_unwrapped().config)
+        z = final_logits(lg, scale, cap)
+        stats = None
+        if self._po_micro_stats:
+            is_chosen = torch.arange(labels.shape[0], device=labels.device) < n_pairs
+            stats = score_stats_flat(h, z, y, rows, is_chosen, chunk_size=int(self.po_cfg.opt("score_chunk")),
+                                     logit_scale=scale, softcap=cap)
+        return tokens_of(h, y, rows, n_pairs, torch.logsumexp(z, dim=-1), stats)
 
     def _po_rescore(self, inputs):
         out = self.concatenated_forward(self.model, dict(inputs))
@@ -447,7 +459,7 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         capture = training and self._po_need_scores
         if capture:  # po_score_every k: fresh statistics on every k-th micro-batch, the last ones in between
             self._po_micro += 1
-            capture = self._po_last_scores is None or (self._po_micro - 1) % int(self.po_cfg.opt("score_every")) == 0
+            capture = (self._po_micro - 1) % int(self.po_cfg.opt("score_every")) == 0
         self._po_armed = capture
         try:
             out = self.concatenated_forward(model, dict(batch))
@@ -461,10 +473,12 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
             rw = rl = None
         else:
             rw, rl = self.compute_reference_log_probs(model, dict(batch))
-        stats = None
+        stats = tokens = None
         if training and self._po_need_scores:
             if capture and self._po_captured is not None:
-                self._po_last_scores = self._po_scores(batch, labels, B)
+                tokens = self._po_scores(batch, labels, B)
+                if tokens.stats is not None:
+                    self._po_last_scores = tokens.stats
             stats = self._po_last_scores
         margins = extras.get("po_margin")
         if margins is None and "margins" in self.po_loss.needs:
@@ -472,10 +486,8 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         weights = extras.get("po_weight")
         b = PairBatch(zw, zl, rw, rl, nw, nl, weights=weights.to(zw.device) if weights is not None else None,
                       margins=margins.to(zw.device) if margins is not None else None, score_stats=stats)
-        per_sample, cr, rr = loss_step(self.po_loss, b, self.po_monitor, training, batch if training else None)
-        if self.ftx_gamma > 1e-6:  # LLaMA-Factory's pref_ftx: + γ·NLL of the chosen response (token mean)
-            sft = -zw / nw.clamp(min=1).to(zw)
-            per_sample = per_sample + self.ftx_gamma * (sft * weights.to(sft) if weights is not None else sft)
+        per_sample, cr, rr = loss_step(self.po_loss, b, self.po_monitor, training, batch if training else None,
+                                       tokens)
         prefix = "eval_" if train_eval == "eval" else ""
         metrics = {
             f"{prefix}rewards/chosen": cr.mean().item(),

@@ -18,10 +18,10 @@ from types import SimpleNamespace
 import torch
 
 from ..head import chunked_logprobs, head_transform
-from ..losses import PairBatch, build
-from ..monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
-from ..scores import ScoreStats, response_positions, score_stats_flat, score_stats_head
-from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
+from ..losses import PairBatch, build, with_chosen_nll
+from ..monitor import BandMonitor, PluginStateError, load_plugin_state, loss_step, plugin_state
+from ..scores import HeadSpec, response_positions, score_stats_flat, score_stats_head, tokens_of
+from . import HostError, check_seams, gathered, installed_version  # noqa: F401  (HostError: re-exported)
 
 logger = logging.getLogger("po_plugins")
 
@@ -102,6 +102,12 @@ def make_hierarchize(original, po: SimpleNamespace):
         out = original(args)
         name, hp = resolve_loss(po, out.model)
         out.po = SimpleNamespace(**{**vars(po), "loss": name, "hparams": hp})
+        ring = int(getattr(out.ds, "ring_attn_size", 1) or 1)
+        if ring > 1 and (name.startswith("rc_") or po.monitor):
+            who = f"--loss {name}" if name.startswith("rc_") else "--po.monitor"
+            raise SystemExit(f"po_plugins: the head statistics of {who} do not support ring attention "
+                             f"(--ds.ring_attn_size {ring}: each rank holds a slice of every sequence); drop "
+                             "--ds.ring_attn_size, or train without rc_ and --po.monitor")
         try:
             build(name, **hp)  # validate hyperparameters before any model is built
         except ValueError as e:
@@ -239,18 +245,6 @@ def _head_of(engine):
                      "run without --po.fused_head")
 
 
-def _gathered(*params):
-    """Read access to ZeRO-3 partitioned parameters (a no-op for anything else)."""
-    import contextlib
-
-    todo = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    if not todo:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(todo, modifier_rank=None)
-
-
 def _trainer_class():
     from openrlhf.trainer.dpo_trainer import DPOTrainer
 
@@ -261,15 +255,26 @@ def _trainer_class():
             super().__init__(*a, **kw)
             po = self.args.po
             self.po_loss = build(po.loss, **po.hparams)
+            # --model.nll_loss_coef: folded into the objective (RPO's form) so that the incentives, RC's α and the
+            # band include it; OpenRLHF then adds the same term's value only (concatenated_forward returns it
+            # detached), so losses, logs and gradients equal the stock step's
+            self._po_nll = float(getattr(self.args.model, "nll_loss_coef", 0.0) or 0.0) > 1e-8
+            if self._po_nll:
+                self.po_loss = with_chosen_nll(self.po_loss, float(self.args.model.nll_loss_coef))
             self.loss_fn = HostLoss(self)
             calibrating = po.loss.startswith("rc_")
             self.po_monitor = None
             if po.monitor or calibrating:
                 path = getattr(po, "jsonl", None) or os.path.join(self.args.ckpt.output_dir, "po_band.jsonl")
+                hint = "" if calibrating else f"; consider --loss rc_{po.loss}"
                 self.po_monitor = BandMonitor(self.po_loss, path, po.alert_steps, po.recheck_every,
                                               rescore=self._po_rescore, log=self.strategy.print,
-                                              is_rank_0=self.strategy.is_rank_0)
+                                              is_rank_0=self.strategy.is_rank_0, head=self._po_head_spec,
+                                              score_chunk=int(po.score_chunk), hint=hint)
             self._po_need_scores = calibrating or self.po_monitor is not None
+            # per-micro-batch statistics: RC calibrates on them; a step of one micro-batch on one rank reuses them
+            self._po_micro_stats = calibrating or (self.strategy.accumulated_gradient == 1
+                                                   and self.strategy.world_size == 1)
             self._po_extra = {}
             self._po_head_cache = None
             self._po_last_scores = None
@@ -289,7 +294,11 @@ def _trainer_class():
                 head.register_forward_hook(self._po_hook)
             states = getattr(self.strategy, "_po_client_states", None) or {}
             if STATE_KEY in states:
-                load_plugin_state(states[STATE_KEY], self.po_loss, self.po_monitor)
+                try:
+                    load_plugin_state(states[STATE_KEY], self.po_loss, self.po_monitor,
+                                      f"the checkpoint in {self.args.ckpt.path}")
+                except PluginStateError as e:
+                    raise SystemExit(f"po_plugins: {e} (--ckpt.path, --ckpt.load_enable)") from None
             interrupt = os.environ.get("PO_PLUGINS_INTERRUPT_AT_STEP")
             self._po_interrupt = int(interrupt) if interrupt else None
             self.strategy.print(f"[po_plugins] loss {self.po_loss!r}; monitor "
@@ -298,6 +307,21 @@ def _trainer_class():
                                 + ("; reference-free: reference forward skipped" if self.po_loss.reference_free
                                    else "; reference log-probs read from the dataset: reference forward skipped"
                                    if getattr(po, "ref_logp_keys", None) else ""))
+
+        def _po_head_spec(self):
+            """The head as the band's step statistics rebuild the logits (weight gathered under ZeRO-3)."""
+            import contextlib
+
+            @contextlib.contextmanager
+            def spec():
+                base, head, _ = _head_of(self.model.model)
+                scale, cap = head_transform(base.config)
+                temperature = float(getattr(self.model, "temperature", 1.0) or 1.0)
+                bias = getattr(head, "bias", None)
+                with gathered(head.weight, bias):
+                    yield HeadSpec(head.weight, bias, scale, cap, temperature, head.weight.dtype)
+
+            return spec()
 
         def _po_rescore(self, inputs):
             saved = self._po_extra
@@ -350,21 +374,29 @@ def _trainer_class():
             means = sums / counts.clamp(min=1)
             if is_policy:
                 extra = {"chosen_tokens": counts[:B], "rejected_tokens": counts[B:], "score_stats": None,
-                         "margins": None, "inputs": (chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens)}
+                         "margins": None, "inputs": (chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens),
+                         "tokens": None}
                 if any(m is not None for m in margins) or getattr(self.args.po, "margin_key", None):
                     extra["margins"] = torch.tensor([0.0 if m is None else float(m) for m in margins],
                                                     device=sums.device)
                 if capture:
-                    if self._po_fused and self._po_fused_scores is not None:
-                        self._po_last_scores, self._po_fused_scores = self._po_fused_scores, None
+                    if self._po_fused and self._po_fused_tokens is not None:
+                        tokens, self._po_fused_tokens = self._po_fused_tokens, None
                     elif self._po_head_cache is not None:
-                        self._po_last_scores = self._po_scores(input_ids, att_masks, loss_masks, sums, B)
+                        tokens = self._po_scores(input_ids, att_masks, loss_masks, output["logits"], B)
+                    else:
+                        tokens = None
+                    if tokens is not None:
+                        extra["tokens"] = tokens
+                        if tokens.stats is not None:
+                            self._po_last_scores = tokens.stats
                     extra["score_stats"] = self._po_last_scores
                 self._po_extra = extra
             aux_loss = output.aux_loss if "aux_loss" in output else []
-            return sums[:B], sums[B:], aux_loss, -means[:B].mean()
+            nll = -means[:B].mean()
+            return sums[:B], sums[B:], aux_loss, nll.detach() if self._po_nll else nll
 
-        _po_fused_scores = None
+        _po_fused_tokens = None
 
         def _po_fused_forward(self, actor, input_ids, att_masks, loss_masks, B, want_scores):
             """--po.fused_head: the backbone through the engine's own forward (the head swapped for a pass-through,
@@ -405,23 +437,35 @@ def _trainer_class():
                                        return_lse=True)
             sums = torch.zeros(input_ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
             if want_scores:
-                is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
-                with _gathered(head.weight, getattr(head, "bias", None)):
-                    w = head.weight
-                    self._po_fused_scores = score_stats_head(
-                        h.detach(), w, y, rows, is_chosen, bias=getattr(head, "bias", None), logit_scale=scale,
-                        softcap=cap, temperature=temperature, lse=lse,
-                        # at most ~2^22 statistics entries a vocabulary chunk, however many response tokens
-                        chunk_size=max(64, min(int(self.args.po.score_chunk), (1 << 22) // max(1, h.shape[0]))),
-                        head_dtype=w.dtype)  # the head's own product and the chunked head's normalisers
+                stats = None
+                if self._po_micro_stats:
+                    is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
+                    with gathered(head.weight, getattr(head, "bias", None)):
+                        w = head.weight
+                        stats = score_stats_head(
+                            h.detach(), w, y, rows, is_chosen, bias=getattr(head, "bias", None), logit_scale=scale,
+                            softcap=cap, temperature=temperature, lse=lse,
+                            # at most ~2^22 statistics entries a vocabulary chunk, however many response tokens
+                            chunk_size=max(64, min(int(self.args.po.score_chunk), (1 << 22) // max(1, h.shape[0]))),
+                            head_dtype=w.dtype)  # the head's own product and the chunked head's normalisers
+                self._po_fused_tokens = tokens_of(h, y, rows, B, lse, stats)
             return sums, output
 
-        def _po_scores(self, input_ids, att_masks, loss_masks, sums, B) -> ScoreStats:
-            hidden, logits = self._po_head_cache
+        def _po_scores(self, input_ids, att_masks, loss_masks, logits, B):
+            """This micro-batch's response tokens (head inputs from the hook; log-normalisers from the logits the
+            log-probs were taken from) and, where needed, its own head statistics."""
+            hidden, _ = self._po_head_cache
             self._po_head_cache = None
             h, lg, y, rows = response_positions(hidden, logits, input_ids, att_masks, loss_masks)
-            is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
-            return score_stats_flat(h, lg, y, rows, is_chosen, chunk_size=int(self.args.po.score_chunk))
+            stats = None
+            if self._po_micro_stats:
+                base, _, _ = _head_of(self.model.model)
+                scale, cap = head_transform(base.config)
+                is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
+                stats = score_stats_flat(h, lg, y, rows, is_chosen, chunk_size=int(self.args.po.score_chunk),
+                                         logit_scale=scale, softcap=cap,
+                                         temperature=float(getattr(self.model, "temperature", 1.0) or 1.0))
+            return tokens_of(h, y, rows, B, torch.logsumexp(lg.float(), dim=-1), stats)
 
         def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
             logs_dict = dict(logs_dict or {})
@@ -450,8 +494,13 @@ class HostLoss:
         b = PairBatch(chosen, rejected, ref_chosen, ref_rejected, ex.get("chosen_tokens"), ex.get("rejected_tokens"),
                       margins=ex.get("margins"), score_stats=ex.get("score_stats"))
         training = torch.is_grad_enabled() and chosen.requires_grad and t.model.training
-        per_sample, cr, rr = loss_step(t.po_loss, b, t.po_monitor, training, ex.get("inputs"))
-        return per_sample.mean(), cr, rr
+        per_sample, cr, rr = loss_step(t.po_loss, b, t.po_monitor, training, ex.get("inputs"),
+                                       ex.get("tokens") if training else None)
+        loss = per_sample.mean()
+        if t._po_nll:  # OpenRLHF logs the preference loss and adds the NLL term's value itself
+            loss = loss - t.po_loss.hparams["nll_coef"] * (-chosen.detach().float()
+                                                             / ex["chosen_tokens"].clamp(min=1)).mean()
+        return loss, cr, rr
 
 
 # ---- patching -------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from ..head import head_transform
 from ..losses import PairBatch, accepted_hparams, build, names
 from ..monitor import loss_step
 from ..options import OPTIONS, OptionError, check_loss, check_options, options_for
-from ..scores import ScoreStats, score_stats_head
+from ..scores import Tokens, score_stats_head, tokens_of
 from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
 from .hf_trainer import RowExtras, TrainerPlugin, columns
 
@@ -214,7 +214,8 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
                                                                   ("po_weight", self._po_weight_key, 1.0)) if col}
         if carried:
             self.data_collator = RowExtras(self.data_collator, carried)
-        self._po_start_monitor(args.po_monitor, args.po_jsonl, args.po_alert_steps, args.po_recheck_every)
+        self._po_start_monitor(args.po_monitor, args.po_jsonl, args.po_alert_steps, args.po_recheck_every,
+                               int(args.po_score_chunk))
         self._po_need_scores = self.po_monitor is not None
         self._po_capture = False
         self._po_hidden = None
@@ -313,7 +314,9 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
                 out = self.ref_model(**kw, labels=labels, fused_lm_head=True)
         return out.log_probs[:, -seq_len:].sum(dim=1)
 
-    def _po_scores(self, labels, n_pairs) -> ScoreStats:
+    def _po_scores(self, labels, n_pairs) -> Tokens:
+        """This micro-batch's response tokens (head inputs from the backbone hook) and, where needed, its own head
+        statistics."""
         hidden = self._po_hidden
         self._po_hidden = None
         lab = labels[:, 1:]
@@ -324,12 +327,15 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         scale, cap = head_transform(base.config)
         rows = pos[:, 0]
         is_chosen = torch.arange(lab.shape[0], device=lab.device) < n_pairs
-        with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
-            w = head.weight
-            h = hid[pos[:, 0], pos[:, 1]].to(w.device)
-            return score_stats_head(h, w, lab[pos[:, 0], pos[:, 1]].to(w.device), rows.to(w.device),
-                                    is_chosen.to(w.device), bias=getattr(head, "bias", None), logit_scale=scale,
-                                    softcap=cap, chunk_size=int(self.args.po_score_chunk))
+        h, y = hid[pos[:, 0], pos[:, 1]], lab[pos[:, 0], pos[:, 1]]
+        stats = None
+        if self._po_micro_stats:
+            with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
+                w = head.weight
+                stats = score_stats_head(h.to(w.device), w, y.to(w.device), rows.to(w.device),
+                                         is_chosen.to(w.device), bias=getattr(head, "bias", None), logit_scale=scale,
+                                         softcap=cap, chunk_size=int(self.args.po_score_chunk))
+        return tokens_of(h, y, rows, n_pairs, None, stats)
 
     def _po_rescore(self, inputs):
         zs, _, _, _, _ = self._po_logps(self.model, inputs)
@@ -344,7 +350,7 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         capture = training and self._po_need_scores
         if capture:  # po_score_every k: fresh statistics on every k-th micro-batch, the last ones in between
             self._po_micro += 1
-            capture = self._po_last_scores is None or (self._po_micro - 1) % int(self.args.po_score_every) == 0
+            capture = (self._po_micro - 1) % int(self.args.po_score_every) == 0
         logps, counts, outputs, model_kwargs, labels = self._po_logps(model, inputs, capture)
         zw, zl = logps.chunk(2, dim=0)
         nw, nl = counts.chunk(2, dim=0)
@@ -356,10 +362,12 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
             rw = rl = None
         else:
             rw, rl = self._po_ref_logps(model_kwargs, labels, seq_len).chunk(2, dim=0)
-        stats = None
+        stats = tokens = None
         if training and self._po_need_scores:
             if capture and self._po_hidden is not None:
-                self._po_last_scores = self._po_scores(labels, B)
+                tokens = self._po_scores(labels, B)
+                if tokens.stats is not None:
+                    self._po_last_scores = tokens.stats
             stats = self._po_last_scores
         margins = inputs.get("po_margin")
         if margins is None and "margins" in self.po_loss.needs:
@@ -367,7 +375,8 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
                           f"'{self._po_margin_key}' column ({mode}) is evaluated unweighted (every pair weight 1)")
             margins = torch.zeros_like(zw)
         b = PairBatch(zw, zl, rw, rl, nw, nl, weights=inputs.get("po_weight"), margins=margins, score_stats=stats)
-        per_sample, cr, rr = loss_step(self.po_loss, b, self.po_monitor, training, inputs if training else None)
+        per_sample, cr, rr = loss_step(self.po_loss, b, self.po_monitor, training, inputs if training else None,
+                                       tokens)
         loss = per_sample.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
