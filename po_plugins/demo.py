@@ -1,4 +1,4 @@
-"""`make demo`: why calibration matters, on a real OpenRLHF DPO run. Offline; a minute or two on two CPU cores.
+"""`make demo`: why calibration matters, on a real OpenRLHF DPO run. Offline; under a minute on two CPU cores.
 
     python -m po_plugins.demo [--out runs/demo] [--seed 0] [--pairs 64] [--epochs 2]
 
@@ -89,7 +89,8 @@ def read_rows(path) -> list[dict]:
 
 def outcome(run_dir: Path, assets: dict, log_text: str) -> dict:
     """What the demo reports for one run: the band verdicts of the trace and the held-out pairs' log-prob change
-    from the initial model to the run's saved model (same pairs), with the monitor's exact per-step re-checks."""
+    from the initial model to the run's saved model (same pairs), with the monitor's exact per-step re-checks and its
+    probe batch (the first training micro-batch re-scored: its chosen change since the start, last value)."""
     from po_plugins.report import load_trace
 
     trace = load_trace(run_dir / "po_band.jsonl")
@@ -99,6 +100,7 @@ def outcome(run_dir: Path, assets: dict, log_text: str) -> dict:
     dw, dl = zw1 - zw0, zl1 - zl0
     rechecks = [r["step_delta_z_w"] for r in trace if r.get("step_delta_z_w") is not None]
     verdicts = [r["in_band"] for r in trace if r.get("in_band") is not None]
+    probe = [r["probe_delta_z_w"] for r in trace if r.get("probe_delta_z_w") is not None]
     return {
         "steps": len(trace),
         "band_steps": len(verdicts),
@@ -110,16 +112,18 @@ def outcome(run_dir: Path, assets: dict, log_text: str) -> dict:
         "eval_chosen_down_frac": float((dw < 0).double().mean()),
         "recheck_delta_z_w_sum": float(sum(rechecks)),
         "recheck_chosen_down_steps": sum(1 for v in rechecks if v < 0),
+        "probe_delta_z_w": probe[-1] if probe else None,
     }
 
 
 def describe(loss: str, o: dict) -> str:
+    probe = "" if o["probe_delta_z_w"] is None else f"; probe batch chosen {o['probe_delta_z_w']:+.2f}"
     none = "" if o["band_steps"] == o["steps"] else f" ({o['steps'] - o['band_steps']} steps without a verdict)"
     return (f"[demo] {loss:>6}: in band {o['band_steps'] - o['out_of_band']}/{o['band_steps']} steps{none} "
             f"({o['in_band_frac']:.0%}), out-of-band alert {'fired' if o['alert'] else 'silent'}; held-out chosen "
             f"log-prob {o['eval_delta_z_w']:+.2f} nats (falls on {o['eval_chosen_down_frac']:.0%} of pairs), "
             f"rejected {o['eval_delta_z_l']:+.2f}; per-step re-checks: chosen {o['recheck_delta_z_w_sum']:+.2f} "
-            f"in all, down on {o['recheck_chosen_down_steps']} steps")
+            f"in all, down on {o['recheck_chosen_down_steps']} steps" + probe)
 
 
 def run_demo(out, seed: int = 0, pairs: int = DEFAULTS["pairs"], epochs: int = DEFAULTS["epochs"],
