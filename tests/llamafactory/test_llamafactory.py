@@ -3,6 +3,7 @@ stage on CPU with a tiny model. Runs in the .venv-lf environment (`make test-lf`
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -62,6 +63,27 @@ def test_sigmoid_matches_stock_and_hinge_bug(assets, lf, tmp_path):
     # the plugin's hinge is max(0, 1 − βΔ): 1 at the first step (policy = reference), then its own trajectory
     assert _losses(log["plugin_hinge"])[0] == pytest.approx(1.0, abs=1e-4)
     assert any((w["plugin_hinge"][k] - w["stock_hinge"][k]).abs().max() > 1e-6 for k in w["stock_hinge"])
+
+
+def test_pref_ftx_is_folded_and_matches_stock(assets, lf, tmp_path):
+    """pref_ftx (γ·NLL of the chosen response) is folded into the plugin's objective (so the incentives, RC and the
+    band include it); the trained step stays stock LLaMA-Factory's: per-step losses and final weights."""
+    stock, plug = tmp_path / "stock", tmp_path / "plugin"
+    cfg = lf.base_config(assets, stock, pref_loss="sigmoid", max_steps=3, pref_ftx=0.5)
+    p = lf.run_subprocess(["train", lf.write_yaml(tmp_path / "stock.yaml", cfg)], tmp_path, stock=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lf.run_inprocess(lf.base_config(assets, plug, pref_loss="sigmoid", max_steps=3, pref_ftx=0.5, po_monitor=True))
+    a, b = _losses(lf.trainer_log(stock)), _losses(lf.trainer_log(plug))
+    assert len(a) == 3 and b == pytest.approx(a, abs=1e-4)
+    lf.run_inprocess(lf.base_config(assets, tmp_path / "no_ftx", pref_loss="sigmoid", max_steps=3))
+    assert abs(_losses(lf.trainer_log(tmp_path / "no_ftx"))[0] - a[0]) > 0.1  # the term is there at all
+    ws, wp = lf.weights(stock), lf.weights(plug)
+    for k in ws:
+        torch.testing.assert_close(wp[k], ws[k], rtol=1e-5, atol=1e-6)
+    rec = lf.band(plug)
+    meta = json.loads((plug / "po_band.jsonl").read_text().splitlines()[0])["meta"]
+    assert meta["hparams"]["nll_coef"] == 0.5
+    assert rec[0]["d_w"] > rec[0]["d_l"]  # step 1, policy = reference: DPO's d_w = d_l, the NLL adds γ/|y_w|
 
 
 def test_rc_dpo_monitor_logs_resume(assets, lf, tmp_path):
