@@ -40,10 +40,14 @@ def flags(assets, out, stage=0, micro=2, batch=4, epochs=1, extra=()):
             "--ckpt.output_dir", out, *extra]
 
 
+def _strict(constant):
+    raise AssertionError(f"po_band.jsonl holds {constant}, which strict JSON readers reject")
+
+
 def trace(out):
     lines = Path(out, "po_band.jsonl").read_text().splitlines()
     assert json.loads(lines[0]).keys() == {"meta"}
-    return [json.loads(x) for x in lines[1:]]
+    return [json.loads(x, parse_constant=_strict) for x in lines[1:]]
 
 
 def weights(out):
