@@ -13,11 +13,13 @@ from typing import Any
 OPTIONS: dict[str, tuple[type, Any, str]] = {
     "monitor": (bool, False, "band monitor (on by default with rc_* losses)"),
     "alert_steps": (int, 20, "warn after this many consecutive out-of-band steps (0: never)"),
-    "recheck_every": (int, 10, "every N optimizer steps, re-score the last micro-batch for exact per-pair deltas "
-                               "(chosen_up_frac; one forward each time; 0: never)"),
+    "recheck_every": (int, 10, "every N optimizer steps, re-score the last micro-batch and a fixed probe batch for "
+                               "per-pair changes on the same pairs (chosen_up_frac, probe_delta_z_w; two forwards "
+                               "each time; 0: never)"),
     "jsonl": (str, None, "band trace path (default <output dir>/po_band.jsonl)"),
     "score_chunk": (int, 4096, "vocabulary chunk of the head score statistics"),
-    "score_every": (int, 1, "exact head score statistics on every k-th micro-batch, reused in between"),
+    "score_every": (int, 1, "head score statistics on every k-th micro-batch (RC reuses them in between; the "
+                                 "step's band covers the scored micro-batches)"),
     "margin_key": (str, None, "dataset column with reward-model margins (madpo); never 'margin' on OpenRLHF"),
     "missing_margin": (str, "error", "rows without a margin: 'error' or 'unit' (weight 1)"),
     "ref_logp_keys": (str, None, "CHOSEN,REJECTED columns with stored reference log-probs (score_margins "
