@@ -31,15 +31,17 @@ from .band import alert_message, band_stats
 from .losses import PairBatch, PairLoss
 from .scores import HeadSpec, ScoreStats, Tokens, partial_lse, step_score_sums
 
-SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "alpha", "loss", "w_sum", "w_capped")
+SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "alpha", "loss", "w_sum", "w_capped", "micro_scored",
+            "micro_in_band")
 RECHECK_KEYS = ("chosen_up_frac", "rejected_down_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w",
                 "probe_delta_z_l")
 # keys every host's JSONL record has (one test list for all hosts)
 JSONL_KEYS = ("step", "loss_name", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "log_r", "log_r_star", "rho",
               "band_lower", "band_upper", "slack", "in_band", "pred_sign_w", "pred_sign_l", "edge", "sw_norm",
-              "sl_norm", "sw_dot_sl", "score_pairs", "alpha", "loss", "alpha_rank_spread", *RECHECK_KEYS)
+              "sl_norm", "sw_dot_sl", "score_pairs", "micro_in_band_frac", "alpha", "loss", "alpha_rank_spread",
+              *RECHECK_KEYS)
 # null on some steps by definition: no positive mean incentive (log r), ρ ≤ 0 (no edges), in band (no edge crossed)
-MAYBE_NULL = ("log_r", "band_lower", "band_upper", "slack", "edge")
+MAYBE_NULL = ("log_r", "band_lower", "band_upper", "slack", "edge", "micro_in_band_frac")
 LOG_KEYS = ("z_w", "z_l", "log_r", "log_r_star", "rho", "band_lower", "band_upper", "slack", "in_band", "alpha",
             "chosen_up_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w", "probe_delta_z_l", "w_mean",
             "w_min", "w_max", "w_capped_frac")
@@ -134,9 +136,17 @@ class BandMonitor:
         else:
             w = w.to(zw.device)
             capped = (b.margins <= -loss.hparams["tau"]).double().sum().to(zw.device)
+        # the micro-batch's own band (what RC calibrates on): its mean incentives and its own statistics
+        scored, inside = torch.zeros((), dtype=torch.float64, device=n.device), torch.zeros_like(n)
+        if tokens is not None and tokens.stats is not None:
+            sw, sl, dot = (torch.as_tensor(x).detach().double().reshape(()).to(n.device) for x in tokens.stats)
+            mw, ml = d_w.double().mean().to(n), d_l.double().mean().to(n)
+            scored = scored + 1
+            inside = ((mw * sw * sw - ml * dot >= 0) & (mw * dot - ml * sl * sl <= 0)).double()
         # kept on the device: no host sync per micro-batch; reduced once per optimizer step
         sums = torch.stack([n, zw.sum(), zl.sum(), (zw - refw).sum(), (zl - refl).sum(), d_w.double().sum().to(n),
-                            d_l.double().sum().to(n), n * alpha, per_sample.detach().double().sum(), w.sum(), capped])
+                            d_l.double().sum().to(n), n * alpha, per_sample.detach().double().sum(), w.sum(), capped,
+                            scored, inside])
         maxes = torch.stack([w.max(), -w.min()])
         self.acc = (sums, maxes) if self.acc is None else (self.acc[0] + sums, torch.maximum(self.acc[1], maxes))
         if tokens is not None:
@@ -257,6 +267,7 @@ class BandMonitor:
                        in_band=band["in_band"], pred_sign_w=band["pred_sign_w"], pred_sign_l=band["pred_sign_l"],
                        edge=band["edge"], sw_norm=sw, sl_norm=sl, sw_dot_sl=dot)
         rec["score_pairs"] = scored
+        rec["micro_in_band_frac"] = s["micro_in_band"] / s["micro_scored"] if s["micro_scored"] else None
         rec["alpha"] = s["alpha"] / n
         rec["loss"] = s["loss"] / n
         rec["alpha_rank_spread"] = self._alpha_spread()

@@ -299,3 +299,25 @@ def test_eval_micro_batches_do_not_reach_the_monitor(tmp_path):
     b = batch(0, 3)
     torch.testing.assert_close(cr, 0.1 * (b.policy_chosen - b.ref_chosen).detach())
     assert per_sample.shape == (3,) and math.isfinite(float(per_sample.sum()))
+
+
+def test_micro_batch_view_is_the_band_rc_calibrates_on(tmp_path):
+    """micro_in_band_frac: each micro-batch's own band (its effective mean incentives, its own statistics)."""
+    from po_plugins.scores import step_score_sums
+
+    W, b, h, y, mask, spec = head_problem(bias=True)
+    loss = build("rc_dpo", beta=0.5)
+    mon = BandMonitor(loss, str(tmp_path / "po_band.jsonl"), recheck_every=0, head=lambda: contextlib.nullcontext(spec))
+    expect = []
+    for a in range(0, 8, 2):
+        pb, tok = micro_inputs(W, b, h, y, mask, spec, torch.arange(a, a + 2))
+        sums = step_score_sums(tok, spec, 2)
+        st = ScoreStats(sums[0].sqrt(), sums[1].sqrt(), sums[2])
+        pb.score_stats = st
+        loss_step(loss, pb, mon, training=True, tokens=tok._replace(stats=st))
+        d_w, d_l = loss.alpha * loss.last_incentives[0], loss.last_incentives[1] / loss.alpha
+        expect.append(band_stats(d_w, d_l, *st)["in_band"])
+    mon.end_step(1)
+    line = json.loads((tmp_path / "po_band.jsonl").read_text().splitlines()[1])
+    assert line["micro_in_band_frac"] == pytest.approx(sum(expect) / 4)
+    assert line["score_pairs"] == 8  # the step's band still covers all four micro-batches
