@@ -32,7 +32,7 @@ class TrainerPlugin:
             print(msg, flush=True)
 
     def _po_start_monitor(self, on: bool, jsonl: str | None, alert_steps: int, recheck_every: int,
-                          score_chunk: int = 4096) -> None:
+                          score_chunk: int = 4096, hint: str | None = None) -> None:
         """The band monitor (on for rc_* objectives too), writing `<output_dir>/po_band.jsonl` by default."""
         self.po_monitor = None
         calibrating = self.po_loss.name.startswith("rc_")
@@ -40,7 +40,8 @@ class TrainerPlugin:
             path = jsonl or os.path.join(self.args.output_dir, "po_band.jsonl")
             self.po_monitor = BandMonitor(self.po_loss, path, alert_steps, recheck_every, rescore=self._po_rescore,
                                           log=self._po_print, is_rank_0=lambda: self.args.process_index == 0,
-                                          head=self._po_head_spec, score_chunk=score_chunk)
+                                          head=self._po_head_spec, score_chunk=score_chunk,
+                                          hint="" if calibrating else hint)
             self.add_callback(StepEnd(self))
         # per-micro-batch statistics: RC calibrates on them; a step of one micro-batch on one process reuses them
         self._po_micro_stats = calibrating or (self.args.gradient_accumulation_steps == 1

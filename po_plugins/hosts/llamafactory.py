@@ -375,7 +375,7 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         if self.ftx_gamma > 1e-6:  # pref_ftx: + γ·NLL of the chosen response, folded into the objective (RPO's form)
             self.po_loss = with_chosen_nll(self.po_loss, float(self.ftx_gamma))
         self._po_start_monitor(cfg.opt("monitor"), cfg.opt("jsonl"), cfg.opt("alert_steps"), cfg.opt("recheck_every"),
-                               int(cfg.opt("score_chunk")))
+                               int(cfg.opt("score_chunk")), f"; consider pref_loss: rc_{self.po_loss.name}")
         self._po_need_scores = self.po_monitor is not None
         self._po_armed = False
         self._po_captured = None

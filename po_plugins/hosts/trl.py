@@ -215,7 +215,8 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         if carried:
             self.data_collator = RowExtras(self.data_collator, carried)
         self._po_start_monitor(args.po_monitor, args.po_jsonl, args.po_alert_steps, args.po_recheck_every,
-                               int(args.po_score_chunk))
+                               int(args.po_score_chunk), f"; consider po_loss='rc_{self.po_loss.name}' "
+                               f"(--loss rc_{self.po_loss.name} with po_plugins.cli.trl_dpo)")
         self._po_need_scores = self.po_monitor is not None
         self._po_capture = False
         self._po_hidden = None

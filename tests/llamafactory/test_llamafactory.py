@@ -283,8 +283,10 @@ def test_alert(assets, lf, tmp_path, capsys):
     lf.run_inprocess(lf.base_config(assets, out, pref_loss="orpo", po_monitor=True, po_alert_steps=1,
                                     po_recheck_every=0))
     recs = lf.band(out)
-    assert recs[0]["in_band"] == 0.0
-    assert "out of the disentanglement band" in capsys.readouterr().out
+    assert recs[0]["in_band"] == 0.0 and recs[0]["edge"] == "upper"  # r far above the band: the rejected rises
+    said = capsys.readouterr().out
+    assert "out of the disentanglement band" in said and "rejected log-likelihood is predicted to rise" in said
+    assert "consider pref_loss: rc_orpo" in said
 
 
 def test_lf_names_and_po_keys_resolve():
