@@ -24,9 +24,9 @@ def _load(name):
     return mod
 
 
-def _quick(script, tmp_path, timeout):
+def _quick(script, tmp_path, timeout, *extra):
     """Run benchmarks/<script> --quick into tmp_path; return its last output line (the headline JSON)."""
-    res = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(tmp_path), *map(str, extra)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -127,10 +127,57 @@ def test_madpo_tiers_quick(tmp_path):
     assert [r["chosen"] for r in scored] == [json.loads(x)["chosen"] for x in pairs]
     assert all(math.isfinite(r["rm_margin"]) for r in scored)
     assert (run / "rm" / "config.json").exists() and (run / "policy" / "config.json").exists()
+    # the reward model's agreement with the gold order on held-out pairs (validation prompts, no ties)
+    held = [json.loads(x) for x in (tmp_path / "data" / "heldout_pairs.jsonl").read_text().splitlines()]
+    assert held and all(r["gold_chosen"] > r["gold_rejected"] for r in held)
+    diag = out["reward_model"]["medium/0"]
+    assert diag["heldout_pairs"] == len(held) and 0.0 <= diag["heldout_gold_agreement"] <= 1.0
+    assert 0.0 <= diag["gold_agreement_untied"] <= 1.0
     # the generation stage wrote two samples per prompt
     gen = [json.loads(x) for x in (tmp_path / "data" / "generated.jsonl").read_text().splitlines()]
     assert len(gen) == out["n_pairs"] and all(len(r["samples"]) == 2 for r in gen)
     assert Path(out["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.e2e
+def test_madpo_tiers_oracle_quick(tmp_path):
+    """Issue 13 item 4: MADPO on the gold reward difference (no reward model), one tier, through train_dpo."""
+    import torch
+
+    from po_plugins.madpo import margin_weights
+
+    out = _quick("madpo_tiers.py", tmp_path, 600, "--margins", "oracle", "--tiers", "medium", "--workers", 1)
+    assert out["mode"] == "quick" and out["margins"] == "oracle"
+    assert set(out["table"]) == {"madpo_oracle", "beta_dpo", "dpo"}
+    for method, cells in out["table"].items():
+        assert set(cells) == {"medium"} and -3.0 <= cells["medium"]["mean"] <= 3.0, (method, cells)
+    assert set(out["validation"]) == {f"madpo_oracle_tau{t:g}" for t in (6.9068,)} and out["tau"] == 6.9068
+    # the margin column is the gold reward difference of the very pairs the baselines train on
+    d = tmp_path / "data" / "medium_seed0"
+    plain = [json.loads(x) for x in (d / "pairs.jsonl").read_text().splitlines()]
+    gold = [json.loads(x) for x in (d / "pairs_gold.jsonl").read_text().splitlines()]
+    assert len(gold) == len(plain) == out["n_pairs"]
+    for p, g in zip(plain, gold):
+        assert {k: g[k] for k in p} == p
+        assert g["gold_margin"] == pytest.approx(p["gold_chosen"] - p["gold_rejected"])
+    h = torch.tensor([g["gold_margin"] for g in gold])
+    diag = out["oracle_margins"]["medium/0"]
+    assert diag["label_agrees_with_gold"] == pytest.approx(float((h > 0).float().mean()))
+    assert diag["w_flipped"] < 1.0 < diag["w_agree"]  # Bradley-Terry flips are damped, agreeing pairs amplified
+    # MADPO trained on those margins (no reward model, no scoring) and its weights are the gold margins' weights
+    run = tmp_path / "runs" / "medium_seed0" / "madpo_oracle"
+    assert not (run / "rm").exists() and not (run / "scored.jsonl").exists()
+    band = run / "policy" / "po_band.jsonl"
+    meta = json.loads(band.read_text().splitlines()[0])["meta"]
+    assert meta["loss"] == "madpo" and meta["hparams"]["tau"] == out["tau"] and meta["hparams"]["c_max"] == 4.0
+    trace = _trace(band)
+    w = margin_weights(h, c_max=4.0, lam=1.0, tau=out["tau"])
+    assert trace and all(r["loss_name"] == "madpo" for r in trace)
+    assert all(float(w.min()) - 1e-4 <= r["w_min"] <= r["w_max"] <= float(w.max()) + 1e-4 for r in trace)
+    assert min(r["w_min"] for r in trace) < 0.9 and max(r["w_max"] for r in trace) > 1.05
+    # the baselines are the default mode's runs: plain DPO has no weights
+    assert _trace(tmp_path / "runs" / "medium_seed0" / "dpo" / "policy" / "po_band.jsonl")[0]["loss_name"] == "dpo"
+    assert Path(out["png"]).name == "madpo_tiers_oracle_quick.png"
 
 
 def test_movie_snippets_reader(tmp_path, monkeypatch):
