@@ -173,7 +173,7 @@ def trace_summary(run_dir: Path) -> dict:
             "r_w_min": min(r["r_w"] for r in tr), "alpha_last": tr[-1].get("alpha")}
 
 
-def plot(runs: dict[str, Path], path: Path, title: str) -> None:
+def plot(runs: dict[str, Path], path: Path, pairs: list[tuple[str, str]], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,8 +181,8 @@ def plot(runs: dict[str, Path], path: Path, title: str) -> None:
 
     from po_plugins.report import load_trace
 
-    fig, axes = plt.subplots(1, len(PAIRS), figsize=(6 * len(PAIRS), 4), squeeze=False)
-    for ax, pair in zip(axes[0], PAIRS):
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4), squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
         for loss, color in zip(pair, ("tab:red", "tab:blue")):
             tr = load_trace(runs[loss] / "po_band.jsonl")
             steps = [r["step"] for r in tr]
@@ -201,7 +201,12 @@ def main(argv=None) -> int:
     ap = parser(__doc__, "runs/displacement")
     ap.add_argument("--seeds", type=int, default=1, help="training seeds per loss (42, 43, ...; the order of batches)")
     ap.add_argument("--seed_losses", default="dpo,rc_dpo,simpo,rc_simpo", help="losses that get the extra seeds")
+    ap.add_argument("--pairs", default="dpo,simpo",
+                    help="base losses to run, each with its calibrated rc_ twin (e.g. simpo for the seed study)")
+    ap.add_argument("--extra_only", action="store_true",
+                    help="train and evaluate only the extra seeds 43.. of --seed_losses (seed 42 from an earlier run)")
     args = ap.parse_args(argv)
+    pairs_run = [p for p in PAIRS if p[0] in args.pairs.split(",")]
     t0 = time.time()
     cfg = QUICK if args.quick else FULL
     out = Path(args.out).resolve()
@@ -231,8 +236,23 @@ def main(argv=None) -> int:
     files = {s: write_jsonl(rows, out / "data" / f"{s}.jsonl") for s, rows in pairs.items()}
     ref = {s: cached[s] for s in ("val", "test")}
 
+    if args.extra_only:  # only the extra seeds, at the grid's single rate; seed 42 comes from an earlier run
+        lr_of = {loss: cfg["grid"][base][0] for base, cal in pairs_run for loss in (base, cal)}
+        if any(len(cfg["grid"][base]) != 1 for base, _ in pairs_run):
+            raise SystemExit("--extra_only needs a one-rate grid (the rate chosen on validation)")
+        result = {"mode": "quick" if args.quick else "full", "extra_only": True, "lr": lr_of}
+        for seed in range(43, 42 + args.seeds):
+            for loss in [x for x in args.seed_losses.split(",") if x in lr_of]:
+                run = train(loss, lr_of[loss], model, files["train"], out, cfg, seed=seed)
+                result[run.name] = {**metrics(loss, sequence_logps(run, pairs["test"], model), ref["test"]),
+                                    **trace_summary(run)}
+                print(f"[displacement] {run.name}: {json.dumps(result[run.name])}", flush=True)
+        result["seconds"] = round(time.time() - t0, 1)
+        print(json.dumps(result))
+        return 0
+
     chosen_lr, val_table, runs = {}, {}, {}
-    for base, calibrated in PAIRS:
+    for base, calibrated in pairs_run:
         scores = {}
         for lr in cfg["grid"][base]:
             run = train(base, lr, model, files["train"], out, cfg)
@@ -249,19 +269,25 @@ def main(argv=None) -> int:
     for loss, run in runs.items():
         test = metrics(loss, sequence_logps(run, pairs["test"], model), ref["test"])
         result[loss] = {**test, **trace_summary(run)}
-    lr_of = {loss: chosen_lr[base] for base, cal in PAIRS for loss in (base, cal)}
-    for loss in [x for x in args.seed_losses.split(",") if x in runs] if args.seeds > 1 else []:
-        per_seed = [result[loss]]  # seed 42 first, then the extra seeds
-        for seed in range(43, 42 + args.seeds):
+        print(f"[displacement] {run.name}: {json.dumps(result[loss])}", flush=True)
+    lr_of = {loss: chosen_lr[base] for base, cal in pairs_run for loss in (base, cal)}
+    seed_losses = [x for x in args.seed_losses.split(",") if x in runs] if args.seeds > 1 else []
+    per_seed = {loss: [result[loss]] for loss in seed_losses}  # seed 42 first, then the extra seeds
+    for seed in range(43, 42 + args.seeds):  # seed by seed, so that an interrupted study keeps whole seeds
+        for loss in seed_losses:
             run = train(loss, lr_of[loss], model, files["train"], out, cfg, seed=seed)
-            per_seed.append({**metrics(loss, sequence_logps(run, pairs["test"], model), ref["test"]),
-                             **trace_summary(run)})
-        result[loss]["seeds"] = {k: [m[k] for m in per_seed]
+            test = metrics(loss, sequence_logps(run, pairs["test"], model), ref["test"])
+            per_seed[loss].append({**test, **trace_summary(run)})
+            print(f"[displacement] {run.name}: {json.dumps(per_seed[loss][-1])}", flush=True)
+    for loss in seed_losses:
+        result[loss]["seeds"] = {k: [m[k] for m in per_seed[loss]]
                                  for k in ("dz_w", "dz_l", "chosen_up_frac", "acc_implicit", "acc_own", "in_band_frac")}
         result[loss]["seed_mean_ci"] = {k: mean_ci(v) for k, v in result[loss]["seeds"].items()}
-    img_root = Path(args.docs) if args.docs else out
+    # the page's figure only from a run of both pairs; a subset (--pairs simpo) draws into --out
+    img_root = Path(args.docs) if args.docs and len(pairs_run) == len(PAIRS) else out
     png = img_root / "img" / f"displacement{'_quick' if args.quick else ''}.png"
-    plot(runs, png, f"{result['model']}: chosen/rejected log-ratio per step (human-rated movie-review pairs)")
+    plot(runs, png, pairs_run,
+         f"{result['model']}: chosen/rejected log-ratio per step (human-rated movie-review pairs)")
     result["png"] = str(png)
     result["seconds"] = round(time.time() - t0, 1)
     for loss in runs:
