@@ -9,6 +9,7 @@ z_w. Everything is exact: the score statistics come from po_plugins.scores on th
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -87,7 +88,7 @@ def train(loss_name: str, steps: int = 200, lr: float = 0.05, seed: int = 0, toy
         loss.backward()
         dw, dl = incentives(loss_fn, batch)  # effective incentives (after RC, if any)
         st = batch.score_stats
-        band = band_stats(dw, dl, *st)
+        band = _floats(band_stats(dw, dl, *st))
         pred = predicted_signs(float(dw), float(dl), float(st.sw_norm), float(st.sl_norm), float(st.sw_dot_sl))
         with torch.no_grad():
             W -= lr * W.grad
@@ -99,3 +100,16 @@ def train(loss_name: str, steps: int = 200, lr: float = 0.05, seed: int = 0, toy
             "pred_sign_w": pred[0], "pred_sign_l": pred[1], **band,
         })
     return records
+
+
+def _floats(band: dict) -> dict:
+    """The toy's records keep plain floats: an unbounded band (ρ ≤ 0) as ∓inf edges and +inf slack, an undefined
+    one (a mean incentive ≤ 0) as NaN."""
+    out = dict(band)
+    unbounded = band["log_r"] is not None and band["lower"] is None
+    for k, v in (("lower", -math.inf), ("upper", math.inf), ("slack", math.inf)):
+        if out[k] is None:
+            out[k] = v if unbounded else math.nan
+    if out["log_r"] is None:
+        out["log_r"] = math.nan
+    return out
