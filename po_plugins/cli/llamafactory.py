@@ -113,9 +113,23 @@ def run(args: dict, callbacks=None) -> None:
         raise OptionError("use_ray runs LLaMA-Factory's workers in Ray actors that this wrapper cannot reach: drop "
                           "use_ray (multi-GPU: FORCE_TORCHRUN=1 / NPROC_PER_NODE)")
     host.install(cfg)
+    import torch.distributed as dist
     from llamafactory.train.tuner import run_exp
 
-    run_exp(args=lf_args, callbacks=list(callbacks or []))
+    destroy = dist.destroy_process_group
+
+    def synced_destroy(*a, **kw):
+        # LLaMA-Factory tears the process group down at the end of training on each rank as it gets there; rank 0
+        # still saves the model then, and a gloo peer leaving early was seen to abort at exit: meet first
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        return destroy(*a, **kw)
+
+    dist.destroy_process_group = synced_destroy
+    try:
+        run_exp(args=lf_args, callbacks=list(callbacks or []))
+    finally:
+        dist.destroy_process_group = destroy
 
 
 def train(argv: list[str]) -> int:
