@@ -351,7 +351,7 @@ def _trainer_class():
             capture = is_policy and self._po_need_scores and torch.is_grad_enabled() and self.model.training
             if capture:  # --po.score_every k: fresh statistics on every k-th micro-batch, the last ones between
                 self._po_micro += 1
-                self._po_capture = self._po_last_scores is None or (self._po_micro - 1) % self._po_every == 0
+                self._po_capture = (self._po_micro - 1) % self._po_every == 0
             input_ids, att_masks, lens2 = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask,
                                                                    prompt_id_lens)
             loss_masks = att_masks.clone().bool()
