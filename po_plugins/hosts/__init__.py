@@ -60,3 +60,27 @@ def gathered(*params):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(todo, modifier_rank=None)
+
+
+def head_spec(base, head, temperature: float = 1.0):
+    """A context manager yielding the `HeadSpec` the band's step statistics rebuild the logits with: `head`'s weight
+    and bias (gathered under ZeRO-3), the scale and soft-cap of `base.config`, the host's sampling temperature."""
+    import contextlib
+
+    from ..head import head_transform
+    from ..scores import HeadSpec
+
+    @contextlib.contextmanager
+    def spec():
+        scale, cap = head_transform(base.config)
+        bias = getattr(head, "bias", None)
+        with gathered(head.weight, bias):
+            yield HeadSpec(head.weight, bias, scale, cap, temperature, head.weight.dtype)
+
+    return spec()
+
+
+def micro_stats_needed(calibrating: bool, accumulation: int, world_size: int) -> bool:
+    """Per-micro-batch band statistics: RC calibrates on them; a step of one micro-batch on one process reuses them
+    as the step's (the monitor then skips its step-level pass)."""
+    return calibrating or (accumulation == 1 and world_size == 1)

@@ -14,8 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..monitor import BandMonitor, PluginStateError, load_plugin_state, plugin_state
-from ..scores import HeadSpec
-from . import gathered
+from . import head_spec, micro_stats_needed
 
 STATE_FILE = "po_plugins_state_rank{}.pt"
 
@@ -43,27 +42,13 @@ class TrainerPlugin:
                                           head=self._po_head_spec, score_chunk=score_chunk,
                                           hint="" if calibrating else hint)
             self.add_callback(StepEnd(self))
-        # per-micro-batch statistics: RC calibrates on them; a step of one micro-batch on one process reuses them
-        self._po_micro_stats = calibrating or (self.args.gradient_accumulation_steps == 1
-                                               and self.args.world_size == 1)
+        self._po_micro_stats = micro_stats_needed(calibrating, self.args.gradient_accumulation_steps,
+                                                  self.args.world_size)
 
     def _po_head_spec(self):
-        """The head as the band's step statistics rebuild the logits (weight gathered under ZeRO-3)."""
-        import contextlib
-
-        from ..head import head_transform
-
-        @contextlib.contextmanager
-        def spec():
-            m = self.accelerator.unwrap_model(self.model)
-            base = m.get_base_model() if hasattr(m, "get_base_model") else m
-            head = base.get_output_embeddings()
-            scale, cap = head_transform(base.config)
-            bias = getattr(head, "bias", None)
-            with gathered(head.weight, bias):
-                yield HeadSpec(head.weight, bias, scale, cap, 1.0, head.weight.dtype)
-
-        return spec()
+        m = self.accelerator.unwrap_model(self.model)
+        base = m.get_base_model() if hasattr(m, "get_base_model") else m
+        return head_spec(base, base.get_output_embeddings())
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -20,8 +20,15 @@ import torch
 from ..head import chunked_logprobs, head_transform
 from ..losses import PairBatch, build, with_chosen_nll
 from ..monitor import BandMonitor, PluginStateError, load_plugin_state, loss_step, plugin_state
-from ..scores import HeadSpec, response_positions, score_stats_flat, score_stats_head, tokens_of
-from . import HostError, check_seams, gathered, installed_version  # noqa: F401  (HostError: re-exported)
+from ..scores import response_positions, score_stats_flat, score_stats_head, tokens_of
+from . import (
+    HostError,  # noqa: F401  (re-exported)
+    check_seams,
+    gathered,
+    head_spec,
+    installed_version,
+    micro_stats_needed,
+)
 
 logger = logging.getLogger("po_plugins")
 
@@ -272,9 +279,8 @@ def _trainer_class():
                                               is_rank_0=self.strategy.is_rank_0, head=self._po_head_spec,
                                               score_chunk=int(po.score_chunk), hint=hint)
             self._po_need_scores = calibrating or self.po_monitor is not None
-            # per-micro-batch statistics: RC calibrates on them; a step of one micro-batch on one rank reuses them
-            self._po_micro_stats = calibrating or (self.strategy.accumulated_gradient == 1
-                                                   and self.strategy.world_size == 1)
+            self._po_micro_stats = micro_stats_needed(calibrating, self.strategy.accumulated_gradient,
+                                                      self.strategy.world_size)
             self._po_extra = {}
             self._po_head_cache = None
             self._po_last_scores = None
@@ -309,19 +315,8 @@ def _trainer_class():
                                    if getattr(po, "ref_logp_keys", None) else ""))
 
         def _po_head_spec(self):
-            """The head as the band's step statistics rebuild the logits (weight gathered under ZeRO-3)."""
-            import contextlib
-
-            @contextlib.contextmanager
-            def spec():
-                base, head, _ = _head_of(self.model.model)
-                scale, cap = head_transform(base.config)
-                temperature = float(getattr(self.model, "temperature", 1.0) or 1.0)
-                bias = getattr(head, "bias", None)
-                with gathered(head.weight, bias):
-                    yield HeadSpec(head.weight, bias, scale, cap, temperature, head.weight.dtype)
-
-            return spec()
+            base, head, _ = _head_of(self.model.model)
+            return head_spec(base, head, float(getattr(self.model, "temperature", 1.0) or 1.0))
 
         def _po_rescore(self, inputs):
             saved = self._po_extra
@@ -331,7 +326,7 @@ def _trainer_class():
 
         def _po_hook(self, module, inputs, output):
             if self._po_capture:
-                self._po_head_cache = (inputs[0].detach(), output.detach())
+                self._po_head_cache = inputs[0].detach()  # the head's input; log-probs come from the Actor's logits
 
         _po_capture = False
 
@@ -454,7 +449,7 @@ def _trainer_class():
         def _po_scores(self, input_ids, att_masks, loss_masks, logits, B):
             """This micro-batch's response tokens (head inputs from the hook; log-normalisers from the logits the
             log-probs were taken from) and, where needed, its own head statistics."""
-            hidden, _ = self._po_head_cache
+            hidden = self._po_head_cache
             self._po_head_cache = None
             h, lg, y, rows = response_positions(hidden, logits, input_ids, att_masks, loss_masks)
             stats = None
