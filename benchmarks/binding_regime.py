@@ -18,7 +18,8 @@ with a gold reward, not by construction, then trains through the real command an
 * Geometry: the band statistics of DPO at the initial model, per batch of 8 labelled pairs (as band_regimes.py),
   for the training pairs and for the two label directions separately; and for the first 8 training batches the
   band of the whole model (scores = autograd gradients over every parameter) next to the head's, with the verdicts
-  for DPO and for RC-DPO's target ratio.
+  for DPO and for RC-DPO's target ratio, and the first-order change each batch's step gives the chosen
+  log-likelihood of 16 held-out pairs.
 * Training set: `train_pairs` of the gold-labelled pairs, drawn at random (seed 0) from all of them, whichever
   version the gold chose; test pairs likewise from the held-out prompts' pairs.
 * Training: dpo, rc_dpo, simpo, rc_simpo through po_plugins.cli.train_dpo (real OpenRLHF, ZeRO-2, bf16, monitor on),
@@ -144,11 +145,15 @@ def geometry(model, tok, rows: list[dict], k: int, max_batches: int) -> dict:
             "tokens_l": statistics.fmean(b["tokens_l"] for b in batches)}
 
 
-def full_geometry(model, tok, rows: list[dict], k: int, max_batches: int, params: list | None = None) -> dict:
+def full_geometry(model, tok, rows: list[dict], k: int, max_batches: int, params: list | None = None,
+                  heldout: list[dict] | None = None) -> dict:
     """The band of the whole model against the head's, per batch of `k` pairs at the initial model: s_w, s_l as the
     gradients of the batch's mean chosen / rejected log-likelihood with respect to every parameter (autograd), next
     to the head-weight scores the monitor uses. Verdicts for DPO (r = 1) and for RC-DPO's target ratio (r = r* of
-    the head, the band's centre at the head level: d_w = √r*, d_l = 1/√r*)."""
+    the head, the band's centre at the head level: d_w = √r*, d_l = 1/√r*). `params`: a subset (a test passes the
+    untied head weight alone, whose band must equal the head's). `heldout`: pairs whose mean chosen log-likelihood
+    gradient g_h gives the first-order change of the held-out chosen likelihood under each batch's step,
+    ∝ d_w⟨g_h, s_w⟩ − d_l⟨g_h, s_l⟩, for DPO and for RC-DPO's target ratio."""
     import math
 
     import torch
@@ -170,6 +175,7 @@ def full_geometry(model, tok, rows: list[dict], k: int, max_batches: int, params
             (torch.log_softmax(logits, -1).gather(-1, x[0, len(p_ids):, None]).sum() / len(batch)).backward()
         return torch.cat([p.grad.reshape(-1) for p in params])
 
+    g_h = grad_of(heldout, "chosen") if heldout else None
     out = []
     for i in range(0, min(len(rows) - k + 1, k * max_batches), k):
         batch = rows[i: i + k]
@@ -177,13 +183,17 @@ def full_geometry(model, tok, rows: list[dict], k: int, max_batches: int, params
         g_w = grad_of(batch, "chosen")
         g_l = grad_of(batch, "rejected")
         sw, sl, dot = float(g_w.norm()), float(g_l.norm()), float(g_w @ g_l)
-        del g_w, g_l
         a = math.sqrt(head["r_star"])
+        cross = {}
+        if g_h is not None:
+            hw, hl = float(g_h @ g_w), float(g_h @ g_l)
+            cross = {"heldout_dpo_dz_w": hw - hl, "heldout_rc_dz_w": a * hw - hl / a}
+        del g_w, g_l
         dpo, rc = band_stats(1.0, 1.0, sw, sl, dot), band_stats(a, 1.0 / a, sw, sl, dot)
         out.append({"head_rho": head["rho"], "head_r_star": head["r_star"], "head_dpo_in_band": head["dpo_in_band"],
                     "full_rho": dpo["rho"], "full_r_star": sl / sw, "full_dpo_in_band": bool(dpo["in_band"]),
                     "full_dpo_edge": dpo["edge"], "full_rc_in_band": bool(rc["in_band"]), "full_rc_edge": rc["edge"],
-                    "full_rc_pred_sign_w": rc["pred_sign_w"], "full_dpo_pred_sign_w": dpo["pred_sign_w"]})
+                    "full_rc_pred_sign_w": rc["pred_sign_w"], "full_dpo_pred_sign_w": dpo["pred_sign_w"], **cross})
     model.zero_grad(set_to_none=True)
     n = len(out)
     return {"batches": n, "per_batch": out,
@@ -195,7 +205,10 @@ def full_geometry(model, tok, rows: list[dict], k: int, max_batches: int, params
             "full_dpo_in_band_frac": sum(b["full_dpo_in_band"] for b in out) / n,
             "full_rc_in_band_frac": sum(b["full_rc_in_band"] for b in out) / n,
             "full_dpo_chosen_falls_frac": sum(b["full_dpo_pred_sign_w"] < 0 for b in out) / n,
-            "full_rc_chosen_falls_frac": sum(b["full_rc_pred_sign_w"] < 0 for b in out) / n}
+            "full_rc_chosen_falls_frac": sum(b["full_rc_pred_sign_w"] < 0 for b in out) / n,
+            **({"heldout_pairs": len(heldout),
+                "heldout_dpo_chosen_falls_frac": sum(b["heldout_dpo_dz_w"] < 0 for b in out) / n,
+                "heldout_rc_chosen_falls_frac": sum(b["heldout_rc_dz_w"] < 0 for b in out) / n} if heldout else {})}
 
 
 # ---- the policy's own samples -------------------------------------------------------------------------------------
@@ -273,7 +286,8 @@ def main(argv=None) -> int:
     geo = json.loads(geo_file.read_text())
     full_file = out / "data" / "full_geometry.json"
     if not full_file.exists():
-        full_file.write_text(json.dumps(full_geometry(model, tok, pairs["train"], cfg["batch"], 8), indent=1))
+        full_file.write_text(json.dumps(full_geometry(model, tok, pairs["train"], cfg["batch"], 8,
+                                                      heldout=pairs["test"][:16]), indent=1))
     geo["full_model"] = json.loads(full_file.read_text())
     for name, g in geo.items():
         print(f"[binding_regime] geometry {name}: {json.dumps(g)}", flush=True)
