@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parser, write_jsonl  # noqa: E402
+from common import parser, save_figure, write_jsonl  # noqa: E402
 
 TOPICS = ["movie", "book", "meal", "hotel", "concert", "game", "trip", "class", "phone", "show", "park", "song",
           "museum", "restaurant", "album", "podcast"]
@@ -246,6 +246,31 @@ def summarise(name: str, rows: list[dict], batches: list[dict], pairs: list[dict
             "identical_frac": sum(r["chosen"] == r["rejected"] for r in rows) / len(rows)}
 
 
+def plot(points: dict[str, list[tuple[float, float]]], path: Path, model: str, k: int) -> None:
+    """Each batch as (log r*, ρ) with DPO's band: r = 1 is in band iff |log r*| ≤ −log ρ (the shaded region)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    rho = [i / 200 for i in range(1, 201)]
+    ax.fill_betweenx(rho, [math.log(r) for r in rho], [-math.log(r) for r in rho], color="tab:green", alpha=0.12,
+                     label="DPO (r = 1) in band")
+    markers = "os^vDP*X"
+    for (name, pts), m in zip(points.items(), markers):
+        ax.scatter([math.log(r) for _, r in pts], [p for p, _ in pts], marker=m, s=28, label=name, alpha=0.85)
+    ax.axhspan(-0.1, 0.0, color="tab:green", alpha=0.12)  # ρ ≤ 0: every ratio is in band
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlim(-1.2, 1.2)
+    ax.set_ylim(-0.1, 1.0)
+    ax.set_xlabel("log r* = log ‖s_l‖/‖s_w‖ (batch)")
+    ax.set_ylabel("ρ = cos(s_w, s_l) (batch)")
+    ax.set_title(f"{model}: where DPO's incentive ratio leaves the band, batches of {k} pairs")
+    ax.legend(fontsize=7, loc="lower left")
+    save_figure(fig, path)
+
+
 def main(argv=None) -> int:
     ap = parser(__doc__, "runs/band_regimes")
     ap.add_argument("--prompts", type=int, default=None, help="pairs per regime (default 64; --quick 16)")
@@ -305,7 +330,7 @@ def main(argv=None) -> int:
         write_jsonl(rows, path)
         return rows
 
-    table = []
+    table, points = [], {}
     for name in REGIMES:
         t1 = time.time()
         rows = cached(name)
@@ -313,12 +338,16 @@ def main(argv=None) -> int:
         batches = [batch_stats(model, tok, rows[i: i + k]) for i in range(0, len(rows) - k + 1, k)]
         pairs = [batch_stats(model, tok, [r]) for r in rows]
         table.append(summarise(name, rows, batches, pairs))
+        points[name] = [(b["rho"], b["r_star"]) for b in batches]
         s = table[-1]
         print(f"[band_regimes] {name:>22}: rho {s['rho_median']:.3f} [{s['rho_q1']:.3f}, {s['rho_q3']:.3f}] "
               f"r* {s['r_star_median']:.3f} DPO in band {s['dpo_in_band_frac']:.2f} of {s['batches']} batches "
               f"(pairs: rho {s['pair_rho_median']:.3f}, in band {s['pair_dpo_in_band_frac']:.2f}) "
               f"tokens {s['tokens_w_mean']:.0f}/{s['tokens_l_mean']:.0f} ({time.time() - t1:.0f} s)", flush=True)
     (out / "table.json").write_text(json.dumps(table, indent=1))
+    (out / "batches.json").write_text(json.dumps(points, indent=1))
+    png = (Path(args.docs) if args.docs else out) / "img" / f"band_regimes{'_quick' if args.quick else ''}.png"
+    plot(points, png, "tiny" if args.quick else "SmolLM2-135M-Instruct", args.batch)
     print("\n| regime | pairs | batches | ρ median [IQR] | r* median | DPO in band (batches) | DPO in band (pairs) "
           "| tokens chosen / rejected |")
     print("|---|---|---|---|---|---|---|---|")
@@ -328,7 +357,7 @@ def main(argv=None) -> int:
               f"{s['pair_dpo_in_band_frac']:.2f} | {s['tokens_w_mean']:.0f} / {s['tokens_l_mean']:.0f} |")
     print()
     headline = {"mode": "quick" if args.quick else "full", "model": "tiny" if args.quick else "SmolLM2-135M-Instruct",
-                "batch": args.batch, "seconds": round(time.time() - t0, 1),
+                "batch": args.batch, "seconds": round(time.time() - t0, 1), "png": str(png),
                 "regimes": {s["regime"]: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
                                           if k != "regime"} for s in table}}
     print(json.dumps(headline))

@@ -38,6 +38,9 @@ def test_band_regimes_quick(tmp_path):
     conc, verb = reg["length_concise_chosen"], reg["length_verbose_chosen"]
     assert verb["tokens_w_mean"] > 2.5 * conc["tokens_w_mean"] and conc["r_star_median"] > 1.5
     assert abs(conc["rho_median"] - verb["rho_median"]) < 1e-6
+    assert Path(out["png"]).exists()
+    points = json.loads((tmp_path / "batches.json").read_text())
+    assert {k: len(v) for k, v in points.items()} == {name: 2 for name in mod.REGIMES}
     assert verb["r_star_median"] < 1 / 1.5
     assert conc["dpo_in_band_frac"] == verb["dpo_in_band_frac"]
     # minimal edits share almost all text: their scores are far more aligned than unrelated snippets'
