@@ -229,6 +229,12 @@ def own_samples(model_dir: Path, tok_dir: Path, prompts: list[str], cfg: dict, q
             "examples": texts[:3]}
 
 
+def strict(mean_ci: tuple[float, float]) -> list:
+    """(mean, half-width) for strict JSON: an interval from one seed is null, not NaN."""
+    m, c = mean_ci
+    return [m, None if c != c else c]
+
+
 def main(argv=None) -> int:
     ap = parser(__doc__, "runs/binding_regime")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per loss (42, 43, ...)")
@@ -328,7 +334,7 @@ def main(argv=None) -> int:
             print(f"[binding_regime] {run.name}: {json.dumps(results[loss][-1])}", flush=True)
 
     keys = ["in_band_frac", "dz_w", "dz_l", "chosen_up_frac", "acc_implicit", "acc_own", "own_gold", "own_tokens"]
-    summary = {loss: {k: mean_ci([r[k] for r in rs]) for k in keys} for loss, rs in results.items()}
+    summary = {loss: {k: strict(mean_ci([r[k] for r in rs])) for k in keys} for loss, rs in results.items()}
     plot_pairs = [p for p in (("dpo", "rc_dpo"), ("simpo", "rc_simpo")) if all(x in runs42 for x in p)]
     img_root = Path(args.docs) if args.docs else out
     png = img_root / "img" / f"binding_regime{'_quick' if args.quick else ''}.png"
@@ -340,8 +346,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| initial model | — | — | — | — | — | — | {initial['gold']:+.2f} | {initial['tokens']:.1f} |")
     for loss, s in summary.items():
-        cells = [f"{s[k][0]:+.2f} ± {s[k][1]:.2f}" if k in ("dz_w", "dz_l", "own_gold", "own_tokens")
-                 else f"{s[k][0]:.2f} ± {s[k][1]:.2f}" for k in keys]
+        cells = [(f"{s[k][0]:+.2f}" if k in ("dz_w", "dz_l", "own_gold", "own_tokens") else f"{s[k][0]:.2f}")
+                 + (f" ± {s[k][1]:.2f}" if s[k][1] is not None else "") for k in keys]
         print(f"| {loss} | " + " | ".join(cells) + " |")
     print()
     headline = {"mode": "quick" if args.quick else "full",
