@@ -266,7 +266,7 @@ def plot(points: dict[str, list[tuple[float, float]]], path: Path, model: str, k
     ax.set_ylim(-0.1, 1.0)
     ax.set_xlabel("log r* = log ‖s_l‖/‖s_w‖ (batch)")
     ax.set_ylabel("ρ = cos(s_w, s_l) (batch)")
-    ax.set_title(f"{model}: where DPO's incentive ratio leaves the band, batches of {k} pairs")
+    ax.set_title(f"{model}: batches of {k} pairs against DPO's band")
     ax.legend(fontsize=7, loc="lower left")
     save_figure(fig, path)
 
