@@ -48,22 +48,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from band_regimes import PROMPTS as TEMPLATES  # noqa: E402  (the prompts and topics of the measurement)
+from band_regimes import TOPICS, batch_stats, msg  # noqa: E402
 from common import cpu_threads, mean_ci, parser, run_checked, write_jsonl  # noqa: E402
 
 LOSSES = ["dpo", "rc_dpo", "simpo", "rc_simpo"]
-TEMPLATES = ["How was the {t}?", "What did you think of the {t}?", "Tell me about the {t}.",
-             "Give a short review of the {t}.", "Describe the {t} in one sentence."]
-FULL = {"topics": ["movie", "book", "meal", "hotel", "concert", "game", "trip", "class", "phone", "show", "park",
-                   "song", "museum", "restaurant", "album", "podcast"], "test_topics": 4,
+FULL = {"topics": TOPICS, "test_topics": 4,
         "samples": 9, "test_samples": 8, "max_new": 24, "train_pairs": 160, "test_pairs": 128,
         "own_samples": 4, "own_max_new": 48, "micro_batch": 4, "batch": 8, "epochs": 1, "max_len": 160, "lr": 5e-5}
 QUICK = {"topics": ["movie", "book", "meal", "hotel", "concert", "game", "trip", "class"], "test_topics": 2,
          "samples": 8, "test_samples": 16, "max_new": 8, "train_pairs": 32, "test_pairs": 16,
          "own_samples": 2, "own_max_new": 12, "micro_batch": 4, "batch": 8, "epochs": 1, "max_len": 96, "lr": 5e-3}
-
-
-def msg(role: str, text: str) -> list[dict]:
-    return [{"role": role, "content": text}]
 
 
 # ---- samples ----------------------------------------------------------------------------------------------------
@@ -131,8 +126,6 @@ def label(gen: Path, out: Path, quick: bool, log: Path) -> list[dict]:
 
 # ---- geometry at the initial model --------------------------------------------------------------------------------
 def geometry(model, tok, rows: list[dict], k: int, max_batches: int) -> dict:
-    from band_regimes import batch_stats
-
     batches = [batch_stats(model, tok, rows[i: i + k]) for i in range(0, len(rows) - k + 1, k)][:max_batches]
     if not batches:
         return {"pairs": len(rows), "batches": 0}
@@ -157,7 +150,6 @@ def full_geometry(model, tok, rows: list[dict], k: int, max_batches: int, params
     import math
 
     import torch
-    from band_regimes import batch_stats
 
     from po_plugins.band import band_stats
 

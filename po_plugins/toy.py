@@ -14,7 +14,7 @@ import math
 import torch
 
 from . import incentives
-from .band import band_stats, predicted_signs
+from .band import band_stats
 from .losses import PairBatch, build
 from .scores import head_score_stats
 
@@ -88,8 +88,7 @@ def train(loss_name: str, steps: int = 200, lr: float = 0.05, seed: int = 0, toy
         loss.backward()
         dw, dl = incentives(loss_fn, batch)  # effective incentives (after RC, if any)
         st = batch.score_stats
-        band = _floats(band_stats(dw, dl, *st))
-        pred = predicted_signs(float(dw), float(dl), float(st.sw_norm), float(st.sl_norm), float(st.sw_dot_sl))
+        band = _floats(band_stats(dw, dl, *st))  # its pred_sign_w / pred_sign_l are the gradient-flow signs
         with torch.no_grad():
             W -= lr * W.grad
             zw2, zl2 = logps(toy, W)
@@ -97,7 +96,7 @@ def train(loss_name: str, steps: int = 200, lr: float = 0.05, seed: int = 0, toy
             "step": step, "loss": float(loss.detach()), "z_w": float(zw.detach()), "z_l": float(zl.detach()),
             "delta_z_w": float(zw2 - zw.detach()), "delta_z_l": float(zl2 - zl.detach()),
             "d_w": float(dw), "d_l": float(dl), "alpha": float(getattr(loss_fn, "alpha", 1.0)),
-            "pred_sign_w": pred[0], "pred_sign_l": pred[1], **band,
+            **band,
         })
     return records
 
