@@ -74,7 +74,7 @@ def score_stats_flat(
     s, T = float(logit_scale), float(temperature)
 
     def chunk(a, b):
-        z = logits[:, a:b].float()
+        z = logits[:, a:b].to(torch.float32, copy=True)  # a_chunk works in place
         if softcap:
             t = z * (T / softcap)
             return z, (s / T) * (1 - t * t)
@@ -122,22 +122,22 @@ def final_lse(logits: torch.Tensor, scale: float = 1.0, softcap: float | None = 
 
 
 def _head_chunk(h: torch.Tensor, spec: HeadSpec):
-    """chunk(a, b) -> (final logits of vocabulary rows [a, b) at every position, ∂z/∂u there or None for 1)."""
-    s, T, cap, weight, bias = float(spec.logit_scale), float(spec.temperature), spec.softcap, spec.weight, spec.bias
+    """chunk(a, b) -> (final logits of vocabulary rows [a, b) at every position as a fresh fp32 tensor, ∂z/∂u there
+    or None for 1)."""
+    from .head import _final_inplace
+
+    weight, bias = spec.weight, spec.bias
     hh = h.to(spec.head_dtype) if spec.head_dtype is not None else h.float()
 
     def chunk(a, b):
         if spec.head_dtype is not None:  # the model's own head product (e.g. bf16), then fp32 as the log-probs take it
-            u = torch.nn.functional.linear(hh, weight[a:b], None if bias is None else bias[a:b]).float()
+            u = torch.nn.functional.linear(hh, weight[a:b], None if bias is None else bias[a:b])
         else:
             u = hh @ weight[a:b].float().T
             if bias is not None:
                 u = u + bias[a:b].float()
-        x = u * s
-        if cap:
-            t = torch.tanh(x / cap)
-            return cap * t / T, (s / T) * (1 - t * t)
-        return x / T, None if s == T else torch.full((), s / T, device=h.device)
+        z, dz = _final_inplace(u, float(spec.logit_scale), spec.softcap, float(spec.temperature), slope=True)
+        return z, (None if dz is None else torch.as_tensor(dz, device=z.device) if isinstance(dz, float) else dz)
 
     return chunk
 
@@ -166,8 +166,9 @@ def score_stats_head(
     ∂(log-prob)/∂W_v = Σ_t ([y_t = v] − p_tv)·(∂z_tv/∂u_tv)·h_t: exact, including the scale, cap and temperature.
     """
     spec = HeadSpec(weight, bias, logit_scale, softcap, temperature, head_dtype)
+    _, hidden, labels, rows, lse = _chosen_first(is_chosen.bool().to(rows.device)[rows], hidden, labels, rows, lse)
     return _stats(hidden, labels, rows, is_chosen, weight.shape[0], _head_chunk(hidden, spec), chunk_size, method,
-                  lse)
+                  lse, head_dtype)
 
 
 @torch.no_grad()
@@ -180,9 +181,10 @@ def step_score_sums(tokens: Tokens, spec: HeadSpec, n_pairs: int, vocab: tuple[i
     a0, b0 = vocab if vocab is not None else (0, spec.weight.shape[0])
     if tokens.lse is None:
         raise ValueError("step_score_sums needs the log-normalisers (Tokens.lse)")
-    h = tokens.hidden.float() / max(int(n_pairs), 1)
-    return _sums(h, tokens.labels.long(), tokens.chosen.bool(), tokens.lse, _head_chunk(tokens.hidden, spec),
-                 a0, b0, chunk_size, method)
+    side_w, hidden, labels, lse = _chosen_first(tokens.chosen.bool(), tokens.hidden, tokens.labels, tokens.lse)
+    h = hidden.float() / max(int(n_pairs), 1)
+    return _sums(h, labels.long(), side_w, lse, _head_chunk(hidden, spec),
+                 a0, b0, chunk_size, method, spec.head_dtype)
 
 
 @torch.no_grad()
@@ -196,7 +198,16 @@ def partial_lse(tokens: Tokens, spec: HeadSpec, vocab: tuple[int, int], chunk_si
     return out
 
 
-def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, lse=None) -> ScoreStats:
+def _chosen_first(side_w: torch.Tensor, *xs):
+    """The position-indexed tensors `xs` (None passes through) reordered stably so that chosen positions come first:
+    the vocabulary pass then takes each side as a slice of a chunk instead of copying it."""
+    if bool(side_w[:int(side_w.sum())].all()):
+        return (side_w, *xs)
+    order = torch.argsort((~side_w).to(torch.int8), stable=True)
+    return tuple(None if x is None else x[order] for x in (side_w, *xs))
+
+
+def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, lse=None, mm_dtype=None) -> ScoreStats:
     """Per micro-batch: `chunk(a, b)` gives the final logits of vocabulary rows [a, b) at every position and the
     derivative of the final logit with respect to the head's raw output there (None: 1)."""
     is_chosen = is_chosen.bool().to(rows.device)
@@ -212,11 +223,11 @@ def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, lse=No
         lse = torch.full((M,), -math.inf, dtype=torch.float32, device=h.device)
         for a in range(0, V, chunk_size):
             lse = torch.logaddexp(lse, torch.logsumexp(chunk(a, min(a + chunk_size, V))[0], dim=-1))
-    sw2, sl2, dot = _sums(h, labels.long(), side_w, lse, chunk, 0, V, chunk_size, method)
+    sw2, sl2, dot = _sums(h, labels.long(), side_w, lse, chunk, 0, V, chunk_size, method, mm_dtype)
     return ScoreStats(sw2.clamp(min=0).sqrt(), sl2.clamp(min=0).sqrt(), dot)
 
 
-def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method) -> torch.Tensor:
+def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None) -> torch.Tensor:
     """The shared core: [‖s_w‖², ‖s_l‖², ⟨s_w, s_l⟩] over vocabulary rows [a0, b0) of s = Aᵀ h, A = onehot − softmax
     (times ∂z/∂u), with h already scaled by 1/n of its side.
 
@@ -224,7 +235,9 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method) -> torch.Tensor:
       "vocab": s chunk by chunk over the vocabulary, ‖s‖² summed: O(M·V·d) work, O(M·chunk + chunk·d) memory;
       "gram":  ⟨s_a, s_b⟩ = Σ_{i∈a, j∈b} (A Aᵀ)_ij (H Hᵀ)_ij with A Aᵀ accumulated over vocabulary chunks:
                O(M²·V) work, O(M·chunk + M²) memory.
-    "auto" takes the cheaper: gram when M < 2d (measured crossover on CPU; one GEMM beats two per chunk)."""
+    "auto" takes the cheaper: gram when M < 2d (measured crossover on CPU; one GEMM beats two per chunk).
+    `mm_dtype` (None: fp32): the dtype of the product Aᵀh, the head's own dtype where the step computes its head
+    gradient in it (a bf16 model multiplies a bf16 logits gradient by bf16 inputs); accumulated in fp32."""
     if method not in ("auto", "vocab", "gram"):
         raise ValueError(f"method must be auto, vocab or gram, got {method!r}")
     M, d = h.shape
@@ -232,14 +245,14 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method) -> torch.Tensor:
     side_w = side_w.to(h.device)
     y = y.to(h.device)
 
-    def a_chunk(a, b):  # (onehot − softmax) ⊙ ∂z/∂u on vocabulary rows [a, b): [M, b − a]
+    def a_chunk(a, b):  # (onehot − softmax) ⊙ ∂z/∂u on vocabulary rows [a, b): [M, b − a], in place
         z, dz = chunk(a, b)
-        out = -(z - lse).exp()
+        out = z.sub_(lse).exp_().neg_()
         hit = (y >= a) & (y < b)
         if hit.any():
             idx = hit.nonzero(as_tuple=True)[0]
             out[idx, y[idx] - a] += 1.0
-        return out if dz is None else out * dz
+        return out if dz is None else out.mul_(dz)
 
     if method == "gram" or (method == "auto" and M < 2 * d):
         k = torch.zeros(M, M, dtype=torch.float32, device=h.device)  # A Aᵀ
@@ -250,12 +263,16 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method) -> torch.Tensor:
         w = side_w.float()
         lw = 1.0 - w
         return torch.stack([w @ kh @ w, lw @ kh @ lw, w @ kh @ lw])
-    hw, hl = h[side_w], h[~side_w]
+    n_w = int(side_w.sum())
+    ordered = bool(side_w[:n_w].all())  # chosen positions first (see _chosen_first): each side is a slice
+    hs = h.to(mm_dtype or torch.float32)
+    hw, hl = (hs[:n_w], hs[n_w:]) if ordered else (hs[side_w], hs[~side_w])
     out = torch.zeros(3, dtype=torch.float32, device=h.device)
     for a in range(a0, b0, chunk_size):
-        ac = a_chunk(a, min(a + chunk_size, b0))
-        gw = ac[side_w].T @ hw  # [chunk, d]
-        gl = ac[~side_w].T @ hl
+        ac = a_chunk(a, min(a + chunk_size, b0)).to(mm_dtype or torch.float32)
+        aw, al = (ac[:n_w], ac[n_w:]) if ordered else (ac[side_w], ac[~side_w])
+        gw = (aw.T @ hw).float()  # [chunk, d]
+        gl = (al.T @ hl).float()
         out += torch.stack([gw.pow(2).sum(), gl.pow(2).sum(), (gw * gl).sum()])
     return out
 
