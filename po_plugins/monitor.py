@@ -11,7 +11,10 @@ A host adapter does three things with it:
 The band is the band of the optimizer step: its mean incentives over all pairs of the step on all ranks, and the
 head scores s_w = ∇_W mean z_w, s_l = ∇_W mean z_l of the step's summed gradient, computed exactly from the head
 inputs of every micro-batch of the step (gathered from all ranks; each rank evaluates a slice of the vocabulary),
-so the record does not depend on the micro-batch size or the world size. The verdict is the paper's sign
+so the record does not depend on the micro-batch size or the world size. When the host already makes a vocabulary
+pass per micro-batch (RC needs each micro-batch's own statistics), that pass adds each side's score matrix to a step
+accumulator (`step_acc`, two [V, d] fp32 matrices, summed over ranks at the end of the step) and the step needs no
+pass of its own. The verdict is the paper's sign
 conditions (ż_w ≥ 0, ż_l ≤ 0), which are the band when both mean incentives are positive. docs/monitor.md lists
 every key.
 """
@@ -45,6 +48,9 @@ MAYBE_NULL = ("log_r", "band_lower", "band_upper", "slack", "edge", "micro_in_ba
 LOG_KEYS = ("z_w", "z_l", "log_r", "log_r_star", "rho", "band_lower", "band_upper", "slack", "in_band", "alpha",
             "chosen_up_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w", "probe_delta_z_l", "w_mean",
             "w_min", "w_max", "w_capped_frac")
+
+
+STEP_ACC_BYTES = 1 << 30  # the step accumulator's budget: two [V, d] fp32 matrices (beyond it: the token pass)
 
 
 class PluginStateError(ValueError):
@@ -96,7 +102,7 @@ class BandMonitor:
     def __init__(self, loss: PairLoss, path: str, alert_steps: int = 20, recheck_every: int = 10,
                  rescore: Callable | None = None, log: Callable[[str], None] = print,
                  is_rank_0: Callable[[], bool] = lambda: True, head: Callable | None = None, score_chunk: int = 4096,
-                 hint: str | None = None):
+                 hint: str | None = None, step_acc: bool = False):
         self.loss = loss
         self.path = path
         self.alert_steps = int(alert_steps)
@@ -107,6 +113,8 @@ class BandMonitor:
         self.head = head
         self.score_chunk = int(score_chunk)
         self.hint = hint
+        self.step_acc_on = bool(step_acc)
+        self._step_acc = None
         self.out_streak = 0
         self.acc = None
         self.tokens: list[Tokens] = []
@@ -157,6 +165,16 @@ class BandMonitor:
         if self.probe is None and recheck_inputs is not None and self.recheck_every > 0:
             self.probe = {"inputs": recheck_inputs, "z_w": zw.clone(), "z_l": zl.clone()}
 
+    def step_acc(self, vocab: int, dim: int, device) -> torch.Tensor | None:
+        """The [2, V, d] fp32 step accumulator a host's per-micro-batch vocabulary pass adds each side's score
+        matrix Σ_t (onehot − softmax)_tᵀ h_t to (`score_stats_head(acc=...)`; the host then marks the micro-batch's
+        Tokens `in_acc`); None when the host did not ask for one (`step_acc=True`) or it exceeds STEP_ACC_BYTES."""
+        if not self.step_acc_on or 8 * int(vocab) * int(dim) > STEP_ACC_BYTES:
+            return None
+        if self._step_acc is None or tuple(self._step_acc.shape) != (2, int(vocab), int(dim)):
+            self._step_acc = torch.zeros(2, int(vocab), int(dim), dtype=torch.float32, device=device)
+        return self._step_acc
+
     def _reduce(self, acc) -> dict:
         sums, maxes = all_reduce(acc[0], "sum").cpu(), all_reduce(acc[1], "max").cpu()
         out = {k: float(v) for k, v in zip(SUM_KEYS, sums)}
@@ -168,13 +186,25 @@ class BandMonitor:
         they cover: exact, from the response tokens of every scored micro-batch on every rank."""
         toks, self.tokens = self.tokens, []
         dev = self.last_z[0].device
-        counts = all_reduce(torch.tensor([float(len(toks)), float(sum(t.pairs for t in toks))], dtype=torch.float64,
-                                         device=dev), "sum").cpu()
+        acc = self._step_acc
+        unaccumulated = acc is None or not all(t.in_acc for t in toks)
+        counts = all_reduce(torch.tensor([float(len(toks)), float(sum(t.pairs for t in toks)), float(unaccumulated)],
+                                         dtype=torch.float64, device=dev), "sum").cpu()
         n_micro, n_pairs = int(counts[0]), int(counts[1])
+        if acc is not None and counts[2]:  # a micro-batch passed it by: the token pass from now on
+            self._step_acc, self.step_acc_on = None, False
         if n_micro == 0:
             return None, 0
         if n_micro == 1 and toks and toks[0].stats is not None:  # one micro-batch is the step: its own statistics
+            if acc is not None:
+                acc.zero_()
             return toks[0].stats, n_pairs
+        if counts[2] == 0:  # every scored micro-batch on every rank added its score matrices to the accumulator
+            total = all_reduce(acc, "sum")
+            sw, sl, n = total[0].reshape(-1), total[1].reshape(-1), float(max(n_pairs, 1))
+            out = ScoreStats(sw.norm().double() / n, sl.norm().double() / n, torch.dot(sw, sl).double() / n ** 2)
+            acc.zero_()
+            return out, n_pairs
         if self.head is None or any(t.hidden is None for t in toks):
             raise ValueError("band monitor: the step's head statistics need each scored micro-batch's response "
                              "tokens (Tokens.hidden) and the head (BandMonitor(head=...))")

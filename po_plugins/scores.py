@@ -57,6 +57,7 @@ def score_stats_flat(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     temperature: float = 1.0,
+    acc: torch.Tensor | None = None,
 ) -> ScoreStats:
     """The same statistics from response positions already gathered (any layout, e.g. packed sequences).
 
@@ -80,7 +81,7 @@ def score_stats_flat(
             return z, (s / T) * (1 - t * t)
         return z, None if s == T else torch.full((), s / T, device=z.device)
 
-    return _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method)
+    return _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, acc=acc)
 
 
 class HeadSpec(NamedTuple):
@@ -104,13 +105,14 @@ class Tokens(NamedTuple):
     lse: torch.Tensor | None  # [M] fp32 log-normalisers of the final logits (None: recomputed)
     pairs: int  # pairs of the micro-batch (the 1/n of each side)
     stats: ScoreStats | None = None  # this micro-batch's own statistics when the host computed them (RC)
+    in_acc: bool = False  # its score matrices were added to the monitor's step accumulator with `stats`
 
 
 def tokens_of(hidden, labels, rows, n_pairs: int, lse: torch.Tensor | None = None,
-              stats: ScoreStats | None = None) -> Tokens:
+              stats: ScoreStats | None = None, in_acc: bool = False) -> Tokens:
     """Tokens from gathered response positions (rows < n_pairs are chosen)."""
     return Tokens(hidden.detach(), labels.detach(), (rows < n_pairs).detach(),
-                  None if lse is None else lse.detach().float(), int(n_pairs), stats)
+                  None if lse is None else lse.detach().float(), int(n_pairs), stats, bool(in_acc))
 
 
 def final_lse(logits: torch.Tensor, scale: float = 1.0, softcap: float | None = None,
@@ -157,6 +159,7 @@ def score_stats_head(
     method: str = "auto",
     lse: torch.Tensor | None = None,  # [M] log-normalisers already computed (e.g. by po_plugins.head): one pass less
     head_dtype: torch.dtype | None = None,  # compute the head product in this dtype, as the model's head does
+    acc: torch.Tensor | None = None,  # [2, V, d] fp32: Σ A_tᵀh_t of each side is added to it (BandMonitor.step_acc)
 ) -> ScoreStats:
     """‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩ of the head weight from the head's input and weight, for hosts whose fused head never
     materialises logits: the logits are rebuilt chunk by chunk over the vocabulary (two passes: log-normaliser, then
@@ -168,7 +171,7 @@ def score_stats_head(
     spec = HeadSpec(weight, bias, logit_scale, softcap, temperature, head_dtype)
     _, hidden, labels, rows, lse = _chosen_first(is_chosen.bool().to(rows.device)[rows], hidden, labels, rows, lse)
     return _stats(hidden, labels, rows, is_chosen, weight.shape[0], _head_chunk(hidden, spec), chunk_size, method,
-                  lse, head_dtype)
+                  lse, head_dtype, acc)
 
 
 @torch.no_grad()
@@ -207,9 +210,11 @@ def _chosen_first(side_w: torch.Tensor, *xs):
     return tuple(None if x is None else x[order] for x in (side_w, *xs))
 
 
-def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, lse=None, mm_dtype=None) -> ScoreStats:
+def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, lse=None, mm_dtype=None,
+           acc=None) -> ScoreStats:
     """Per micro-batch: `chunk(a, b)` gives the final logits of vocabulary rows [a, b) at every position and the
-    derivative of the final logit with respect to the head's raw output there (None: 1)."""
+    derivative of the final logit with respect to the head's raw output there (None: 1). `acc` [2, V, d]: the
+    unscaled per-side score matrices Σ_t (onehot − softmax)_tᵀ h_t are added to it (the vocabulary pass)."""
     is_chosen = is_chosen.bool().to(rows.device)
     n_w = int(is_chosen.sum())
     n_l = int((~is_chosen).sum())
@@ -223,11 +228,13 @@ def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, lse=No
         lse = torch.full((M,), -math.inf, dtype=torch.float32, device=h.device)
         for a in range(0, V, chunk_size):
             lse = torch.logaddexp(lse, torch.logsumexp(chunk(a, min(a + chunk_size, V))[0], dim=-1))
-    sw2, sl2, dot = _sums(h, labels.long(), side_w, lse, chunk, 0, V, chunk_size, method, mm_dtype)
+    sw2, sl2, dot = _sums(h, labels.long(), side_w, lse, chunk, 0, V, chunk_size, "vocab" if acc is not None else
+                          method, mm_dtype, acc, (float(max(n_w, 1)), float(max(n_l, 1))))
     return ScoreStats(sw2.clamp(min=0).sqrt(), sl2.clamp(min=0).sqrt(), dot)
 
 
-def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None) -> torch.Tensor:
+def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None, acc=None,
+          acc_scale=(1.0, 1.0)) -> torch.Tensor:
     """The shared core: [‖s_w‖², ‖s_l‖², ⟨s_w, s_l⟩] over vocabulary rows [a0, b0) of s = Aᵀ h, A = onehot − softmax
     (times ∂z/∂u), with h already scaled by 1/n of its side.
 
@@ -237,7 +244,8 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None) -
                O(M²·V) work, O(M·chunk + M²) memory.
     "auto" takes the cheaper: gram when M < 2d (measured crossover on CPU; one GEMM beats two per chunk).
     `mm_dtype` (None: fp32): the dtype of the product Aᵀh, the head's own dtype where the step computes its head
-    gradient in it (a bf16 model multiplies a bf16 logits gradient by bf16 inputs); accumulated in fp32."""
+    gradient in it (a bf16 model multiplies a bf16 logits gradient by bf16 inputs); accumulated in fp32.
+    `acc` [2, ≥b0, d] ("vocab" only): each side's s rows, times `acc_scale`, are added to acc[0] / acc[1]."""
     if method not in ("auto", "vocab", "gram"):
         raise ValueError(f"method must be auto, vocab or gram, got {method!r}")
     M, d = h.shape
@@ -254,6 +262,8 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None) -
             out[idx, y[idx] - a] += 1.0
         return out if dz is None else out.mul_(dz)
 
+    if acc is not None and method != "vocab":
+        raise ValueError("a step accumulator needs the vocabulary pass (method='vocab')")
     if method == "gram" or (method == "auto" and M < 2 * d):
         k = torch.zeros(M, M, dtype=torch.float32, device=h.device)  # A Aᵀ
         for a in range(a0, b0, chunk_size):
@@ -273,6 +283,10 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None) -
         aw, al = (ac[:n_w], ac[n_w:]) if ordered else (ac[side_w], ac[~side_w])
         gw = (aw.T @ hw).float()  # [chunk, d]
         gl = (al.T @ hl).float()
+        if acc is not None:
+            b = a + gw.shape[0]
+            acc[0, a:b].add_(gw, alpha=acc_scale[0])
+            acc[1, a:b].add_(gl, alpha=acc_scale[1])
         out += torch.stack([gw.pow(2).sum(), gl.pow(2).sum(), (gw * gl).sum()])
     return out
 

@@ -85,25 +85,46 @@ def autograd_step_band(loss, W, b, h, y, mask, spec):
     return band_stats(d_w, d_l, sw.norm(), sl.norm(), (sw * sl).sum()), sw, sl
 
 
-def run_monitor(tmp_path, loss, problem, micro, name="m"):
+def with_micro_stats(mon, tok, spec, chunk=7):
+    """What a calibrating host does: the micro-batch's own statistics from a vocabulary pass, which also adds its
+    score matrices to the monitor's step accumulator."""
+    from po_plugins.scores import score_stats_head
+
+    V_, d = spec.weight.shape
+    acc = mon.step_acc(V_, d, tok.hidden.device)
+    rows = torch.where(tok.chosen, 0, 1)
+    st = score_stats_head(tok.hidden, spec.weight, tok.labels, rows, torch.tensor([True, False]), bias=spec.bias,
+                          logit_scale=spec.logit_scale, softcap=spec.softcap, lse=tok.lse, chunk_size=chunk, acc=acc)
+    # without its hidden states, a micro-batch the accumulator missed would fail the step (the token pass needs them)
+    return tok._replace(stats=ScoreStats(st.sw_norm / tok.pairs, st.sl_norm / tok.pairs, st.sw_dot_sl / tok.pairs ** 2),
+                        in_acc=acc is not None, hidden=None if acc is not None else tok.hidden)
+
+
+def run_monitor(tmp_path, loss, problem, micro, name="m", step_acc=False):
     W, b, h, y, mask, spec = problem
     n = h.shape[0] // 2
     mon = BandMonitor(loss, str(tmp_path / name / "po_band.jsonl"), recheck_every=0,
-                      head=lambda: contextlib.nullcontext(spec))
+                      head=lambda: contextlib.nullcontext(spec), step_acc=step_acc)
     for a in range(0, n, micro):
         pb, tok = micro_inputs(W, b, h, y, mask, spec, torch.arange(a, min(a + micro, n)))
+        if step_acc:
+            tok = with_micro_stats(mon, tok, spec)
+            assert tok.in_acc
         loss_step(loss, pb, mon, training=True, tokens=tok)
     mon.end_step(1)
     return json.loads((tmp_path / name / "po_band.jsonl").read_text().splitlines()[1])
 
 
+@pytest.mark.parametrize("step_acc", [False, True])
 @pytest.mark.parametrize("kw", [{}, {"bias": True}, {"cap": 3.0, "scale": 0.7}])
-def test_step_band_equals_autograd_of_the_step_for_every_micro_batch_size(tmp_path, kw):
+def test_step_band_equals_autograd_of_the_step_for_every_micro_batch_size(tmp_path, kw, step_acc):
+    """The token pass (step_acc=False) and the step accumulator the micro-batches' own vocabulary passes fill
+    (step_acc=True, what a calibrating host uses) both give the step's statistics."""
     loss = build("dpo", beta=0.5)
     problem = head_problem(**kw)
     ref, sw, sl = autograd_step_band(loss, *problem)
     for micro in (1, 2, 4, 8):
-        rec = run_monitor(tmp_path, loss, problem, micro, f"m{micro}")
+        rec = run_monitor(tmp_path, loss, problem, micro, f"m{micro}", step_acc=step_acc)
         assert rec["sw_norm"] == pytest.approx(float(sw.norm()), rel=1e-4), micro
         assert rec["sl_norm"] == pytest.approx(float(sl.norm()), rel=1e-4), micro
         assert rec["sw_dot_sl"] == pytest.approx(float((sw * sl).sum()), rel=1e-4, abs=1e-7), micro
@@ -133,7 +154,7 @@ def test_step_band_gram_and_vocab_paths_and_vocabulary_slices_agree():
     torch.testing.assert_close(sliced, full, rtol=1e-4, atol=1e-7)
 
 
-def _two_rank_worker(r, port, path, out):
+def _two_rank_worker(r, port, path, out, step_acc=False):
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -142,10 +163,12 @@ def _two_rank_worker(r, port, path, out):
         W, b, h, y, mask, spec = problem = head_problem(bias=True)
         loss = build("dpo", beta=0.5)
         mon = BandMonitor(loss, path, recheck_every=0, head=lambda: contextlib.nullcontext(spec),
-                          is_rank_0=lambda: r == 0)
+                          is_rank_0=lambda: r == 0, step_acc=step_acc)
         mine = [0, 1, 2] if r == 0 else [3, 4, 5, 6, 7]  # unequal shares: variable-size gathers
         for rows in ([mine[:2], mine[2:]] if r == 0 else [mine[:1], mine[1:3], mine[3:]]):
             pb, tok = micro_inputs(W, b, h, y, mask, spec, torch.tensor(rows))
+            if step_acc:
+                tok = with_micro_stats(mon, tok, spec)
             loss_step(loss, pb, mon, training=True, tokens=tok)
         mon.end_step(1)
         del problem
@@ -153,7 +176,8 @@ def _two_rank_worker(r, port, path, out):
         torch.distributed.destroy_process_group()
 
 
-def test_step_band_is_the_same_on_two_processes(tmp_path):
+@pytest.mark.parametrize("step_acc", [False, True])
+def test_step_band_is_the_same_on_two_processes(tmp_path, step_acc):
     import subprocess
     import sys
 
@@ -162,8 +186,9 @@ def test_step_band_is_the_same_on_two_processes(tmp_path):
     path, port = str(tmp_path / "two" / "po_band.jsonl"), free_port()
     code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('tm', sys.argv[1]); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "m._two_rank_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], None)")
-    procs = [subprocess.Popen([sys.executable, "-c", code, __file__, str(r), str(port), path]) for r in (0, 1)]
+            "m._two_rank_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], None, sys.argv[5] == '1')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, __file__, str(r), str(port), path, str(int(step_acc))])
+             for r in (0, 1)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     two = json.loads(open(path).read().splitlines()[1])
     one = run_monitor(tmp_path, build("dpo", beta=0.5), head_problem(bias=True), 8, "one")

@@ -35,15 +35,20 @@ class TrainerPlugin:
         """The band monitor (on for rc_* objectives too), writing `<output_dir>/po_band.jsonl` by default."""
         self.po_monitor = None
         calibrating = self.po_loss.name.startswith("rc_")
+        self._po_micro_stats = micro_stats_needed(calibrating, self.args.gradient_accumulation_steps,
+                                                  self.args.world_size)
         if on or calibrating:
             path = jsonl or os.path.join(self.args.output_dir, "po_band.jsonl")
             self.po_monitor = BandMonitor(self.po_loss, path, alert_steps, recheck_every, rescore=self._po_rescore,
                                           log=self._po_print, is_rank_0=lambda: self.args.process_index == 0,
                                           head=self._po_head_spec, score_chunk=score_chunk,
-                                          hint="" if calibrating else hint)
+                                          hint="" if calibrating else hint,
+                                          step_acc=calibrating and self._po_micro_stats)
             self.add_callback(StepEnd(self))
-        self._po_micro_stats = micro_stats_needed(calibrating, self.args.gradient_accumulation_steps,
-                                                  self.args.world_size)
+
+    def _po_step_acc(self, vocab: int, dim: int, device):
+        """The monitor's step accumulator for this micro-batch's vocabulary pass (None: the step makes its own)."""
+        return self.po_monitor.step_acc(vocab, dim, device) if self.po_monitor is not None else None
 
     def _po_head_spec(self):
         m = self.accelerator.unwrap_model(self.model)

@@ -440,11 +440,12 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         scale, cap = head_transform(self._po_unwrapped().config)
         z = final_logits(lg, scale, cap)
         stats = None
+        acc = self._po_step_acc(z.shape[-1], h.shape[-1], h.device) if self._po_micro_stats else None
         if self._po_micro_stats:
             is_chosen = torch.arange(labels.shape[0], device=labels.device) < n_pairs
             stats = score_stats_flat(h, z, y, rows, is_chosen, chunk_size=int(self.po_cfg.opt("score_chunk")),
-                                     logit_scale=scale, softcap=cap)
-        return tokens_of(h, y, rows, n_pairs, torch.logsumexp(z, dim=-1), stats)
+                                     logit_scale=scale, softcap=cap, acc=acc)
+        return tokens_of(h, y, rows, n_pairs, torch.logsumexp(z, dim=-1), stats, in_acc=acc is not None)
 
     def _po_rescore(self, inputs):
         out = self.concatenated_forward(self.model, dict(inputs))

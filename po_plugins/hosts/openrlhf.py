@@ -277,7 +277,9 @@ def _trainer_class():
                 self.po_monitor = BandMonitor(self.po_loss, path, po.alert_steps, po.recheck_every,
                                               rescore=self._po_rescore, log=self.strategy.print,
                                               is_rank_0=self.strategy.is_rank_0, head=self._po_head_spec,
-                                              score_chunk=int(po.score_chunk), hint=hint)
+                                              score_chunk=int(po.score_chunk), hint=hint, step_acc=calibrating and (
+                                                  self.strategy.accumulated_gradient > 1
+                                                  or self.strategy.world_size > 1))
             self._po_need_scores = calibrating or self.po_monitor is not None
             self._po_micro_stats = micro_stats_needed(calibrating, self.strategy.accumulated_gradient,
                                                       self.strategy.world_size)
@@ -432,19 +434,24 @@ def _trainer_class():
                                        return_lse=True)
             sums = torch.zeros(input_ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
             if want_scores:
-                stats = None
+                stats, acc = None, None
                 if self._po_micro_stats:
                     is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
                     with gathered(head.weight, getattr(head, "bias", None)):
                         w = head.weight
+                        acc = self._po_step_acc(w.shape[0], w.shape[1], h.device)
                         stats = score_stats_head(
                             h.detach(), w, y, rows, is_chosen, bias=getattr(head, "bias", None), logit_scale=scale,
                             softcap=cap, temperature=temperature, lse=lse,
                             # at most ~2^22 statistics entries a vocabulary chunk, however many response tokens
                             chunk_size=max(64, min(int(self.args.po.score_chunk), (1 << 22) // max(1, h.shape[0]))),
-                            head_dtype=w.dtype)  # the head's own product and the chunked head's normalisers
-                self._po_fused_tokens = tokens_of(h, y, rows, B, lse, stats)
+                            head_dtype=w.dtype,  # the head's own product and the chunked head's normalisers
+                            acc=acc)
+                self._po_fused_tokens = tokens_of(h, y, rows, B, lse, stats, in_acc=acc is not None)
             return sums, output
+
+        def _po_step_acc(self, vocab: int, dim: int, device):
+            return self.po_monitor.step_acc(vocab, dim, device) if self.po_monitor is not None else None
 
         def _po_scores(self, input_ids, att_masks, loss_masks, logits, B):
             """This micro-batch's response tokens (head inputs from the hook; log-normalisers from the logits the
@@ -452,15 +459,16 @@ def _trainer_class():
             hidden = self._po_head_cache
             self._po_head_cache = None
             h, lg, y, rows = response_positions(hidden, logits, input_ids, att_masks, loss_masks)
-            stats = None
+            stats, acc = None, None
             if self._po_micro_stats:
                 base, _, _ = _head_of(self.model.model)
                 scale, cap = head_transform(base.config)
                 is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
+                acc = self._po_step_acc(lg.shape[-1], h.shape[-1], h.device)
                 stats = score_stats_flat(h, lg, y, rows, is_chosen, chunk_size=int(self.args.po.score_chunk),
                                          logit_scale=scale, softcap=cap,
-                                         temperature=float(getattr(self.model, "temperature", 1.0) or 1.0))
-            return tokens_of(h, y, rows, B, torch.logsumexp(lg.float(), dim=-1), stats)
+                                         temperature=float(getattr(self.model, "temperature", 1.0) or 1.0), acc=acc)
+            return tokens_of(h, y, rows, B, torch.logsumexp(lg.float(), dim=-1), stats, in_acc=acc is not None)
 
         def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
             logs_dict = dict(logs_dict or {})

@@ -329,14 +329,15 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         rows = pos[:, 0]
         is_chosen = torch.arange(lab.shape[0], device=lab.device) < n_pairs
         h, y = hid[pos[:, 0], pos[:, 1]], lab[pos[:, 0], pos[:, 1]]
-        stats = None
+        stats, acc = None, None
         if self._po_micro_stats:
             with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
                 w = head.weight
+                acc = self._po_step_acc(w.shape[0], w.shape[1], w.device)
                 stats = score_stats_head(h.to(w.device), w, y.to(w.device), rows.to(w.device),
                                          is_chosen.to(w.device), bias=getattr(head, "bias", None), logit_scale=scale,
-                                         softcap=cap, chunk_size=int(self.args.po_score_chunk))
-        return tokens_of(h, y, rows, n_pairs, None, stats)
+                                         softcap=cap, chunk_size=int(self.args.po_score_chunk), acc=acc)
+        return tokens_of(h, y, rows, n_pairs, None, stats, in_acc=acc is not None)
 
     def _po_rescore(self, inputs):
         zs, _, _, _, _ = self._po_logps(self.model, inputs)
