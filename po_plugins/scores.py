@@ -185,9 +185,9 @@ def step_score_sums(tokens: Tokens, spec: HeadSpec, n_pairs: int, vocab: tuple[i
     if tokens.lse is None:
         raise ValueError("step_score_sums needs the log-normalisers (Tokens.lse)")
     side_w, hidden, labels, lse = _chosen_first(tokens.chosen.bool(), tokens.hidden, tokens.labels, tokens.lse)
-    h = hidden.float() / max(int(n_pairs), 1)
-    return _sums(h, labels.long(), side_w, lse, _head_chunk(hidden, spec),
-                 a0, b0, chunk_size, method, spec.head_dtype)
+    n = 1.0 / max(int(n_pairs), 1)
+    return _sums(hidden, labels.long(), side_w, lse, _head_chunk(hidden, spec), a0, b0, chunk_size, method,
+                 spec.head_dtype, (n, n))
 
 
 @torch.no_grad()
@@ -218,9 +218,8 @@ def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, lse=No
     is_chosen = is_chosen.bool().to(rows.device)
     n_w = int(is_chosen.sum())
     n_l = int((~is_chosen).sum())
-    row_scale = torch.where(is_chosen, 1.0 / max(n_w, 1), 1.0 / max(n_l, 1)).to(torch.float32)
     side_w = is_chosen[rows]  # [M] True for chosen tokens
-    h = hidden.float() * row_scale[rows][:, None]  # [M, d], scaled by 1/n of its side
+    h = hidden
     M = h.shape[0]
     if lse is not None:
         lse = lse.detach().float().reshape(M).to(h.device)
@@ -229,25 +228,28 @@ def _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, lse=No
         for a in range(0, V, chunk_size):
             lse = torch.logaddexp(lse, torch.logsumexp(chunk(a, min(a + chunk_size, V))[0], dim=-1))
     sw2, sl2, dot = _sums(h, labels.long(), side_w, lse, chunk, 0, V, chunk_size, "vocab" if acc is not None else
-                          method, mm_dtype, acc, (float(max(n_w, 1)), float(max(n_l, 1))))
+                          method, mm_dtype, (1.0 / max(n_w, 1), 1.0 / max(n_l, 1)), acc)
     return ScoreStats(sw2.clamp(min=0).sqrt(), sl2.clamp(min=0).sqrt(), dot)
 
 
-def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None, acc=None,
-          acc_scale=(1.0, 1.0)) -> torch.Tensor:
-    """The shared core: [‖s_w‖², ‖s_l‖², ⟨s_w, s_l⟩] over vocabulary rows [a0, b0) of s = Aᵀ h, A = onehot − softmax
-    (times ∂z/∂u), with h already scaled by 1/n of its side.
+def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None, scales=(1.0, 1.0),
+          acc=None) -> torch.Tensor:
+    """The shared core: [‖s_w‖², ‖s_l‖², ⟨s_w, s_l⟩] over vocabulary rows [a0, b0) of s = scale·Aᵀh over each side's
+    positions, A = onehot − softmax (times ∂z/∂u), `scales` = (1/n_w, 1/n_l) of the two sides.
 
     Two exact evaluations:
       "vocab": s chunk by chunk over the vocabulary, ‖s‖² summed: O(M·V·d) work, O(M·chunk + chunk·d) memory;
       "gram":  ⟨s_a, s_b⟩ = Σ_{i∈a, j∈b} (A Aᵀ)_ij (H Hᵀ)_ij with A Aᵀ accumulated over vocabulary chunks:
                O(M²·V) work, O(M·chunk + M²) memory.
     "auto" takes the cheaper: gram when M < 2d (measured crossover on CPU; one GEMM beats two per chunk).
-    `mm_dtype` (None: fp32): the dtype of the product Aᵀh, the head's own dtype where the step computes its head
-    gradient in it (a bf16 model multiplies a bf16 logits gradient by bf16 inputs); accumulated in fp32.
-    `acc` [2, ≥b0, d] ("vocab" only): each side's s rows, times `acc_scale`, are added to acc[0] / acc[1]."""
+    `mm_dtype` (None: fp32): the head's own dtype. For bf16/fp16 the vocabulary pass multiplies in it, at its speed
+    but not its rounding: h is the head's input, exact in its dtype, and A is split into a high and a low part
+    (A = hi + lo, each exact in that dtype, A − hi − lo at ~2^-17 of A), so s keeps fp32 accuracy.
+    `acc` [2, ≥b0, d] ("vocab" only): each side's unscaled Aᵀh rows are added to acc[0] / acc[1]."""
     if method not in ("auto", "vocab", "gram"):
         raise ValueError(f"method must be auto, vocab or gram, got {method!r}")
+    if acc is not None and method != "vocab":
+        raise ValueError("a step accumulator needs the vocabulary pass (method='vocab')")
     M, d = h.shape
     lse = lse.detach().float().reshape(M, 1).to(h.device)
     side_w = side_w.to(h.device)
@@ -262,32 +264,41 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None, a
             out[idx, y[idx] - a] += 1.0
         return out if dz is None else out.mul_(dz)
 
-    if acc is not None and method != "vocab":
-        raise ValueError("a step accumulator needs the vocabulary pass (method='vocab')")
     if method == "gram" or (method == "auto" and M < 2 * d):
+        hs = h.float() * torch.where(side_w, scales[0], scales[1]).to(torch.float32)[:, None]
         k = torch.zeros(M, M, dtype=torch.float32, device=h.device)  # A Aᵀ
         for a in range(a0, b0, chunk_size):
             ac = a_chunk(a, min(a + chunk_size, b0))
             k += ac @ ac.T
-        kh = k * (h @ h.T)
+        kh = k * (hs @ hs.T)
         w = side_w.float()
         lw = 1.0 - w
         return torch.stack([w @ kh @ w, lw @ kh @ lw, w @ kh @ lw])
+    low = mm_dtype is not None and torch.finfo(mm_dtype).bits < 32
+    mm = mm_dtype if low else torch.float32
     n_w = int(side_w.sum())
     ordered = bool(side_w[:n_w].all())  # chosen positions first (see _chosen_first): each side is a slice
-    hs = h.to(mm_dtype or torch.float32)
+    hs = h.to(mm)
     hw, hl = (hs[:n_w], hs[n_w:]) if ordered else (hs[side_w], hs[~side_w])
+
+    def product(ac, hx):  # acᵀ hx [chunk, d] in fp32
+        if not low:
+            return ac.T @ hx
+        hi = ac.to(mm)
+        lo = ac.sub_(hi.float()).to(mm)
+        return (hi.T @ hx).float() + (lo.T @ hx).float()
+
     out = torch.zeros(3, dtype=torch.float32, device=h.device)
     for a in range(a0, b0, chunk_size):
-        ac = a_chunk(a, min(a + chunk_size, b0)).to(mm_dtype or torch.float32)
+        ac = a_chunk(a, min(a + chunk_size, b0))
         aw, al = (ac[:n_w], ac[n_w:]) if ordered else (ac[side_w], ac[~side_w])
-        gw = (aw.T @ hw).float()  # [chunk, d]
-        gl = (al.T @ hl).float()
+        gw, gl = product(aw, hw), product(al, hl)  # unscaled [chunk, d]
         if acc is not None:
             b = a + gw.shape[0]
-            acc[0, a:b].add_(gw, alpha=acc_scale[0])
-            acc[1, a:b].add_(gl, alpha=acc_scale[1])
-        out += torch.stack([gw.pow(2).sum(), gl.pow(2).sum(), (gw * gl).sum()])
+            acc[0, a:b].add_(gw)
+            acc[1, a:b].add_(gl)
+        out += torch.stack([gw.pow(2).sum() * scales[0] ** 2, gl.pow(2).sum() * scales[1] ** 2,
+                            (gw * gl).sum() * (scales[0] * scales[1])])
     return out
 
 
