@@ -26,7 +26,7 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
                                  "--ref_model): the reference forward is skipped"),
     "fused_head": (bool, False, "chunked LM head: response-token log-probs and head statistics without the "
                                 "[N, T, V] logits (docs/results_memory.md)"),
-    "head_chunk": (int, 0, "token positions per chunk of the chunked head (0: about 2^22 logits a chunk)"),
+    "head_chunk": (int, 0, "token positions per chunk of the chunked head (0: about 2^25 logits a chunk)"),
 }
 # options that only one host has (TRL has its own fused head and its own stored reference log-probs)
 HOST_ONLY = {"ref_logp_keys": "openrlhf", "fused_head": "openrlhf", "head_chunk": "openrlhf"}

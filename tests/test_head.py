@@ -96,3 +96,27 @@ def test_statistics_reuse_the_chunked_heads_normalisers(dtype):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
     for a, b in zip(fused, logits):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_bf16_statistics_keep_fp32_accuracy():
+    """The vocabulary pass multiplies in the head's dtype (bf16) with the label part added exactly: against an fp64
+    evaluation from the same bf16 logits, the norms agree to 3e-5 and the inner product to 5e-6 of the norms'
+    product (measured 1.3e-5 and 1.5e-6; a plain bf16 product of A = onehot − softmax misses the norms by 1.3e-4)."""
+    from po_plugins.scores import score_stats_head
+
+    g = torch.Generator().manual_seed(9)
+    M, d, V = 512, 64, 4096
+    W = (torch.randn(V, d, generator=g) * 0.3).bfloat16()
+    h = torch.randn(M, d, generator=g).bfloat16()
+    y = torch.randint(0, V, (M,), generator=g)
+    rows = torch.arange(M) * 4 // M
+    is_chosen = torch.tensor([True, False, True, False])
+    st = score_stats_head(h, W, y, rows, is_chosen, head_dtype=torch.bfloat16, chunk_size=1000, method="vocab")
+    z = (h @ W.T).double()  # the model's bf16 head product, then exact
+    A = -torch.softmax(z, -1)
+    A[torch.arange(M), y] += 1
+    side = is_chosen[rows]
+    sw, sl = A[side].T @ h.double()[side] / 2, A[~side].T @ h.double()[~side] / 2
+    assert abs(float(st.sw_norm) / float(sw.norm()) - 1) < 3e-5
+    assert abs(float(st.sl_norm) / float(sl.norm()) - 1) < 3e-5
+    assert abs(float(st.sw_dot_sl) - float((sw * sl).sum())) < 5e-6 * float(sw.norm() * sl.norm())
