@@ -61,6 +61,16 @@ def _final_inplace(u: torch.Tensor, scale: float, softcap: float | None, tempera
     return z, (c if c != 1.0 else None)
 
 
+def _logprobs_consuming(z: torch.Tensor, y: torch.Tensor):
+    """(log p(y_t), logsumexp_t) of fp32 logits z [c, V], using z as the scratch of the log-sum-exp (z is destroyed):
+    the max-shifted sum of torch.logsumexp without its [c, V] temporary."""
+    zy = z.gather(-1, y[:, None]).squeeze(-1)
+    m = z.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    lse = z.sub_(m).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
+    return zy.sub_(lse), lse
+
+
 class _TokenLogProb(torch.autograd.Function):
     """log p(y_t) = z_t[y_t] − logsumexp(z_t) of the final logits z = f(u) of one chunk of positions, with a backward
     that writes the gradient of the head's output in three passes over the chunk: g·(onehot − softmax)·∂z/∂u.
@@ -72,10 +82,7 @@ class _TokenLogProb(torch.autograd.Function):
         if memo:
             lp, lse = memo
         else:
-            z, _ = _final_inplace(u, scale, softcap, temperature)
-            lse = torch.logsumexp(z, dim=-1)
-            lp = z.gather(-1, y[:, None]).squeeze(-1).sub_(lse)
-            del z
+            lp, lse = _logprobs_consuming(_final_inplace(u, scale, softcap, temperature)[0], y)
             memo.extend((lp, lse))
         ctx.save_for_backward(u, y, lse)
         ctx.transform = (scale, softcap, temperature)
@@ -98,9 +105,7 @@ def _chunk_logprobs(head, h, y, memo, scale, softcap, temperature):
 
 
 def _chunk_logprobs_nograd(head, h, y, scale, softcap, temperature):
-    z, _ = _final_inplace(head(h), scale, softcap, temperature)
-    lse = torch.logsumexp(z, dim=-1)
-    return z.gather(-1, y[:, None]).squeeze(-1).sub_(lse), lse
+    return _logprobs_consuming(_final_inplace(head(h), scale, softcap, temperature)[0], y)
 
 
 def default_chunk(vocab_size: int) -> int:
