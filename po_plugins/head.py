@@ -47,10 +47,12 @@ def final_logits(raw: torch.Tensor, scale: float = 1.0, softcap: float | None = 
     return z
 
 
-def _final_inplace(u: torch.Tensor, scale: float, softcap: float | None, temperature: float, slope: bool = False):
-    """(z, ∂z/∂u): `final_logits(u)` as a fresh fp32 tensor, transformed in place, and its derivative with respect to
-    the head's output (a tensor under soft-capping, a float otherwise, None for the identity) when `slope`."""
-    z = u.to(torch.float32, copy=True)
+def _final_inplace(u: torch.Tensor, scale: float, softcap: float | None, temperature: float, slope: bool = False,
+                   out: torch.Tensor | None = None):
+    """(z, ∂z/∂u): `final_logits(u)` as a fresh fp32 tensor (or written into `out`, a reused buffer of u's shape),
+    transformed in place, and its derivative with respect to the head's output (a tensor under soft-capping, a float
+    otherwise, None for the identity) when `slope`."""
+    z = u.to(torch.float32, copy=True) if out is None else out.copy_(u)
     if softcap:
         t = z.mul_(scale / softcap).tanh_()
         dz = t.square().neg_().add_(1.0).mul_(scale / temperature) if slope else None

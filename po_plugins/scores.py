@@ -130,6 +130,7 @@ def _head_chunk(h: torch.Tensor, spec: HeadSpec):
 
     weight, bias = spec.weight, spec.bias
     hh = h.to(spec.head_dtype) if spec.head_dtype is not None else h.float()
+    scratch = []  # one fp32 buffer reused by every chunk of the pass (fresh [M, chunk] pages cost as much as the math)
 
     def chunk(a, b):
         if spec.head_dtype is not None:  # the model's own head product (e.g. bf16), then fp32 as the log-probs take it
@@ -138,7 +139,10 @@ def _head_chunk(h: torch.Tensor, spec: HeadSpec):
             u = hh @ weight[a:b].float().T
             if bias is not None:
                 u = u + bias[a:b].float()
-        z, dz = _final_inplace(u, float(spec.logit_scale), spec.softcap, float(spec.temperature), slope=True)
+        if not scratch or scratch[0].numel() < u.numel():
+            scratch[:] = [torch.empty(u.numel(), dtype=torch.float32, device=u.device)]
+        out = scratch[0][:u.numel()].view(u.shape)
+        z, dz = _final_inplace(u, float(spec.logit_scale), spec.softcap, float(spec.temperature), slope=True, out=out)
         return z, (None if dz is None else torch.as_tensor(dz, device=z.device) if isinstance(dz, float) else dz)
 
     return chunk
@@ -283,8 +287,14 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None, s
     hf = h.float()
     hw, hl = (hs[:n_w], hs[n_w:]) if ordered else (hs[side_w], hs[~side_w])
 
-    def neg_product(p, hx):  # −pᵀ hx [chunk, d] in fp32
-        return -(p.T @ hx) if not low else (p.to(mm).T @ hx).float().neg_()
+    low_buf = []  # the probabilities in the head's dtype, one buffer for every chunk
+
+    def in_mm(p):
+        if not low:
+            return p
+        if not low_buf or low_buf[0].numel() < p.numel():
+            low_buf[:] = [torch.empty(p.numel(), dtype=mm, device=p.device)]
+        return low_buf[0][:p.numel()].view(p.shape).copy_(p)
 
     out = torch.zeros(3, dtype=torch.float32, device=h.device)
     for a in range(a0, b0, chunk_size):
@@ -295,8 +305,9 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None, s
         slope = None if dz is None else dz[hit, y[hit] - a] if dz.dim() == 2 else dz.expand(hit.shape[0])
         if dz is not None:
             p.mul_(dz)
+        p = in_mm(p)
         pw, pl = (p[:n_w], p[n_w:]) if ordered else (p[side_w], p[~side_w])
-        gw, gl = neg_product(pw, hw), neg_product(pl, hl)  # unscaled [b − a, d]: onehot part added below
+        gw, gl = (pw.T @ hw).float().neg_(), (pl.T @ hl).float().neg_()  # unscaled [b − a, d]; labels added below
         hh = hf[hit] if slope is None else hf[hit] * slope[:, None]
         on_w = side_w[hit]
         gw.index_add_(0, y[hit][on_w] - a, hh[on_w])
