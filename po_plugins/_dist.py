@@ -41,3 +41,27 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(pad) for _ in sizes]
     dist.all_gather(parts, pad)
     return torch.cat([p[:k] for p, k in zip(parts, sizes)]).to(t.device)
+
+
+def finish_process() -> None:
+    """End a CLI process that trained under torch.distributed: the ranks meet, the process group (if still open) is
+    destroyed, and every rank but 0 then runs Python's exit handlers and leaves without the interpreter's teardown of
+    C++ objects. Gloo ranks were seen to abort in that teardown ("terminate called without an active exception",
+    rank 1, intermittently, after training and saving had finished, with TRL and LLaMA-Factory). Rank 0, which
+    writes the logs, the trace and the model, exits normally; a single process is left alone."""
+    import atexit
+    import os
+    import sys
+
+    dist = torch.distributed
+    rank_, world = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if dist.is_available() and dist.is_initialized():
+        rank_, world = dist.get_rank(), dist.get_world_size()
+        if world > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+    if world > 1 and rank_ != 0:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -97,4 +97,7 @@ def main(argv: list[str] | None = None, module: str = "openrlhf.cli.train_dpo") 
 
 
 if __name__ == "__main__":
+    from po_plugins._dist import finish_process
+
     main()
+    finish_process()

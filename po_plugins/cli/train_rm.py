@@ -24,4 +24,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from po_plugins._dist import finish_process
+
     main()
+    finish_process()

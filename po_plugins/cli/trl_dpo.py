@@ -101,19 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
     except OptionError as e:
         raise SystemExit(f"po_plugins: {e}") from None
-    _close_process_group()
-
-
-def _close_process_group() -> None:
-    """Ranks meet, then the process group is destroyed before the interpreter exits. TRL's script leaves it open,
-    and a gloo rank exiting with it open was seen to abort ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    from po_plugins._dist import finish_process
+
     main()
+    finish_process()  # TRL's script leaves the process group open
