@@ -84,3 +84,9 @@ def micro_stats_needed(calibrating: bool, accumulation: int, world_size: int) ->
     """Per-micro-batch band statistics: RC calibrates on them; a step of one micro-batch on one process reuses them
     as the step's (the monitor then skips its step-level pass)."""
     return calibrating or (accumulation == 1 and world_size == 1)
+
+
+def step_acc_wanted(calibrating: bool, accumulation: int, world_size: int) -> bool:
+    """RC's per-micro-batch vocabulary pass also fills the monitor's step accumulator (BandMonitor(step_acc=...))
+    when a step spans several micro-batches or processes; a single micro-batch's own statistics are the step's."""
+    return calibrating and not (accumulation == 1 and world_size == 1)

@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..monitor import BandMonitor, PluginStateError, load_plugin_state, plugin_state
-from . import head_spec, micro_stats_needed
+from . import head_spec, micro_stats_needed, step_acc_wanted
 
 STATE_FILE = "po_plugins_state_rank{}.pt"
 
@@ -43,7 +43,9 @@ class TrainerPlugin:
                                           log=self._po_print, is_rank_0=lambda: self.args.process_index == 0,
                                           head=self._po_head_spec, score_chunk=score_chunk,
                                           hint="" if calibrating else hint,
-                                          step_acc=calibrating and self._po_micro_stats)
+                                          step_acc=step_acc_wanted(calibrating,
+                                                                   self.args.gradient_accumulation_steps,
+                                                                   self.args.world_size))
             self.add_callback(StepEnd(self))
 
     def _po_step_acc(self, vocab: int, dim: int, device):

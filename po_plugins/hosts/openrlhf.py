@@ -28,6 +28,7 @@ from . import (
     head_spec,
     installed_version,
     micro_stats_needed,
+    step_acc_wanted,
 )
 
 logger = logging.getLogger("po_plugins")
@@ -277,9 +278,9 @@ def _trainer_class():
                 self.po_monitor = BandMonitor(self.po_loss, path, po.alert_steps, po.recheck_every,
                                               rescore=self._po_rescore, log=self.strategy.print,
                                               is_rank_0=self.strategy.is_rank_0, head=self._po_head_spec,
-                                              score_chunk=int(po.score_chunk), hint=hint, step_acc=calibrating and (
-                                                  self.strategy.accumulated_gradient > 1
-                                                  or self.strategy.world_size > 1))
+                                              score_chunk=int(po.score_chunk), hint=hint, step_acc=step_acc_wanted(
+                                                  calibrating, self.strategy.accumulated_gradient,
+                                                  self.strategy.world_size))
             self._po_need_scores = calibrating or self.po_monitor is not None
             self._po_micro_stats = micro_stats_needed(calibrating, self.strategy.accumulated_gradient,
                                                       self.strategy.world_size)
