@@ -31,6 +31,7 @@ import torch
 from . import incentives
 from ._dist import all_gather_rows, all_reduce, rank, world_size
 from .band import alert_message, band_stats
+from .errors import PluginStateError  # noqa: F401  (re-exported)
 from .losses import PairBatch, PairLoss
 from .scores import HeadSpec, ScoreStats, Tokens, partial_lse, step_score_sums
 
@@ -51,10 +52,6 @@ LOG_KEYS = ("z_w", "z_l", "log_r", "log_r_star", "rho", "band_lower", "band_uppe
 
 
 STEP_ACC_BYTES = 1 << 30  # the step accumulator's budget: two [V, d] fp32 matrices (beyond it: the token pass)
-
-
-class PluginStateError(ValueError):
-    """A checkpoint's plugin state does not fit this run (another objective)."""
 
 
 def loss_step(loss: PairLoss, b: PairBatch, monitor: BandMonitor | None = None, training: bool = True,

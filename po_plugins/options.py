@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import OptionError, nearest  # noqa: F401  (OptionError: re-exported)
+
 # name -> (type, default, help)
 OPTIONS: dict[str, tuple[type, Any, str]] = {
     "monitor": (bool, False, "band monitor (on by default with rc_* losses)"),
@@ -37,9 +39,6 @@ def options_for(host: str) -> list[str]:
 # lower bounds of the integer options
 MINIMUM = {"alert_steps": 0, "recheck_every": 0, "score_chunk": 1, "score_every": 1, "head_chunk": 0}
 
-
-class OptionError(ValueError):
-    """A plugin option or loss choice that cannot work; the message names the fix."""
 
 
 def check_options(values: dict[str, Any], spell=lambda k: f"--po.{k}") -> None:

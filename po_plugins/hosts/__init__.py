@@ -5,8 +5,7 @@ This package's own code is the host check every adapter shares."""
 from __future__ import annotations
 
 
-class HostError(RuntimeError):
-    """The installed host framework cannot host the plugin (missing, unsupported version, or a seam is gone)."""
+from ..errors import HostError  # noqa: F401  (re-exported)
 
 
 def installed_version(dist: str) -> str | None:
