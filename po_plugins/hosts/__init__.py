@@ -4,49 +4,8 @@ This package's own code is the host check every adapter shares."""
 
 from __future__ import annotations
 
-
 from ..errors import HostError  # noqa: F401  (re-exported)
-
-
-def installed_version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def check_seams(host: str, dist: str, version: str | None, lo: str, hi: str, why: str, seams, extra: str) -> str:
-    """Raise one HostError naming the supported range and the fix unless `dist` lo <= version < hi is installed and
-    every seam exists: (module, attribute, members that must exist, source fragments the adapter relies on)."""
-    import importlib
-    import inspect
-
-    from packaging.version import Version
-
-    version = installed_version(dist) if version is None else version
-    fix = f"install a supported release: pip install 'po-plugins[{extra}]' ({dist}>={lo},<{hi})"
-    if version is None:
-        raise HostError(f"{host} is not installed; {fix}")
-    if not (Version(lo) <= Version(version) < Version(hi)):
-        raise HostError(f"{host} {version} is not supported by po_plugins (needs >={lo},<{hi}: {why}); {fix}")
-    for mod_name, attr, members, fragments in seams:
-        try:
-            obj = getattr(importlib.import_module(mod_name), attr, None)
-        except ImportError as e:
-            raise HostError(f"{host} {version}: importing {mod_name} failed ({e}); {fix}") from None
-        obj = getattr(obj, "_po_replaces", obj)  # an adapter swapped it in: check the host's own
-        if obj is None:
-            raise HostError(f"{host} {version}: seam {mod_name}.{attr} is missing; {fix}")
-        for m in members:
-            if not hasattr(obj, m):
-                raise HostError(f"{host} {version}: seam {mod_name}.{attr}.{m} is missing; {fix}")
-        src = inspect.getsource(obj) if fragments else ""
-        for f in fragments:
-            if f not in src:
-                raise HostError(f"{host} {version}: {mod_name}.{attr} no longer contains `{f}`; {fix}")
-    return version
+from .base import HostSpec, Seam, check_host, installed_version  # noqa: F401  (the contract, re-exported)
 
 
 def gathered(*params):

@@ -34,36 +34,39 @@ from ..losses import PairBatch, accepted_hparams, build, names, with_chosen_nll
 from ..monitor import loss_step
 from ..options import OPTIONS, OptionError, check_loss, check_options, coerce_hparam, parse_value
 from ..scores import response_positions, score_stats_flat, tokens_of
-from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
+from . import HostError  # noqa: F401  (re-exported)
+from .base import HostSpec, Seam, installed_version
+from .base import check_host as check_spec
 from .hf_trainer import RowExtras, TrainerPlugin, columns
 
 logger = logging.getLogger("po_plugins")
 
-SUPPORTED = ("0.9.5", "0.9.6")  # >=, <
 _PREPROCESS_FILTER = 'len(examples["_prompt"][i]) % 2 != 1 or len(examples["_response"][i]) < 2'
-# (module, attribute, members that must exist, source fragments the plugin relies on)
-SEAMS = [
-    ("llamafactory.train.dpo.trainer", "CustomDPOTrainer",
+# every place of LLaMA-Factory the plugin patches, subclasses or calls (checked at start by check_host)
+SPEC = HostSpec("LLaMA-Factory", "llamafactory", "llamafactory", "0.9.5", "0.9.6",
+                "its DPO trainer's seams are checked against that release", (
+    Seam("llamafactory.train.dpo.trainer", "CustomDPOTrainer",
      ("concatenated_forward", "compute_reference_log_probs", "get_batch_loss_metrics", "log", "compute_loss"),
      ("self.loss_type = finetuning_args.pref_loss", 'labels = batch.pop("labels")', ".logits.to(torch.float32)",
       "get_batch_logps(", 'self.loss_type in ["ipo", "orpo", "simpo"]', "disable_adapter()",
       "self._stored_metrics[train_eval]")),
-    ("llamafactory.train.dpo.workflow", "run_dpo", (), ("from .trainer import CustomDPOTrainer",
+    Seam("llamafactory.train.dpo.workflow", "run_dpo", (), ("from .trainer import CustomDPOTrainer",
                                                         "PairwiseDataCollatorWithPadding(")),
-    ("llamafactory.train.tuner", "_training_function", (), ("get_train_args(args)", "callbacks.append(LogCallback())",
-                                                            "run_dpo(")),
-    ("llamafactory.train.tuner", "run_exp", (), ()),
-    ("llamafactory.train.callbacks", "LogCallback", ("_write_log", "on_log"),
+    Seam("llamafactory.train.tuner", "_training_function", (),
+         ("get_train_args(args)", "callbacks.append(LogCallback())", "run_dpo(")),
+    Seam("llamafactory.train.tuner", "run_exp", (), ()),
+    Seam("llamafactory.train.callbacks", "LogCallback", ("_write_log", "on_log"),
      ("self.thread_pool.submit(self._write_log", "if not args.should_save")),
-    ("llamafactory.data.parser", "DatasetAttr", ("join",), ('"columns" in attr',)),
-    ("llamafactory.data.loader", "_load_single_dataset", (), ("return align_dataset(",)),
-    ("llamafactory.data.loader", "align_dataset", (), ()),
-    ("llamafactory.data.processor.pairwise", "PairwiseDatasetProcessor", ("preprocess_dataset",),
+    Seam("llamafactory.data.parser", "DatasetAttr", ("join",), ('"columns" in attr',)),
+    Seam("llamafactory.data.loader", "_load_single_dataset", (), ("return align_dataset(",)),
+    Seam("llamafactory.data.loader", "align_dataset", (), ()),
+    Seam("llamafactory.data.processor.pairwise", "PairwiseDatasetProcessor", ("preprocess_dataset",),
      (_PREPROCESS_FILTER,)),
-    ("llamafactory.hparams", "read_args", (), ()),
-    ("trl.trainer.dpo_trainer", "DPOTrainer", ("compute_loss", "store_metrics"),
+    Seam("llamafactory.hparams", "read_args", (), ()),
+    Seam("trl.trainer.dpo_trainer", "DPOTrainer", ("compute_loss", "store_metrics"),
      ("self.get_batch_loss_metrics(model, inputs", "self.store_metrics(metrics")),
-]
+))
+SUPPORTED = (SPEC.lo, SPEC.hi)  # >=, <
 # the plugin's YAML keys: po_<option>, po_hparams, po_<hyperparameter>, po_weight_key; stored reference log-probs
 # (ref_logp_keys) have no LLaMA-Factory counterpart
 LF_OPTIONS = [k for k in OPTIONS if k != "ref_logp_keys"]
@@ -87,8 +90,7 @@ def check_host(version: str | None = None) -> str:
         raise HostError(f"trl {trv} cannot be imported with transformers {tv} (its optional-package check breaks from "
                         "transformers 5.3 on); pip install 'transformers>=4.57.1,<5'")
     version = host_version() if version is None else version
-    return check_seams("LLaMA-Factory", "llamafactory", version, *SUPPORTED,
-                       "its DPO trainer's seams are checked against that release", SEAMS, "llamafactory")
+    return check_spec(SPEC, version)
 
 
 check_host()

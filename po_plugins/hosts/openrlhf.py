@@ -23,40 +23,40 @@ from ..monitor import BandMonitor, PluginStateError, load_plugin_state, loss_ste
 from ..scores import response_positions, score_stats_flat, score_stats_head, tokens_of
 from . import (
     HostError,  # noqa: F401  (re-exported)
-    check_seams,
     gathered,
     head_spec,
-    installed_version,
     micro_stats_needed,
     step_acc_wanted,
 )
+from .base import HostSpec, Seam, installed_version
+from .base import check_host as check_spec
 
 logger = logging.getLogger("po_plugins")
 
-SUPPORTED = ("0.10.2", "0.12")  # >=, <
-# (module, attribute, members that must exist, source fragments the plugin relies on)
-SEAMS = [
-    ("openrlhf.trainer.dpo_trainer", "DPOTrainer",
-     ("fit", "concatenated_forward", "concatenated_inputs", "_get_batch_logps", "save_logs_and_checkpoints",
-      "evaluate"),
-     ("self.loss_fn(", "self.concatenated_forward(", "self.save_logs_and_checkpoints(", "prompt_id_lens = data")),
-    ("openrlhf.trainer.dpo_trainer", "DPOLoss", (), ()),
-    ("openrlhf.datasets", "RewardDataset", ("process_data", "__getitem__", "collate_fn"), ()),
-    ("openrlhf.utils.config", "hierarchize", (), ()),
-    ("openrlhf.utils.deepspeed.deepspeed", "DeepspeedStrategy", ("load_ckpt", "save_ckpt", "all_reduce"), ()),
-]
+# every place of OpenRLHF the plugin patches, subclasses or calls (checked at start by check_host)
+SPEC = HostSpec("OpenRLHF", "openrlhf", "openrlhf", "0.10.2", "0.12", "dotted flags and the DPOTrainer seams", (
+    Seam("openrlhf.trainer.dpo_trainer", "DPOTrainer",
+         ("fit", "concatenated_forward", "concatenated_inputs", "_get_batch_logps", "save_logs_and_checkpoints",
+          "evaluate"),
+         ("self.loss_fn(", "self.concatenated_forward(", "self.save_logs_and_checkpoints(", "prompt_id_lens = data")),
+    Seam("openrlhf.trainer.dpo_trainer", "DPOLoss"),
+    Seam("openrlhf.datasets", "RewardDataset", ("process_data", "__getitem__", "collate_fn")),
+    Seam("openrlhf.utils.config", "hierarchize"),
+    Seam("openrlhf.utils.deepspeed.deepspeed", "DeepspeedStrategy", ("load_ckpt", "save_ckpt", "all_reduce")),
+    # score_margins' OpenRLHF reward-model backend scores pairs through the stock RM trainer's forward
+    Seam("openrlhf.trainer.rm_trainer", "RewardModelTrainer", ("concatenated_forward", "concatenated_inputs")),
+))
+SUPPORTED = (SPEC.lo, SPEC.hi)  # >=, <
 STATE_KEY = "po_plugins"
 
 
 def host_version() -> str | None:
-    return installed_version("openrlhf")
+    return installed_version(SPEC.dist)
 
 
 def check_host(version: str | None = None) -> str:
-    """Fail with one clear message unless a supported OpenRLHF with every seam is installed."""
-    version = host_version() if version is None else version
-    return check_seams("OpenRLHF", "openrlhf", version, *SUPPORTED, "dotted flags and the DPOTrainer seams",
-                       SEAMS, "openrlhf")
+    """Fail with one HostError naming the fix unless a supported OpenRLHF with every seam is installed."""
+    return check_spec(SPEC, version)
 
 
 def prepare_process() -> str:

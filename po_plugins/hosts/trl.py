@@ -29,27 +29,29 @@ from ..losses import PairBatch, accepted_hparams, build, names
 from ..monitor import loss_step
 from ..options import OPTIONS, OptionError, check_loss, check_options, options_for
 from ..scores import Tokens, score_stats_head, tokens_of
-from . import HostError, check_seams, installed_version  # noqa: F401  (HostError: re-exported)
+from . import HostError  # noqa: F401  (re-exported)
+from .base import HostSpec, Seam, installed_version
+from .base import check_host as check_spec
 from .hf_trainer import RowExtras, TrainerPlugin, columns
 
 logger = logging.getLogger("po_plugins")
 
-SUPPORTED = ("1.16", "1.17")  # >=, <
-# (module, attribute, members that must exist, source fragments the plugin relies on)
-SEAMS = [
-    ("trl.trainer.dpo_trainer", "DPOTrainer",
+# every place of TRL the plugin subclasses or calls (checked at import by check_host)
+SPEC = HostSpec("TRL", "trl", "trl", "1.16", "1.17", "the DPOTrainer with the fused LM head", (
+    Seam("trl.trainer.dpo_trainer", "DPOTrainer",
      ("compute_loss", "compute_ref_log_probs", "_set_signature_columns_if_needed", "_save_checkpoint", "log",
       "_compute_loss"),
      ("fused_lm_head=True", "self._metrics", "ref_chosen_logps", "self.precompute_ref_logps", "use_adapter(",
       "completion_mask")),
-    ("trl.trainer.dpo_trainer", "DataCollatorForPreference", ("torch_call",), ("completion_mask",)),
-    ("trl.trainer.utils", "add_fused_lm_head", (), ("last_hidden_state", "final_logit_softcapping", "logit_scale",
+    Seam("trl.trainer.dpo_trainer", "DataCollatorForPreference", ("torch_call",), ("completion_mask",)),
+    Seam("trl.trainer.utils", "add_fused_lm_head", (), ("last_hidden_state", "final_logit_softcapping", "logit_scale",
                                                      "get_output_embeddings")),
-    ("trl.trainer.utils", "maybe_gather_lm_head_ctx", (), ()),
-    ("trl.trainer.utils", "use_adapter", (), ()),
-    ("trl.models.utils", "disable_gradient_checkpointing", (), ()),
-    ("trl", "DPOConfig", (), ()),
-]
+    Seam("trl.trainer.utils", "maybe_gather_lm_head_ctx", (), ()),
+    Seam("trl.trainer.utils", "use_adapter", (), ()),
+    Seam("trl.models.utils", "disable_gradient_checkpointing", (), ()),
+    Seam("trl", "DPOConfig", (), ()),
+))
+SUPPORTED = (SPEC.lo, SPEC.hi)  # >=, <
 # the plugin's options as PoDPOConfig fields po_<name>; stored reference log-probs are TRL's own
 # precompute_ref_log_probs (its ref_chosen_logps / ref_rejected_logps columns)
 TRL_OPTIONS = options_for("trl")
@@ -69,7 +71,7 @@ def host_version() -> str | None:
 def check_host(version: str | None = None) -> str:
     """Fail with one clear message unless a supported TRL with every seam is installed."""
     version = host_version() if version is None else version
-    return check_seams("TRL", "trl", version, *SUPPORTED, "the DPOTrainer with the fused LM head", SEAMS, "trl")
+    return check_spec(SPEC, version)
 
 
 check_host()
