@@ -1,137 +1,39 @@
-"""Pairwise preference objectives on sequence log-probs, one small class each.
+"""Pairwise preference objectives on sequence log-probs, one small class each, and the registry that builds them.
 
-Conventions (papers.md §0): z_w, z_l are policy log-probs **summed** over response tokens, z^ref the reference
-ones, r = z − z^ref the implicit rewards, Δ = r_w − r_l, m = z_w − z_l, |y| the response token count and
-z̄ = z/|y| the token mean. Every loss returns per-sample values [B] (the caller reduces); inputs of any float
+Conventions (docs/losses.md, "Conventions"): z_w, z_l are policy log-probs **summed** over response tokens, z^ref
+the reference ones, r = z − z^ref the implicit rewards, Δ = r_w − r_l, m = z_w − z_l, |y| the response token count
+and z̄ = z/|y| the token mean. Every loss returns per-sample values [B] (the caller reduces); inputs of any float
 dtype are computed in fp32. `PairBatch.weights`, when given, multiply the per-sample losses (detached).
 
-`build("rc_<name>")` wraps an objective in reward calibration (po_plugins.rc).
+Layers (pictured in po_plugins/objective.py): the base (`PairBatch`, `PairLoss`, `incentives`, re-exported here)
+is po_plugins.objective; this module holds the catalogue, the chosen-NLL wrapper `ChosenNLL` and the registry
+(`build`, `names`, `accepted_hparams`, `with_chosen_nll`). `build("rc_<name>")` wraps an objective in reward
+calibration (po_plugins.rc, which imports only the base).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from .scores import ScoreStats
+from .madpo import margin_weights, scale_c
+from .objective import NEEDS, Diagnostics, PairBatch, PairLoss, _fp32, incentives  # noqa: F401  (re-exported)
+from .rc import RC_DEFAULTS, RewardCalibrated
 
 logsig = F.logsigmoid
 
 
-@dataclasses.dataclass
-class PairBatch:
-    """Per-sample tensors, all [B]."""
-
-    policy_chosen: torch.Tensor
-    policy_rejected: torch.Tensor
-    ref_chosen: torch.Tensor | None = None
-    ref_rejected: torch.Tensor | None = None
-    chosen_tokens: torch.Tensor | None = None
-    rejected_tokens: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
-    margins: torch.Tensor | None = None
-    score_stats: ScoreStats | None = None
-
-
-# field groups a loss may need, and the message naming what supplies them
-NEEDS = {
-    "ref": (("ref_chosen", "ref_rejected"), "reference log-probs (a reference model forward)"),
-    "tokens": (("chosen_tokens", "rejected_tokens"), "response token counts"),
-    "margins": (("margins",), "reward-model margins (a margin column, e.g. --po.margin_key rm_margin)"),
-    "score_stats": (("score_stats",), "head score statistics (po_plugins.scores.head_score_stats)"),
-}
-
 _REGISTRY: dict[str, type[PairLoss]] = {}
 
 
-def register(cls):
+def register(cls: type[PairLoss]) -> type[PairLoss]:
+    """Class decorator: add an objective to the catalogue under its `name` (`build`, `names`)."""
     _REGISTRY[cls.name] = cls
     return cls
-
-
-class PairLoss:
-    """Base class: hyperparameter validation, field checks, fp32 upcast and per-sample weights.
-
-    Subclasses set `name`, `defaults` (paper names and defaults), `needs`, `incentive_sign` and `paper`,
-    and implement `forward(b) -> [B]` on an fp32 batch.
-    incentive_sign: "positive" (d_w, d_l > 0 everywhere), "nonnegative" (0 once a hinge is satisfied),
-    "target" (positive until a target margin is reached, then negative), "signed" (negative by design).
-    """
-
-    name: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {}
-    needs: ClassVar[tuple[str, ...]] = ("ref",)
-    incentive_sign: ClassVar[str] = "positive"
-    paper: ClassVar[str] = ""
-    update_state: bool = True  # stateful losses update their running statistics only when True
-
-    def __init__(self, **hparams):
-        unknown = sorted(set(hparams) - set(self.defaults))
-        if unknown:
-            accepted = ", ".join(sorted(self.defaults)) or "none"
-            raise ValueError(f"loss '{self.name}': unknown hyperparameter(s) {unknown}; accepted: {accepted}")
-        self.hparams = {**self.defaults, **hparams}
-        for key, value in self.hparams.items():
-            setattr(self, key, value)
-        self.validate()
-
-    def validate(self) -> None:
-        beta = self.hparams.get("beta")
-        if beta is not None and not (isinstance(beta, (int, float)) and beta > 0):
-            raise ValueError(f"loss '{self.name}': beta must be a positive number, got {beta!r}")
-
-    @property
-    def reference_free(self) -> bool:
-        return "ref" not in self.needs
-
-    def check(self, b: PairBatch) -> None:
-        for need in self.needs:
-            fields, what = NEEDS[need]
-            missing = [f for f in fields if getattr(b, f) is None]
-            if missing:
-                raise ValueError(f"loss '{self.name}' needs {what}: PairBatch.{', PairBatch.'.join(missing)} is None")
-
-    def __call__(self, b: PairBatch) -> torch.Tensor:
-        self.check(b)
-        out = self.forward(_fp32(b))
-        if b.weights is not None:
-            out = out * b.weights.detach().to(out)
-        return out
-
-    def forward(self, b: PairBatch) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def frozen(self):
-        """Evaluate without updating running statistics (used by `incentives`)."""
-        old, self.update_state = self.update_state, False
-        try:
-            yield self
-        finally:
-            self.update_state = old
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
-        return f"{self.name}({hp})"
-
-
-def _fp32(b: PairBatch) -> PairBatch:
-    def cast(t):
-        return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
-
-    return dataclasses.replace(b, **{f.name: cast(getattr(b, f.name)) for f in dataclasses.fields(b)
-                                     if f.name != "score_stats"})
 
 
 # ---- shorthands -------------------------------------------------------------------------------------------
@@ -460,23 +362,26 @@ class ORPO(PairLoss):
 # ---- margin- and batch-adaptive ---------------------------------------------------------------------------
 @register
 class MADPO(PairLoss):
-    """MADPO (Rho 2025, arXiv 2510.05342, Eq. 7): −w(ĥ)·log σ(βΔ) with w = po_plugins.madpo.margin_weights."""
+    """MADPO (Rho 2025, arXiv 2510.05342, Eq. 7): −w(ĥ)·log σ(βΔ) with w = po_plugins.madpo.margin_weights
+    (docs/losses.md, "MADPO weights")."""
 
     name, paper = "madpo", "arXiv 2510.05342 Eq. 7"
     defaults = {"beta": 0.1, "c_max": 2.0, "c_min": None, "lam": 1.0, "tau": math.log(999)}
     needs = ("ref", "margins")
 
     def validate(self):
-        from .madpo import scale_c
-
         super().validate()
         scale_c(torch.zeros(1), self.c_max, self.c_min, self.lam, self.tau)  # raises on bad values
 
     def forward(self, b):
-        from .madpo import margin_weights
-
         w = margin_weights(b.margins, self.c_max, self.c_min, self.lam, self.tau).to(b.policy_chosen)
         return -w * logsig(self.beta * _delta(b))
+
+    def margin_weighting(self, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """w(ĥ) [B] fp32 as `forward` applies it, and the pairs at the cap ĥ ≤ −τ (weight 1); None without margins."""
+        if b.margins is None:
+            return None
+        return margin_weights(b.margins, self.c_max, self.c_min, self.lam, self.tau), b.margins <= -self.tau
 
 
 @register
@@ -554,7 +459,7 @@ class MIDPO(PairLoss):
 
     `prior` picks log ζ: "dpo" (ζ = π_ref: DPO), "r_dpo" (π_ref·e^{−η|y|/β}: R-DPO with α = η), "simpo"
     (π_θ^{1−1/|y|}·e^{γ·1[y=y_w]/β}: SimPO), or a callable (z, ref, tokens, is_chosen, hparams) -> log ζ.
-    The prior's algebra is derived in papers.md §3, not taken from the paper's text."""
+    The prior's algebra is derived in docs/losses.md ("MI-DPO priors"), not taken from the paper's text."""
 
     name, paper = "mi_dpo", "arXiv 2501.01544 Eq. 4"
     defaults = {"beta": 0.1, "prior": "dpo", "eta": 0.01, "gamma": 1.0}
@@ -576,13 +481,18 @@ class MIDPO(PairLoss):
         return -logsig(self.beta * ((b.policy_chosen - lw) - (b.policy_rejected - ll)))
 
 
-# ---- + NLL of the chosen response --------------------------------------------------------------------------
+# ---- wrapper: + NLL of the chosen response (uses only the base layer) -------------------------------------
 class ChosenNLL(PairLoss):
     """`base` + coef·NLL of the chosen response (token mean), per pair: RPO's form (arXiv 2404.19733 Eq. 3),
         ℓ_i = ℓ_base,i − coef·z_w,i / |y_w,i|
     which is what OpenRLHF's --model.nll_loss_coef and LLaMA-Factory's pref_ftx add outside the loss. Folded into
     the objective, the term is part of the incentives (d_w,i gains coef/|y_w,i|), of RC's α (an rc_ objective scales
-    it with the chosen path) and of the band. Row weights multiply it like the rest of the row's loss."""
+    it with the chosen path) and of the band. Row weights multiply it like the rest of the row's loss
+    (docs/losses.md, "Equivalence with OpenRLHF's DPOLoss").
+
+    Args:
+        base: the objective the term is added to. coef: the NLL coefficient, a finite number ≥ 0.
+    """
 
     incentive_sign = "positive"
 
@@ -612,6 +522,10 @@ class ChosenNLL(PairLoss):
         with self.base.frozen():
             yield self
 
+    def margin_weighting(self, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The base objective's margin weights (the NLL term has none of its own)."""
+        return self.base.margin_weighting(b)
+
     def state_dict(self) -> dict:
         return self.base.state_dict()
 
@@ -622,27 +536,43 @@ class ChosenNLL(PairLoss):
         return f"{self.base!r} + {self.coef}·NLL(chosen)"
 
 
-def with_chosen_nll(loss: PairLoss, coef: float) -> PairLoss:
-    """`loss` with coef·NLL of the chosen response folded in (inside RC's calibration for rc_ objectives)."""
-    if not coef:
-        return loss
-    if hasattr(loss, "base") and loss.name.startswith(RC_PREFIX):  # RC calibrates the whole objective
-        loss.base = ChosenNLL(loss.base, coef)
-        loss.hparams = {**loss.hparams, "nll_coef": float(coef)}
-        return loss
-    return ChosenNLL(loss, coef)
-
-
 # ---- registry ---------------------------------------------------------------------------------------------
 RC_PREFIX = "rc_"
 
 
+def with_chosen_nll(loss: PairLoss, coef: float) -> PairLoss:
+    """`loss` with coef·NLL of the chosen response folded in (`ChosenNLL`).
+
+    A reward-calibrated objective calibrates the whole objective, so there the term goes inside the calibration:
+    the result is the same calibrator around `ChosenNLL(loss.base, coef)` (`RewardCalibrated.with_base`).
+
+    Args:
+        loss: the objective, as `build` returns it. coef: the NLL coefficient, a finite number ≥ 0 (0: none).
+
+    Returns:
+        `loss` itself when coef is 0, else a new objective (`loss` is left unchanged); ValueError on a bad coef.
+    """
+    if not coef:
+        return loss
+    if isinstance(loss, RewardCalibrated):
+        return loss.with_base(ChosenNLL(loss.base, coef))
+    return ChosenNLL(loss, coef)
+
+
 def base_names() -> list[str]:
+    """The catalogue's objective names, in registration order (docs/losses.md, "Catalogue")."""
     return list(_REGISTRY)
 
 
 def calibratable(name: str) -> bool:
-    """RC is offered where the incentives are positive in the objective's working regime (all but "signed")."""
+    """RC is offered where the incentives are positive in the objective's working regime (all but "signed").
+
+    Args:
+        name: a catalogue name (`base_names()`).
+
+    Returns:
+        True when `build("rc_" + name)` exists.
+    """
     return _REGISTRY[name].incentive_sign != "signed"
 
 
@@ -652,17 +582,24 @@ def names() -> list[str]:
 
 
 def get_class(name: str) -> type[PairLoss]:
+    """The catalogue class of an objective name (no rc_ prefix); ValueError listing the choices when unknown."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown loss '{name}'; choose one of: {', '.join(names())}")
     return _REGISTRY[name]
 
 
 def build(name: str, **hparams) -> PairLoss:
-    """Build a loss by name. `rc_<name>` accepts the base objective's hyperparameters plus the calibrator's
-    (`ema_decay`, `eps`, `clamp_to_band`)."""
-    if name.startswith(RC_PREFIX) and name[len(RC_PREFIX):] in _REGISTRY:
-        from .rc import RC_DEFAULTS, RewardCalibrated
+    """Build a loss by name.
 
+    Args:
+        name: one of `names()`; `rc_<name>` wraps the objective in reward calibration (po_plugins.rc).
+        **hparams: the objective's hyperparameters by their papers' names (`accepted_hparams(name)`); `rc_<name>`
+            also accepts the calibrator's (`ema_decay`, `eps`, `clamp_to_band`).
+
+    Returns:
+        The objective, a PairLoss. ValueError naming the accepted choices on an unknown name or hyperparameter.
+    """
+    if name.startswith(RC_PREFIX) and name[len(RC_PREFIX):] in _REGISTRY:
         base_name = name[len(RC_PREFIX):]
         if not calibratable(base_name):
             raise ValueError(f"loss '{name}': '{base_name}' has incentives that are negative by design, so reward "
@@ -680,9 +617,14 @@ def build(name: str, **hparams) -> PairLoss:
 
 
 def accepted_hparams(name: str) -> dict[str, Any]:
-    """Defaults of every hyperparameter `build(name, ...)` accepts."""
-    if name.startswith(RC_PREFIX) and name[len(RC_PREFIX):] in _REGISTRY:
-        from .rc import RC_DEFAULTS
+    """Defaults of every hyperparameter `build(name, ...)` accepts.
 
+    Args:
+        name: one of `names()`.
+
+    Returns:
+        {hyperparameter: default}; ValueError listing the choices when the name is unknown.
+    """
+    if name.startswith(RC_PREFIX) and name[len(RC_PREFIX):] in _REGISTRY:
         return {**get_class(name[len(RC_PREFIX):]).defaults, **RC_DEFAULTS}
     return dict(get_class(name).defaults)

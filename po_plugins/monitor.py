@@ -28,11 +28,10 @@ from typing import Callable
 
 import torch
 
-from . import incentives
 from ._dist import all_gather_rows, all_reduce, rank, world_size
 from .band import alert_message, band_stats
 from .errors import PluginStateError  # noqa: F401  (re-exported)
-from .losses import PairBatch, PairLoss
+from .objective import PairBatch, PairLoss
 from .scores import HeadSpec, ScoreStats, Tokens, partial_lse, step_score_sums
 
 SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "alpha", "loss", "w_sum", "w_capped", "micro_scored",
@@ -73,21 +72,11 @@ def loss_step(loss: PairLoss, b: PairBatch, monitor: BandMonitor | None = None, 
     return per_sample, cr, rr
 
 
-def margin_weights_of(b: PairBatch, loss: PairLoss) -> torch.Tensor | None:
-    """The MADPO weights the loss applies to this batch (None for objectives without margins)."""
-    if b.margins is None or "margins" not in loss.needs:
-        return None
-    from .madpo import margin_weights
-
-    hp = loss.hparams
-    return margin_weights(b.margins, hp["c_max"], hp["c_min"], hp["lam"], hp["tau"]).double()
-
-
 class BandMonitor:
     """Per optimizer step: the band of the step from its incentives and its head scores, over the accumulation
     window and all ranks; returned as `po/*` scalars and appended to rank 0's JSONL.
 
-    loss: the objective being trained (RC objectives expose their α and base incentives).
+    loss: the objective being trained; the monitor reads it only through `loss.diagnostics(b)` (po_plugins.objective).
     path: JSONL file. alert_steps: warn once after this many consecutive out-of-band steps (0: never).
     recheck_every: every N steps call `rescore(inputs)` -> (z_w, z_l) (no grad) on the step's last micro-batch and
     on a fixed probe micro-batch (the first one trained on) for per-pair changes on the same pairs (0: never).
@@ -123,24 +112,20 @@ class BandMonitor:
 
     def add_micro(self, b: PairBatch, per_sample: torch.Tensor, recheck_inputs=None,
                   tokens: Tokens | None = None) -> None:
-        loss = self.loss
-        alpha = float(getattr(loss, "alpha", 1.0))
-        base_d = getattr(loss, "last_incentives", None)
-        if base_d is not None:  # RC already differentiated its base objective on this micro-batch
-            d_w, d_l = alpha * base_d[0], base_d[1] / alpha
-        else:
-            d_w, d_l = incentives(loss, b)
+        """Add one training micro-batch to the step: its per-sample losses, the objective's diagnostics on it
+        (`PairLoss.diagnostics`: incentives, α, margin weights) and, when scored, its response tokens."""
+        diag = self.loss.diagnostics(b)
+        alpha, d_w, d_l = float(diag.alpha), diag.d_w, diag.d_l
         zw, zl = b.policy_chosen.detach().double(), b.policy_rejected.detach().double()
         refw = b.ref_chosen.detach().double() if b.ref_chosen is not None else torch.zeros_like(zw)
         refl = b.ref_rejected.detach().double() if b.ref_rejected is not None else torch.zeros_like(zl)
         n = torch.tensor(float(zw.numel()), dtype=torch.float64, device=zw.device)
-        w = margin_weights_of(b, loss)
-        if w is None:
+        if diag.margin_weights is None:
             w = torch.zeros(1, dtype=torch.float64, device=zw.device)
             capped = w.sum()
         else:
-            w = w.to(zw.device)
-            capped = (b.margins <= -loss.hparams["tau"]).double().sum().to(zw.device)
+            w = diag.margin_weights.double().to(zw.device)
+            capped = diag.capped.double().sum().to(zw.device)
         # the micro-batch's own band (what RC calibrates on): its mean incentives and its own statistics
         scored, inside = torch.zeros((), dtype=torch.float64, device=n.device), torch.zeros_like(n)
         if tokens is not None and tokens.stats is not None:

@@ -1,5 +1,5 @@
-"""Reward calibration (RC) of arXiv 2604.18239 (papers.md §1.5), the authors' algorithm plus what a multi-rank,
-resumable trainer needs.
+"""Reward calibration (RC) of arXiv 2604.18239 (docs/losses.md, "Reward calibration"), the authors' algorithm plus
+what a multi-rank, resumable trainer needs.
 
 Per training call (one micro-batch), with the base objective's incentives d_w, d_l (exact, by autograd) and the
 head score norms ‖s_w‖, ‖s_l‖:
@@ -14,24 +14,36 @@ Beyond the authors:
     (the authors clamp at ε, which drives E_dl to log 1e-12 and α towards 0 or ∞). α is never NaN or inf;
   * `clamp_to_band=True` clamps log α² so that the calibrated instantaneous ratio stays inside the band, the
     clamp present but commented out in the authors' code;
-  * state_dict()/load_state_dict() for checkpoints; `.alpha` is the last α, `.last` the last statistics.
+  * state_dict()/load_state_dict() for checkpoints; `.alpha` is the last α, `.last` the last statistics;
+  * `diagnostics(b)` reports the calibrated incentives α·d_w, d_l/α from the base incentives the update computed
+    on `b`, without a second autograd pass.
 Outside training (no grad, or z not requiring grad) the base loss runs unchanged and nothing is updated.
+This module is a wrapper layer: it imports the objectives' base (po_plugins.objective), never the catalogue.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import torch
 
 from ._dist import all_reduce, world_size
-from .losses import PairBatch, PairLoss
+from .objective import Diagnostics, PairBatch, PairLoss, incentives
 
 RC_DEFAULTS = {"ema_decay": 0.98, "eps": 1e-12, "clamp_to_band": False}
 
 
 class RewardCalibrated(PairLoss):
+    """`base` with reward calibration: forward value unchanged, gradient paths of z_w and z_l scaled by α and 1/α.
+
+    Args:
+        base: the objective to calibrate (any PairLoss whose incentives are not negative by design).
+        ema_decay: γ of the four EMAs, in [0, 1). eps: floor inside the logs, > 0.
+        clamp_to_band: clamp log α² so that the calibrated instantaneous ratio stays inside the band.
+    """
+
     incentive_sign = "positive"
 
     def __init__(self, base: PairLoss, ema_decay: float = 0.98, eps: float = 1e-12, clamp_to_band: bool = False):
@@ -50,6 +62,7 @@ class RewardCalibrated(PairLoss):
         self.calls = 0
         self.last: dict[str, float] = {}
         self.last_incentives = None
+        self._incentives_of = None  # weak reference to the z_w tensor of the micro-batch `last_incentives` belong to
 
     @property
     def needs(self):
@@ -68,11 +81,18 @@ class RewardCalibrated(PairLoss):
         return self.base(dataclasses.replace(b, policy_chosen=zw_rc, policy_rejected=zl_rc))
 
     def update(self, b: PairBatch) -> float:
-        """One calibrator step on a micro-batch; returns the new α."""
-        from . import incentives
+        """One calibrator step on a micro-batch.
 
+        Args:
+            b: the micro-batch (with `score_stats`); the base objective's incentives on it are computed by autograd
+                and kept in `last_incentives`.
+
+        Returns:
+            The new α.
+        """
         d_w, d_l = incentives(self.base, b)
-        self.last_incentives = (d_w, d_l)  # per-sample base incentives of this micro-batch (for the monitor)
+        self.last_incentives = (d_w, d_l)  # per-sample base incentives of this micro-batch (for `diagnostics`)
+        self._incentives_of = weakref.ref(b.policy_chosen)
         st = b.score_stats
         stats = torch.stack([d_w.double().mean(), d_l.double().mean(),
                              torch.as_tensor(st.sw_norm).double().reshape(()).to(d_w.device),
@@ -109,6 +129,49 @@ class RewardCalibrated(PairLoss):
         self.last = {"d_w": mdw, "d_l": mdl, "sw_norm": sw, "sl_norm": sl, "sw_dot_sl": dot,
                      "log_delta": log_delta, "alpha": self.alpha}
         return self.alpha
+
+    def margin_weighting(self, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The base objective's margin weights (calibration leaves them as they are)."""
+        return self.base.margin_weighting(b)
+
+    def diagnostics(self, b: PairBatch) -> Diagnostics:
+        """The calibrated objective's incentives on the micro-batch `b` it trained on, its α and the base's margin
+        weights (docs/monitor.md, "Keys").
+
+        When `update` ran on this very micro-batch, the incentives are its base incentives scaled by the α of the
+        call, α·d_w and d_l/α (the calibrated incentives, docs/losses.md "Reward calibration"), with no second
+        autograd pass; otherwise they are differentiated with the state frozen, as for any objective.
+
+        Args:
+            b: the micro-batch, as passed to the loss.
+
+        Returns:
+            Diagnostics with alpha = the current α.
+        """
+        alpha = float(self.alpha)
+        of = self._incentives_of() if self._incentives_of is not None else None
+        if self.last_incentives is not None and of is not None and of is b.policy_chosen:
+            base_w, base_l = self.last_incentives
+            d_w, d_l = alpha * base_w, base_l / alpha
+        else:
+            d_w, d_l = incentives(self, b)
+        return Diagnostics(d_w, d_l, alpha, *(self.margin_weighting(b) or (None, None)))
+
+    def with_base(self, base: PairLoss) -> RewardCalibrated:
+        """This calibrator around another base objective, e.g. the same base with a chosen-NLL term folded in
+        (`po_plugins.losses.with_chosen_nll`). `self` is left unchanged.
+
+        Args:
+            base: the new base objective.
+
+        Returns:
+            A new RewardCalibrated with this one's calibrator hyperparameters and running state (EMAs, α, call
+            count, last statistics); its `hparams` are this one's, in their order, followed by those `base` adds.
+        """
+        new = RewardCalibrated(base, **{k: self.hparams[k] for k in RC_DEFAULTS})
+        new.hparams = {k: new.hparams[k] for k in (*self.hparams, *new.hparams) if k in new.hparams}
+        new.ema, new.alpha, new.calls, new.last = dict(self.ema), self.alpha, self.calls, dict(self.last)
+        return new
 
     def state_dict(self) -> dict:
         return {"ema": dict(self.ema), "alpha": self.alpha, "calls": self.calls, "base": self.base.state_dict()}

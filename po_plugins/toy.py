@@ -1,4 +1,4 @@
-"""A one-layer softmax toy for the disentanglement band (papers.md §1.8).
+"""A one-layer softmax toy for the disentanglement band (docs/results_toy.md, "Setup"; the band: docs/monitor.md).
 
 Fixed context features h_k ∈ R^d, a trainable unembedding W ∈ R^{V×d}, responses as (context, token) sequences;
 z = Σ_t log softmax(W h_{k_t})[y_t]. The default pair reproduces likelihood displacement: the rejected response
@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from . import incentives
 from .band import band_stats
-from .losses import PairBatch, build
+from .losses import build
+from .objective import PairBatch, incentives
 from .scores import head_score_stats
 
 
@@ -28,6 +28,15 @@ class Toy:
 
 
 def default_toy(d: int = 16, vocab: int = 32, seed: int = 0, spread: float = 0.3) -> Toy:
+    """The default pair: a chosen response of two tokens, a rejected one repeating them in nearly collinear contexts.
+
+    Args:
+        d: context dimension. vocab: vocabulary size. seed: generator seed. spread: context spread around a shared
+            direction (small: ρ near 1).
+
+    Returns:
+        The Toy (six contexts of norm 2, fp64).
+    """
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(d, generator=g, dtype=torch.float64)
     ctx = u + spread * torch.randn(6, d, generator=g, dtype=torch.float64)
@@ -46,6 +55,7 @@ def _side(toy: Toy, seq, W):
 
 
 def logps(toy: Toy, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (z_w, z_l) of the toy's chosen and rejected responses under the unembedding W [V, d]."""
     out = []
     for seq in (toy.chosen, toy.rejected):
         _, logits, y = _side(toy, seq, W)
@@ -54,7 +64,14 @@ def logps(toy: Toy, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def score_stats(toy: Toy, W: torch.Tensor):
-    """ScoreStats of the pair via the chunked closed form (rows padded to a common length)."""
+    """ScoreStats of the pair via the chunked closed form (rows padded to a common length).
+
+    Args:
+        toy: the toy. W: the unembedding [V, d] (detached here).
+
+    Returns:
+        ScoreStats (‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩) of po_plugins.scores.head_score_stats.
+    """
     sides = [_side(toy, s, W.detach()) for s in (toy.chosen, toy.rejected)]
     T = max(len(toy.chosen), len(toy.rejected))
     d = toy.contexts.shape[1]
@@ -70,7 +87,17 @@ def score_stats(toy: Toy, W: torch.Tensor):
 
 def train(loss_name: str, steps: int = 200, lr: float = 0.05, seed: int = 0, toy: Toy | None = None,
           **hparams) -> list[dict]:
-    """Plain gradient descent on the toy with a po_plugins loss; one record per step (before/after the step)."""
+    """Plain gradient descent on the toy with a po_plugins loss; one record per step (before/after the step).
+
+    Args:
+        loss_name: any name of po_plugins.losses.names(). steps, lr: gradient-descent steps and learning rate.
+        seed: seeds the default toy and W's initialisation. toy: another toy (default: `default_toy(seed=seed)`).
+        **hparams: the loss's hyperparameters.
+
+    Returns:
+        One dict per step: loss, z_w, z_l, their changes over the step, the effective incentives d_w, d_l (after
+        RC's α), α and the band of `po_plugins.band.band_stats` as plain floats.
+    """
     toy = toy or default_toy(seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     W = (0.5 * torch.randn(toy.vocab, toy.contexts.shape[1], generator=g, dtype=torch.float64)).requires_grad_(True)
