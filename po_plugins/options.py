@@ -1,7 +1,8 @@
 """The plugin's options, shared by every host: names, types, defaults, help and validation (no host imports).
 
-OpenRLHF spells them `--po.<name>`, TRL's `PoDPOConfig` `po_<name>`; the loss is `--loss` / `po_loss` and its
-hyperparameters go by their papers' names (`--po.gamma 1.0`, `po_hparams={"gamma": 1.0}`).
+OpenRLHF spells them `--po.<name>`, TRL's `PoDPOConfig` `po_<name>`, a LLaMA-Factory YAML `po_<name>`; the loss is
+`--loss` / `po_loss` / `pref_loss` and its hyperparameters go by their papers' names (`--po.gamma 1.0`,
+`po_hparams={"gamma": 1.0}`, `po_gamma: 1.0`). `options_for(host)` is the one list of what a host honours.
 Every check raises `OptionError` with one line naming the fix; CLIs turn it into a clean exit.
 """
 
@@ -29,16 +30,41 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
     "fused_head": (bool, False, "chunked LM head: response-token log-probs and head statistics without the "
                                 "[N, T, V] logits (docs/results_memory.md)"),
     "head_chunk": (int, 0, "token positions per chunk of the chunked head (0: about 2^25 logits a chunk)"),
+    "weight_key": (str, None, "dataset column of per-row loss weights (each pair's loss times its weight)"),
 }
-# options that only one host has (TRL has its own fused head and its own stored reference log-probs)
-HOST_ONLY = {"ref_logp_keys": "openrlhf", "fused_head": "openrlhf", "head_chunk": "openrlhf"}
+# the hosts (their key, as users name them) and how each spells a plugin option
+HOSTS = {"openrlhf": "OpenRLHF", "trl": "TRL", "llamafactory": "LLaMA-Factory"}
+SPELL = {"openrlhf": "--po.{}", "trl": "po_{}", "llamafactory": "po_{}"}
+# options that only some hosts honour: the one table of who honours what (every other option: every host).
+# OpenRLHF only: stored reference log-probs (TRL has its own precompute_ref_log_probs, LLaMA-Factory always runs its
+# reference forward) and the chunked head (TRL has its own fused head). TRL and LLaMA-Factory only: a per-row weight
+# column (OpenRLHF's dataset carries the margin column only).
+HOST_ONLY: dict[str, tuple[str, ...]] = {"ref_logp_keys": ("openrlhf",), "fused_head": ("openrlhf",),
+                                         "head_chunk": ("openrlhf",), "weight_key": ("trl", "llamafactory")}
 
 
 def options_for(host: str) -> list[str]:
-    return [k for k in OPTIONS if HOST_ONLY.get(k, host) == host]
+    """The plugin options `host` honours, in OPTIONS order."""
+    if host not in HOSTS:
+        raise OptionError(f"unknown host '{host}'{nearest(host, HOSTS)}; hosts: {', '.join(HOSTS)}")
+    return [k for k in OPTIONS if host in HOST_ONLY.get(k, tuple(HOSTS))]
+
+
+def refuse_option(host: str, key: str, spelled: str | None = None) -> None:
+    """One OptionError for an option `host` does not honour: another host's option (naming that host), or an
+    unknown one (suggesting the nearest of this host's)."""
+    spelled = spelled or SPELL[host].format(key)
+    owners = [h for h in HOST_ONLY.get(key, ()) if h != host]
+    if key in OPTIONS and owners:
+        where = " and ".join(f"{HOSTS[h]} ({SPELL[h].format(key)})" for h in owners)
+        raise OptionError(f"{spelled} is an option of {where} only; {HOSTS[host]} does not support it: drop it")
+    mine = options_for(host)
+    raise OptionError(f"unknown option {spelled}{nearest(key, mine)}; {HOSTS[host]} accepts "
+                      f"{', '.join(SPELL[host].format(k) for k in mine)}")
+
+
 # lower bounds of the integer options
 MINIMUM = {"alert_steps": 0, "recheck_every": 0, "score_chunk": 1, "score_every": 1, "head_chunk": 0}
-
 
 
 def check_options(values: dict[str, Any], spell=lambda k: f"--po.{k}") -> None:
@@ -64,11 +90,14 @@ def check_loss(name: str | None, hparams: dict[str, Any], loss_flag: str = "--lo
     if name is None:
         return
     if name not in names():
-        raise OptionError(f"unknown loss '{name}' ({loss_flag}); choose one of: {', '.join(names())}")
+        raise OptionError(f"unknown loss '{name}' ({loss_flag}){nearest(name, names())}; choose one of: "
+                          f"{', '.join(names())}")
     accepted = accepted_hparams(name)
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
-        raise OptionError(f"unknown hyperparameter {', '.join(hparam_spell(k) for k in unknown)} for loss '{name}'; "
+        hint = nearest(unknown[0], set(accepted) - {"beta"}) if len(unknown) == 1 else ""
+        raise OptionError(f"unknown hyperparameter {', '.join(hparam_spell(k) for k in unknown)}{hint} for loss "
+                          f"'{name}'; "
                           f"accepted: {', '.join(hparam_spell(k) for k in sorted(set(accepted) - {'beta'})) or 'none'}"
                           + (" (the temperature β is the host's own beta)" if "beta" in accepted else ""))
     try:

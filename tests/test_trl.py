@@ -184,7 +184,7 @@ def test_head_statistics_equal_autograd_on_the_head_weight(model_dir, tmp_path):
     batch = next(iter(tr.get_train_dataloader()))
     tr.model.train()
     tr.compute_loss(tr.model, batch)
-    st = tr._po_last_scores
+    st = tr.po.last_scores
     model = tr.model
     W = model.get_output_embeddings().weight
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]

@@ -14,54 +14,50 @@ import runpy
 import sys
 from types import SimpleNamespace
 
-from po_plugins.options import OPTIONS as PLUGIN_FLAGS
-from po_plugins.options import OptionError, check_loss, check_options, coerce_hparam, parse_value, split_plugin_argv
+from po_plugins.cli._common import user_errors
+from po_plugins.options import (
+    OPTIONS,
+    OptionError,
+    check_loss,
+    check_options,
+    coerce_hparam,
+    nearest,
+    options_for,
+    parse_value,
+    refuse_option,
+    split_plugin_argv,
+)
 
-
-def _parse_value(kind, raw, flag):
-    try:
-        return parse_value(kind, raw, flag)
-    except OptionError as e:
-        raise SystemExit(f"po_plugins: {e}") from None
-
-
-def _coerce_hparam(default, raw, flag):
-    try:
-        return coerce_hparam(default, raw, flag)
-    except OptionError as e:
-        raise SystemExit(f"po_plugins: {e}") from None
+HOST = "openrlhf"
 
 
 def split_argv(argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
-    """Take --loss and --po.* out of argv; return (plugin options, host argv)."""
+    """Take --loss and --po.* out of argv; return (plugin options, host argv). OptionError for a bad flag."""
     from po_plugins.losses import accepted_hparams, names
 
-    try:
-        loss, raw_po, rest = split_plugin_argv(argv)
-    except OptionError as e:
-        raise SystemExit(f"po_plugins: {e}") from None
+    loss, raw_po, rest = split_plugin_argv(argv)
     if loss is not None and loss not in names():
-        raise SystemExit(f"po_plugins: unknown loss '{loss}'; choose one of: {', '.join(names())}")
+        raise OptionError(f"unknown loss '{loss}'{nearest(loss, names())}; choose one of: {', '.join(names())}")
     accepted = accepted_hparams(loss or "dpo")
-    po = {k: d for k, (_, d, _) in PLUGIN_FLAGS.items()}
+    mine = options_for(HOST)
+    po = {k: OPTIONS[k][1] for k in mine}
     hparams = {}
     for name, (val, flag) in raw_po.items():
-        if name in PLUGIN_FLAGS:
-            po[name] = _parse_value(PLUGIN_FLAGS[name][0], val, flag)
+        if name in mine:
+            po[name] = parse_value(OPTIONS[name][0], val, flag)
         elif name in accepted:
-            hparams[name] = _coerce_hparam(accepted[name], val, flag)
+            hparams[name] = coerce_hparam(accepted[name], val, flag)
+        elif name in OPTIONS:
+            refuse_option(HOST, name, flag)
         else:
-            raise SystemExit(f"po_plugins: unknown flag {flag} for --loss {loss or 'dpo'}; accepted --po.* flags: "
-                             f"{', '.join(sorted(set(PLUGIN_FLAGS) | set(accepted) - {'beta'}))} "
-                             f"(the temperature is --model.beta)")
+            choices = sorted(set(mine) | set(accepted) - {"beta"})
+            raise OptionError(f"unknown flag {flag}{nearest(name, choices)} for --loss {loss or 'dpo'}; accepted "
+                              f"--po.* flags: {', '.join(choices)} (the temperature is --model.beta)")
     if po["margin_key"] == "margin":
-        raise SystemExit("po_plugins: --po.margin_key must not be 'margin' (OpenRLHF reads that column as the "
-                         "reward-model margin-loss target); use e.g. rm_margin")
-    try:
-        check_options(po)
-        check_loss(loss, hparams)  # values too (--po.ema_decay 1.5): one line, before any model is built
-    except OptionError as e:
-        raise SystemExit(f"po_plugins: {e}") from None
+        raise OptionError("--po.margin_key must not be 'margin' (OpenRLHF reads that column as the reward-model "
+                          "margin-loss target); use e.g. rm_margin")
+    check_options(po)
+    check_loss(loss, hparams)  # values too (--po.ema_decay 1.5): one line, before any model is built
     beta_given = any(a == "--model.beta" or a.startswith("--model.beta=") for a in rest)
     return SimpleNamespace(loss=loss, hparams=hparams, beta_given=beta_given, **po), rest
 
@@ -73,7 +69,8 @@ def plugin_help() -> str:
              "  --loss NAME            one of: " + ", ".join(names()),
              "  --po.<hparam> VALUE    a hyperparameter of the chosen loss (e.g. --po.gamma 1.0); "
              "the temperature is --model.beta"]
-    for k, (_kind, default, text) in PLUGIN_FLAGS.items():
+    for k in options_for(HOST):
+        _kind, default, text = OPTIONS[k]
         lines.append(f"  --po.{k:<17} {text} (default {default})")
     return "\n".join(lines)
 
@@ -91,9 +88,10 @@ def prepare(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None, module: str = "openrlhf.cli.train_dpo") -> None:
-    rest = prepare(list(sys.argv[1:] if argv is None else argv))
-    sys.argv = [module, *rest]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    with user_errors():  # every po_plugins error, at start or from inside the run: one line and status 1
+        rest = prepare(list(sys.argv[1:] if argv is None else argv))
+        sys.argv = [module, *rest]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

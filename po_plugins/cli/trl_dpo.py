@@ -15,14 +15,17 @@ import json
 import runpy
 import sys
 
+from po_plugins.cli._common import user_errors
 from po_plugins.options import (
     OPTIONS,
     OptionError,
     check_loss,
     check_options,
     coerce_hparam,
+    nearest,
     options_for,
     parse_value,
+    refuse_option,
     split_plugin_argv,
 )
 
@@ -31,13 +34,12 @@ MODULE = "trl.scripts.dpo"
 
 def translate(argv: list[str]) -> list[str]:
     """--loss / --po.* -> TRL parser flags for PoDPOConfig (--po_loss, --po_<option>, --po_hparams JSON)."""
-    from po_plugins.losses import accepted_hparams
+    from po_plugins.losses import accepted_hparams, names
 
     loss, raw, rest = split_plugin_argv(argv)
-    from po_plugins.losses import names
-
     if loss is not None and loss not in names():
-        raise OptionError(f"unknown loss '{loss}' (--loss); choose one of: {', '.join(names())}")
+        raise OptionError(f"unknown loss '{loss}' (--loss){nearest(loss, names())}; choose one of: "
+                          f"{', '.join(names())}")
     options = options_for("trl")
     accepted = accepted_hparams(loss) if loss else {}
     po, hparams = {}, {}
@@ -48,8 +50,11 @@ def translate(argv: list[str]) -> list[str]:
             raise OptionError("the temperature is TRL's --beta (not --po.beta)")
         elif name in accepted:
             hparams[name] = coerce_hparam(accepted[name], val, flag)
+        elif name in OPTIONS:
+            refuse_option("trl", name, flag)
         else:
-            raise OptionError(f"unknown flag {flag} for --loss {loss}; accepted --po.* flags: "
+            raise OptionError(f"unknown flag {flag}{nearest(name, set(options) | set(accepted) - {'beta'})} for "
+                              f"--loss {loss}; accepted --po.* flags: "
                               f"{', '.join(sorted(set(options) | set(accepted) - {'beta'}))} (the temperature is "
                               "--beta)" if loss else f"unknown flag {flag}: give --loss NAME for a hyperparameter, or "
                               f"one of {', '.join('--po.' + k for k in options)}")
@@ -82,25 +87,17 @@ def plugin_help() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+    with user_errors():  # every po_plugins error, at start or from inside TRL's script: one line and status 1
         rest = translate(argv)
-    except OptionError as e:
-        raise SystemExit(f"po_plugins: {e}") from None
-    if "-h" in rest or "--help" in rest:
-        print(plugin_help() + "\n")
-    try:
-        from po_plugins.hosts import trl as host
-    except RuntimeError as e:  # HostError: unsupported or missing TRL
-        raise SystemExit(f"po_plugins: {e}") from None
-    import trl
+        if "-h" in rest or "--help" in rest:
+            print(plugin_help() + "\n")
+        from po_plugins.hosts import trl as host  # checks the installed TRL (HostError naming the fix)
 
-    trl.DPOConfig = host.PoDPOConfig
-    trl.DPOTrainer = host.PoDPOTrainer
-    sys.argv = [MODULE, *rest]
-    try:
+        trl = sys.modules["trl"]
+        trl.DPOConfig = host.PoDPOConfig
+        trl.DPOTrainer = host.PoDPOTrainer
+        sys.argv = [MODULE, *rest]
         runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
-    except OptionError as e:
-        raise SystemExit(f"po_plugins: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""One adapter module per host framework; each alone knows its host's internals and checks at start that the
-installed version still has the seams it uses (`check_host()`). The maths core and the monitor never import them.
-This package's own code is the host check every adapter shares."""
+"""One adapter module per host framework; each alone knows its host's internals, declares them in its `SPEC`
+(`hosts.base.HostSpec`: version range and seams) and checks at start that the installed version still has them.
+The maths core, the monitor and the Plugin never import them. `hosts.base` is the contract; this package's own
+code is what every adapter shares to reach the LM head."""
 
 from __future__ import annotations
 
@@ -36,15 +37,3 @@ def head_spec(base, head, temperature: float = 1.0):
             yield HeadSpec(head.weight, bias, scale, cap, temperature, head.weight.dtype)
 
     return spec()
-
-
-def micro_stats_needed(calibrating: bool, accumulation: int, world_size: int) -> bool:
-    """Per-micro-batch band statistics: RC calibrates on them; a step of one micro-batch on one process reuses them
-    as the step's (the monitor then skips its step-level pass)."""
-    return calibrating or (accumulation == 1 and world_size == 1)
-
-
-def step_acc_wanted(calibrating: bool, accumulation: int, world_size: int) -> bool:
-    """RC's per-micro-batch vocabulary pass also fills the monitor's step accumulator (BandMonitor(step_acc=...))
-    when a step spans several micro-batches or processes; a single micro-batch's own statistics are the step's."""
-    return calibrating and not (accumulation == 1 and world_size == 1)

@@ -22,6 +22,7 @@ checked by `check_host()`:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -30,10 +31,19 @@ from dataclasses import dataclass, field
 import torch
 
 from ..head import final_logits, head_transform
-from ..losses import PairBatch, accepted_hparams, build, names, with_chosen_nll
-from ..monitor import loss_step
-from ..options import OPTIONS, OptionError, check_loss, check_options, coerce_hparam, parse_value
-from ..scores import response_positions, score_stats_flat, tokens_of
+from ..losses import PairBatch, accepted_hparams, build, names
+from ..options import (
+    OPTIONS,
+    OptionError,
+    check_loss,
+    check_options,
+    coerce_hparam,
+    nearest,
+    options_for,
+    parse_value,
+    refuse_option,
+)
+from ..scores import response_positions
 from . import HostError  # noqa: F401  (re-exported)
 from .base import HostSpec, Seam, installed_version
 from .base import check_host as check_spec
@@ -67,9 +77,8 @@ SPEC = HostSpec("LLaMA-Factory", "llamafactory", "llamafactory", "0.9.5", "0.9.6
      ("self.get_batch_loss_metrics(model, inputs", "self.store_metrics(metrics")),
 ))
 SUPPORTED = (SPEC.lo, SPEC.hi)  # >=, <
-# the plugin's YAML keys: po_<option>, po_hparams, po_<hyperparameter>, po_weight_key; stored reference log-probs
-# (ref_logp_keys) have no LLaMA-Factory counterpart
-LF_OPTIONS = [k for k in OPTIONS if k != "ref_logp_keys"]
+# the plugin's YAML keys: po_<option> (options_for: the one table), po_hparams, po_<hyperparameter>
+LF_OPTIONS = options_for("llamafactory")
 PLUGIN_KEYS = ("po_margin", "po_weight")
 ROW_COLUMNS = {"margin": "_po_margin", "weight": "_po_weight"}
 
@@ -112,8 +121,8 @@ class PoLFConfig:
 
     hparams: dict = field(default_factory=dict)  # po_hparams and po_<hyperparameter>, by paper name
     options: dict = field(default_factory=lambda: {k: OPTIONS[k][1] for k in LF_OPTIONS})
-    weight_key: str | None = None
     given: tuple = ()  # the po_* keys the YAML set
+    beta_given: bool = False  # the YAML set pref_beta (else a po_plugins objective trains with its own default β)
     # resolved from the parsed arguments (resolve_loss)
     loss: str | None = None
 
@@ -145,8 +154,6 @@ def split_args(args: dict) -> tuple[dict, PoLFConfig]:
         if name in LF_OPTIONS:
             kind = OPTIONS[name][0]
             cfg.options[name] = None if val is None and OPTIONS[name][1] is None else parse_value(kind, val, key)
-        elif name == "weight_key":
-            cfg.weight_key = None if val is None else str(val)
         elif name == "hparams":
             if isinstance(val, str):
                 try:
@@ -160,20 +167,22 @@ def split_args(args: dict) -> tuple[dict, PoLFConfig]:
                 raw_hp[str(k)] = (v, f"po_hparams.{k}")
         elif name == "beta":
             raise OptionError("po_beta: the objective's β is LLaMA-Factory's pref_beta (pref_beta: 0.1)")
-        elif name == "ref_logp_keys":
-            raise OptionError("po_ref_logp_keys (stored reference log-probs) is not supported on LLaMA-Factory, which "
-                              "always runs its reference forward: drop it")
+        elif name in OPTIONS:  # another host's option
+            refuse_option("llamafactory", name, key)
         elif name in known_hp:
             raw_hp[name] = (val, key)
         else:
-            accepted = sorted([f"po_{k}" for k in LF_OPTIONS] + ["po_hparams", "po_weight_key"])
-            raise OptionError(f"unknown key '{key}' in the LLaMA-Factory YAML; po_plugins accepts {', '.join(accepted)}"
+            accepted = sorted([f"po_{k}" for k in LF_OPTIONS] + ["po_hparams"])
+            hint = nearest(name, [*LF_OPTIONS, "hparams", *known_hp])
+            raise OptionError(f"unknown key '{key}'{hint} in the LLaMA-Factory YAML; po_plugins accepts "
+                              f"{', '.join(accepted)}"
                               f" and po_<hyperparameter> of the objective (e.g. po_gamma: 1.0; "
                               f"po_plugins.losses.accepted_hparams(name) lists them); β is pref_beta")
     check_options(cfg.options, spell=lambda k: f"po_{k}")
     cfg.hparams = {k: v for k, (v, _) in raw_hp.items()}
     cfg._raw_hp = raw_hp
     cfg.given = tuple(given)
+    cfg.beta_given = "pref_beta" in lf
     return lf, cfg
 
 
@@ -211,8 +220,9 @@ def resolve_loss(finetuning_args, cfg: PoLFConfig) -> tuple[str, dict]:
                               + (", ".join(f"po_{a}" for a in sorted(set(accepted) - {"beta"})) or "none")
                               + " (β is pref_beta)")
         hp[k] = v if not isinstance(v, str) else coerce_hparam(accepted[k], v, flag)
-    if "beta" in accepted:
-        hp["beta"] = beta
+    default_beta = {f.name: f.default for f in dataclasses.fields(finetuning_args)}.get("pref_beta")
+    if "beta" in accepted and (pref in LF_NAMES or cfg.beta_given or beta != default_beta):
+        hp["beta"] = beta  # LLaMA-Factory's own names keep its pref_beta; an objective its own default unless set
     check_loss(name, hp, loss_flag="pref_loss", hparam_spell=lambda k: f"po_{k}")
     return name, hp
 
@@ -302,8 +312,8 @@ def _align_dataset(dataset, dataset_attr, data_args, training_args):
     if _needs_margins():
         wanted["margin"] = (getattr(dataset_attr, "po_margin", None) or cfg.opt("margin_key"),
                             getattr(dataset_attr, "po_margin", None) is not None)
-    if getattr(dataset_attr, "po_weight", None) or cfg.weight_key:
-        wanted["weight"] = (getattr(dataset_attr, "po_weight", None) or cfg.weight_key,
+    if getattr(dataset_attr, "po_weight", None) or cfg.opt("weight_key"):
+        wanted["weight"] = (getattr(dataset_attr, "po_weight", None) or cfg.opt("weight_key"),
                             getattr(dataset_attr, "po_weight", None) is not None)
     if not wanted:
         return aligned
@@ -365,37 +375,32 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         if cfg is None or name is None:
             raise OptionError("PoLFDPOTrainer runs under po_plugins.cli.llamafactory (install() was not called)")
         self.po_cfg = cfg
-        self.po_loss = build(name, **hp)
+        loss = build(name, **hp)
         super().__init__(model, ref_model, finetuning_args, processor, disable_dropout, **kwargs)
         self.loss_type = "po_plugins"  # LLaMA-Factory's concatenated_forward then returns summed log-probs
-        if "margins" in self.po_loss.needs:
-            self._po_check_margins()
+        if "margins" in loss.needs:
+            self._po_check_margins(loss)
         if any(c in (columns(self.train_dataset) or []) for c in ROW_COLUMNS.values()) or any(
                 c in (columns(d) or []) for d in _evals(self.eval_dataset) for c in ROW_COLUMNS.values()):
             self.data_collator = RowExtras(self.data_collator, {"po_margin": (ROW_COLUMNS["margin"], 0.0),
                                                                 "po_weight": (ROW_COLUMNS["weight"], 1.0)})
-        if self.ftx_gamma > 1e-6:  # pref_ftx: + γ·NLL of the chosen response, folded into the objective (RPO's form)
-            self.po_loss = with_chosen_nll(self.po_loss, float(self.ftx_gamma))
-        self._po_start_monitor(cfg.opt("monitor"), cfg.opt("jsonl"), cfg.opt("alert_steps"), cfg.opt("recheck_every"),
-                               int(cfg.opt("score_chunk")), f"; consider pref_loss: rc_{self.po_loss.name}")
-        self._po_need_scores = self.po_monitor is not None
+        # pref_ftx: + γ·NLL of the chosen response, folded into the objective (RPO's form)
+        po = self._po_start(loss, cfg.options, lambda n: f"pref_loss: {n}",
+                            nll_coef=float(self.ftx_gamma) if self.ftx_gamma > 1e-6 else 0.0)
         self._po_armed = False
         self._po_captured = None
-        self._po_last_scores = None
-        self._po_micro = 0
-        if self._po_need_scores:
+        if po.need_scores:
             self._po_head().register_forward_hook(self._po_hook)
-        self._po_print(f"[po_plugins] loss {self.po_loss!r} (pref_loss: {finetuning_args.pref_loss}); monitor "
-                       f"{'on' if self.po_monitor else 'off'}"
-                       + ("; reference-free: no reference forward" if self.po_loss.reference_free else ""))
+        self.po_print(po.banner(f"pref_loss: {finetuning_args.pref_loss}",
+                                "reference-free: no reference forward" if loss.reference_free else ""))
 
     # ---- columns -------------------------------------------------------------------------------------------------
-    def _po_check_margins(self):
+    def _po_check_margins(self, loss):
         cols = columns(self.train_dataset)
         if cols is None:
             return
         if "_po_margin" not in cols:
-            raise OptionError(f"loss '{self.po_loss.name}' needs reward-model margins: declare the margin column of "
+            raise OptionError(f"loss '{loss.name}' needs reward-model margins: declare the margin column of "
                               "each dataset in dataset_info.json (\"columns\": {\"margin\": \"rm_margin\"}) or set "
                               "po_margin_key: rm_margin (po_plugins.cli.score_margins writes rm_margin)")
         if self.po_cfg.opt("missing_margin") == "unit":
@@ -406,7 +411,7 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
                 if missing:
                     where = "; ".join(f"dataset '{d}' has no column '{k}' (its columns: {c})"
                                       for d, (k, c) in missing.items())
-                    raise OptionError(f"loss '{self.po_loss.name}' needs a reward-model margin in every training row: "
+                    raise OptionError(f"loss '{loss.name}' needs a reward-model margin in every training row: "
                                       f"{where}. Declare the column in dataset_info.json (\"columns\": {{\"margin\": "
                                       "\"rm_margin\"}), set po_margin_key, or po_missing_margin: unit to give such "
                                       "rows weight 1")
@@ -440,16 +445,10 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         mask = labels[:, 1:] != -100
         h, lg, y, rows = response_positions(hidden, logits, batch["input_ids"], batch["attention_mask"], mask)
         scale, cap = head_transform(self._po_unwrapped().config)
-        z = final_logits(lg, scale, cap)
-        stats = None
-        acc = self._po_step_acc(z.shape[-1], h.shape[-1], h.device) if self._po_micro_stats else None
-        if self._po_micro_stats:
-            is_chosen = torch.arange(labels.shape[0], device=labels.device) < n_pairs
-            stats = score_stats_flat(h, z, y, rows, is_chosen, chunk_size=int(self.po_cfg.opt("score_chunk")),
-                                     logit_scale=scale, softcap=cap, acc=acc)
-        return tokens_of(h, y, rows, n_pairs, torch.logsumexp(z, dim=-1), stats, in_acc=acc is not None)
+        return self.po.tokens_from_logits(h, final_logits(lg, scale, cap), y, rows, labels.shape[0], n_pairs, scale,
+                                          cap)
 
-    def _po_rescore(self, inputs):
+    def po_rescore(self, inputs):
         out = self.concatenated_forward(self.model, dict(inputs))
         return out["chosen_logps"], out["rejected_logps"]
 
@@ -459,11 +458,8 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         batch = {k: v for k, v in batch.items() if k not in PLUGIN_KEYS}
         labels = batch["labels"]
         training = train_eval == "train" and torch.is_grad_enabled()
-        capture = training and self._po_need_scores
-        if capture:  # po_score_every k: fresh statistics on every k-th micro-batch, the last ones in between
-            self._po_micro += 1
-            capture = (self._po_micro - 1) % int(self.po_cfg.opt("score_every")) == 0
-        self._po_armed = capture
+        po = self.po
+        self._po_armed = capture = po.scoring(training)
         try:
             out = self.concatenated_forward(model, dict(batch))
         finally:
@@ -472,25 +468,20 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         B = zw.shape[0]
         counts = (labels[:, 1:] != -100).sum(-1)
         nw, nl = counts[:B], counts[B:]
-        if self.po_loss.reference_free:
+        if po.loss.reference_free:
             rw = rl = None
         else:
             rw, rl = self.compute_reference_log_probs(model, dict(batch))
         stats = tokens = None
-        if training and self._po_need_scores:
+        if training and po.need_scores:
             if capture and self._po_captured is not None:
                 tokens = self._po_scores(batch, labels, B)
-                if tokens.stats is not None:
-                    self._po_last_scores = tokens.stats
-            stats = self._po_last_scores
-        margins = extras.get("po_margin")
-        if margins is None and "margins" in self.po_loss.needs:
-            margins = torch.zeros_like(zw)  # an evaluation set without margins: every pair weight 1
+            stats = po.stats_for(tokens)
+        margins = po.margins_or_unit(extras.get("po_margin"), zw)  # an evaluation set without margins: weight 1
         weights = extras.get("po_weight")
         b = PairBatch(zw, zl, rw, rl, nw, nl, weights=weights.to(zw.device) if weights is not None else None,
                       margins=margins.to(zw.device) if margins is not None else None, score_stats=stats)
-        per_sample, cr, rr = loss_step(self.po_loss, b, self.po_monitor, training, batch if training else None,
-                                       tokens)
+        per_sample, cr, rr = po.loss_step(b, training, batch if training else None, tokens)
         prefix = "eval_" if train_eval == "eval" else ""
         metrics = {
             f"{prefix}rewards/chosen": cr.mean().item(),

@@ -10,6 +10,7 @@ It patches four seams, all plain module attributes looked up when `openrlhf.cli.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -17,18 +18,13 @@ from types import SimpleNamespace
 
 import torch
 
+from ..errors import DataError, HostError, OptionError, PluginStateError  # noqa: F401  (HostError: re-exported)
 from ..head import chunked_logprobs, head_transform
-from ..losses import PairBatch, build, with_chosen_nll
-from ..monitor import BandMonitor, PluginStateError, load_plugin_state, loss_step, plugin_state
-from ..scores import response_positions, score_stats_flat, score_stats_head, tokens_of
-from . import (
-    HostError,  # noqa: F401  (re-exported)
-    gathered,
-    head_spec,
-    micro_stats_needed,
-    step_acc_wanted,
-)
-from .base import HostSpec, Seam, installed_version
+from ..losses import PairBatch, build
+from ..plugin import Plugin, require_margins
+from ..scores import response_positions
+from . import gathered, head_spec
+from .base import HostSpec, RunInfo, Seam, installed_version
 from .base import check_host as check_spec
 
 logger = logging.getLogger("po_plugins")
@@ -61,15 +57,12 @@ def check_host(version: str | None = None) -> str:
 
 def prepare_process() -> str:
     """What every po_plugins CLI does before running an OpenRLHF module: launcher-less env defaults, the CPU
-    shims when there is no GPU, then the host check (one clear SystemExit when it fails)."""
+    shims when there is no GPU, then the host check (one HostError naming the fix when it fails)."""
     from .. import _cpu
 
     _cpu.ensure_single_process_env()
     _cpu.apply_cpu_shims()
-    try:
-        return check_host()
-    except HostError as e:
-        raise SystemExit(f"po_plugins: {e}") from None
+    return check_host()
 
 
 # ---- args.po ------------------------------------------------------------------------------------------------
@@ -84,23 +77,23 @@ def resolve_loss(po: SimpleNamespace, model_args) -> tuple[str, dict]:
         name = "ipo" if ipo else ("cdpo" if ls > 0 else "dpo")
     base = name[3:] if name.startswith("rc_") else name
     if ipo and base != "ipo":
-        raise SystemExit(f"po_plugins: --model.ipo_enable contradicts --loss {name}; drop one of them "
+        raise OptionError(f"--model.ipo_enable contradicts --loss {name}; drop one of them "
                          f"(--loss ipo is the same as --model.ipo_enable)")
     if ls > 0:
         if base == "dpo":
             name, base = name.replace("dpo", "cdpo", 1), "cdpo"
         elif base not in ("cdpo", "robust_dpo"):
-            raise SystemExit(f"po_plugins: --model.label_smoothing contradicts --loss {name}; label smoothing is "
+            raise OptionError(f"--model.label_smoothing contradicts --loss {name}; label smoothing is "
                              f"cDPO (--loss cdpo) or robust DPO (--loss robust_dpo)")
     hp = dict(po.hparams)
     accepted = accepted_hparams(name)
     if "beta" in hp:
-        raise SystemExit("po_plugins: the temperature is --model.beta (not --po.beta)")
+        raise OptionError("the temperature is --model.beta (not --po.beta)")
     if "beta" in accepted and po.beta_given:
         hp["beta"] = float(model_args.beta)
     if ls > 0 and "label_smoothing" in accepted:
         if "label_smoothing" in hp and float(hp["label_smoothing"]) != ls:
-            raise SystemExit("po_plugins: --po.label_smoothing contradicts --model.label_smoothing; give one")
+            raise OptionError("--po.label_smoothing contradicts --model.label_smoothing; give one")
         hp["label_smoothing"] = ls
     return name, hp
 
@@ -113,13 +106,14 @@ def make_hierarchize(original, po: SimpleNamespace):
         ring = int(getattr(out.ds, "ring_attn_size", 1) or 1)
         if ring > 1 and (name.startswith("rc_") or po.monitor):
             who = f"--loss {name}" if name.startswith("rc_") else "--po.monitor"
-            raise SystemExit(f"po_plugins: the head statistics of {who} do not support ring attention "
+            raise OptionError(f"the head statistics of {who} do not support ring attention "
                              f"(--ds.ring_attn_size {ring}: each rank holds a slice of every sequence); drop "
                              "--ds.ring_attn_size, or train without rc_ and --po.monitor")
         try:
-            build(name, **hp)  # validate hyperparameters before any model is built
+            loss = build(name, **hp)  # validate hyperparameters before any model is built
         except ValueError as e:
-            raise SystemExit(f"po_plugins: {e}") from None
+            raise OptionError(str(e)) from None
+        require_margins(loss, bool(po.margin_key), "set --po.margin_key to the dataset column that holds them")
         return out
 
     return hierarchize
@@ -155,7 +149,7 @@ def _reward_dataset_class():
             ref_keys = getattr(po, "ref_logp_keys", None) if is_dpo else None
             self.ref_keys = tuple(ref_keys.split(",")) if ref_keys else ()
             if self.ref_keys and len(self.ref_keys) != 2:
-                raise SystemExit("po_plugins: --po.ref_logp_keys takes two columns: CHOSEN,REJECTED "
+                raise OptionError("--po.ref_logp_keys takes two columns: CHOSEN,REJECTED "
                                  "(e.g. ref_chosen_logp,ref_rejected_logp from score_margins --ref_model)")
             # OpenRLHF's train_dpo builds the training set first, then the optional --eval.dataset
             built = getattr(strategy, "_po_dpo_datasets", 0) if is_dpo else 0
@@ -176,8 +170,8 @@ def _reward_dataset_class():
                                   ("--po.margin_key", self.margin_key),
                                   *(("--po.ref_logp_keys", k) for k in self.ref_keys)):
                     if key and key not in cols:
-                        raise SystemExit(f"po_plugins: {where} has no column '{key}' (set by {flag}); its "
-                                         f"columns are {cols}. Point {flag} at the right column.")
+                        raise DataError(f"{where} has no column '{key}' (set by {flag}); its columns are {cols}. "
+                                        f"Point {flag} at the right column.", file=path, column=key)
             if num_processors is None:
                 num_processors = max(1, min(8, os.cpu_count() or 1))
             RewardDataset.__init__(self, dataset, tokenizer, max_length, strategy, input_template, is_dpo,
@@ -190,8 +184,8 @@ def _reward_dataset_class():
                 if m is None or (isinstance(m, float) and not math.isfinite(m)):
                     if self.missing_margin != "unit":
                         raise ValueError(f"po_plugins: a row has no value in '{self.margin_key}' "
-                                         f"(prompt starts {str(data.get(self.prompt_key, ''))[:40]!r}); "
-                                         f"fill it or pass --po.missing_margin unit to give such rows weight 1")
+                                        f"(prompt starts {str(data.get(self.prompt_key, ''))[:40]!r}); "
+                                        f"fill it or pass --po.missing_margin unit to give such rows weight 1")
                     m = None
             if self.margin_key or self.ref_keys:
                 ref = [data.get(k) for k in self.ref_keys]
@@ -249,7 +243,7 @@ def _head_of(engine):
     for name, child in base.named_children():
         if child is head:
             return base, head, name
-    raise SystemExit(f"po_plugins: --po.fused_head: cannot find the LM head among {type(base).__name__}'s modules; "
+    raise OptionError(f"--po.fused_head: cannot find the LM head among {type(base).__name__}'s modules; "
                      "run without --po.fused_head")
 
 
@@ -262,66 +256,56 @@ def _trainer_class():
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             po = self.args.po
-            self.po_loss = build(po.loss, **po.hparams)
             # --model.nll_loss_coef: folded into the objective (RPO's form) so that the incentives, RC's α and the
             # band include it; OpenRLHF then adds the same term's value only (concatenated_forward returns it
             # detached), so losses, logs and gradients equal the stock step's
-            self._po_nll = float(getattr(self.args.model, "nll_loss_coef", 0.0) or 0.0) > 1e-8
-            if self._po_nll:
-                self.po_loss = with_chosen_nll(self.po_loss, float(self.args.model.nll_loss_coef))
+            coef = float(getattr(self.args.model, "nll_loss_coef", 0.0) or 0.0)
+            self._po_nll = coef > 1e-8
+            run = RunInfo(self.strategy.accumulated_gradient, self.strategy.world_size, self.args.ckpt.output_dir,
+                          lambda n: f"--loss {n}")
+            self.po = Plugin(build(po.loss, **po.hparams), vars(po), self, run, nll_coef=coef if self._po_nll else 0.0)
+            self.po_loss, self.po_monitor = self.po.loss, self.po.monitor
             self.loss_fn = HostLoss(self)
-            calibrating = po.loss.startswith("rc_")
-            self.po_monitor = None
-            if po.monitor or calibrating:
-                path = getattr(po, "jsonl", None) or os.path.join(self.args.ckpt.output_dir, "po_band.jsonl")
-                hint = "" if calibrating else f"; consider --loss rc_{po.loss}"
-                self.po_monitor = BandMonitor(self.po_loss, path, po.alert_steps, po.recheck_every,
-                                              rescore=self._po_rescore, log=self.strategy.print,
-                                              is_rank_0=self.strategy.is_rank_0, head=self._po_head_spec,
-                                              score_chunk=int(po.score_chunk), hint=hint, step_acc=step_acc_wanted(
-                                                  calibrating, self.strategy.accumulated_gradient,
-                                                  self.strategy.world_size))
-            self._po_need_scores = calibrating or self.po_monitor is not None
-            self._po_micro_stats = micro_stats_needed(calibrating, self.strategy.accumulated_gradient,
-                                                      self.strategy.world_size)
             self._po_extra = {}
             self._po_head_cache = None
-            self._po_last_scores = None
-            self._po_micro = 0
-            self._po_every = max(1, int(po.score_every))
             head = _lm_head(self.model)
-            if self._po_need_scores and head is None:
-                raise SystemExit("po_plugins: the band needs the model's LM head (get_output_embeddings())")
+            if self.po.need_scores and head is None:
+                raise OptionError("the band needs the model's LM head (get_output_embeddings())")
             # Scores are those of the LM-head weight, trainable or not: under LoRA the head is frozen and the
             # paper autograds the last block's adapters instead, but DeepSpeed's engine rejects extra
             # autograd.grad calls through its graph; the head statistics stay exact and ZeRO-3 safe.
             self._po_fused = bool(getattr(po, "fused_head", False))
             if self._po_fused and self.strategy.ring_attn_group is not None:
-                raise SystemExit("po_plugins: --po.fused_head does not support ring attention (--ds.ring_attn_size > "
-                                 "1) yet; drop one of them")
-            if self._po_need_scores and not self._po_fused:
+                raise OptionError("--po.fused_head does not support ring attention (--ds.ring_attn_size > 1) yet; "
+                                  "drop one of them")
+            if self.po.need_scores and not self._po_fused:
                 head.register_forward_hook(self._po_hook)
             states = getattr(self.strategy, "_po_client_states", None) or {}
             if STATE_KEY in states:
                 try:
-                    load_plugin_state(states[STATE_KEY], self.po_loss, self.po_monitor,
-                                      f"the checkpoint in {self.args.ckpt.path}")
+                    self.po.load_state_dict(states[STATE_KEY], f"the checkpoint in {self.args.ckpt.path}")
                 except PluginStateError as e:
-                    raise SystemExit(f"po_plugins: {e} (--ckpt.path, --ckpt.load_enable)") from None
+                    raise PluginStateError(f"{e} (--ckpt.path, --ckpt.load_enable)") from None
             interrupt = os.environ.get("PO_PLUGINS_INTERRUPT_AT_STEP")
             self._po_interrupt = int(interrupt) if interrupt else None
-            self.strategy.print(f"[po_plugins] loss {self.po_loss!r}; monitor "
-                                f"{'on' if self.po_monitor else 'off'}"
-                                + ("; chunked LM head (--po.fused_head)" if self._po_fused else "")
-                                + ("; reference-free: reference forward skipped" if self.po_loss.reference_free
-                                   else "; reference log-probs read from the dataset: reference forward skipped"
-                                   if getattr(po, "ref_logp_keys", None) else ""))
+            self.po_print(self.po.banner(
+                "chunked LM head (--po.fused_head)" if self._po_fused else "",
+                "reference-free: reference forward skipped" if self.po_loss.reference_free
+                else "reference log-probs read from the dataset: reference forward skipped"
+                if getattr(po, "ref_logp_keys", None) else ""))
 
-        def _po_head_spec(self):
+        # ---- the host contract (hosts.base.HostAdapter) ----
+        def po_print(self, msg: str) -> None:
+            self.strategy.print(msg)
+
+        def po_is_rank_0(self) -> bool:
+            return self.strategy.is_rank_0()
+
+        def po_head_spec(self):
             base, head, _ = _head_of(self.model.model)
             return head_spec(base, head, float(getattr(self.model, "temperature", 1.0) or 1.0))
 
-        def _po_rescore(self, inputs):
+        def po_rescore(self, inputs):
             saved = self._po_extra
             zw, zl, _, _ = self.concatenated_forward(self.model, *inputs)
             self._po_extra = saved
@@ -346,10 +330,9 @@ def _trainer_class():
                 z = torch.zeros(chosen_ids.shape[0], device=chosen_ids.device)
                 return z, z, [], z.sum()
             is_policy = model is self.model
-            capture = is_policy and self._po_need_scores and torch.is_grad_enabled() and self.model.training
-            if capture:  # --po.score_every k: fresh statistics on every k-th micro-batch, the last ones between
-                self._po_micro += 1
-                self._po_capture = (self._po_micro - 1) % self._po_every == 0
+            capture = is_policy and self.po.need_scores and torch.is_grad_enabled() and self.model.training
+            # --po.score_every k: fresh statistics on every k-th micro-batch, the last ones in between
+            self._po_capture = self.po.scoring(capture)
             input_ids, att_masks, lens2 = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask,
                                                                    prompt_id_lens)
             loss_masks = att_masks.clone().bool()
@@ -384,11 +367,8 @@ def _trainer_class():
                         tokens = self._po_scores(input_ids, att_masks, loss_masks, output["logits"], B)
                     else:
                         tokens = None
-                    if tokens is not None:
-                        extra["tokens"] = tokens
-                        if tokens.stats is not None:
-                            self._po_last_scores = tokens.stats
-                    extra["score_stats"] = self._po_last_scores
+                    extra["tokens"] = tokens
+                    extra["score_stats"] = self.po.stats_for(tokens)
                 self._po_extra = extra
             aux_loss = output.aux_loss if "aux_loss" in output else []
             nll = -means[:B].mean()
@@ -428,31 +408,21 @@ def _trainer_class():
             x = stand_in.out
             if hidden is not x and not (x is not None and hidden.shape == x.shape and torch.equal(hidden, x.to(
                     hidden.dtype))):  # the model rescales its head's output in its forward (not from the config)
-                raise SystemExit(f"po_plugins: --po.fused_head: {type(base).__name__}'s forward transforms its head's "
+                raise OptionError(f"--po.fused_head: {type(base).__name__}'s forward transforms its head's "
                                  "output in a way the chunked head does not reproduce; run without --po.fused_head")
             h, _, y, rows = response_positions(hidden, None, input_ids, att_masks, loss_masks)
             lp, lse = chunked_logprobs(head, h, y, int(self.args.po.head_chunk) or None, scale, cap, temperature,
                                        return_lse=True)
             sums = torch.zeros(input_ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
             if want_scores:
-                stats, acc = None, None
-                if self._po_micro_stats:
-                    is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
-                    with gathered(head.weight, getattr(head, "bias", None)):
-                        w = head.weight
-                        acc = self._po_step_acc(w.shape[0], w.shape[1], h.device)
-                        stats = score_stats_head(
-                            h.detach(), w, y, rows, is_chosen, bias=getattr(head, "bias", None), logit_scale=scale,
-                            softcap=cap, temperature=temperature, lse=lse,
-                            # at most ~2^22 statistics entries a vocabulary chunk, however many response tokens
-                            chunk_size=max(64, min(int(self.args.po.score_chunk), (1 << 22) // max(1, h.shape[0]))),
-                            head_dtype=w.dtype,  # the head's own product and the chunked head's normalisers
-                            acc=acc)
-                self._po_fused_tokens = tokens_of(h, y, rows, B, lse, stats, in_acc=acc is not None)
+                bias = getattr(head, "bias", None)
+                with gathered(head.weight, bias) if self.po.micro_stats else contextlib.nullcontext():
+                    self._po_fused_tokens = self.po.tokens_from_head(
+                        h, y, rows, input_ids.shape[0], B, head.weight, bias, scale, cap, temperature, lse=lse,
+                        # at most ~2^22 statistics entries a vocabulary chunk, however many response tokens
+                        chunk=max(64, min(int(self.args.po.score_chunk), (1 << 22) // max(1, h.shape[0]))),
+                        head_dtype=head.weight.dtype)  # the head's own product and the chunked head's normalisers
             return sums, output
-
-        def _po_step_acc(self, vocab: int, dim: int, device):
-            return self.po_monitor.step_acc(vocab, dim, device) if self.po_monitor is not None else None
 
         def _po_scores(self, input_ids, att_masks, loss_masks, logits, B):
             """This micro-batch's response tokens (head inputs from the hook; log-normalisers from the logits the
@@ -460,23 +430,16 @@ def _trainer_class():
             hidden = self._po_head_cache
             self._po_head_cache = None
             h, lg, y, rows = response_positions(hidden, logits, input_ids, att_masks, loss_masks)
-            stats, acc = None, None
-            if self._po_micro_stats:
-                base, _, _ = _head_of(self.model.model)
-                scale, cap = head_transform(base.config)
-                is_chosen = torch.arange(input_ids.shape[0], device=input_ids.device) < B
-                acc = self._po_step_acc(lg.shape[-1], h.shape[-1], h.device)
-                stats = score_stats_flat(h, lg, y, rows, is_chosen, chunk_size=int(self.args.po.score_chunk),
-                                         logit_scale=scale, softcap=cap,
-                                         temperature=float(getattr(self.model, "temperature", 1.0) or 1.0), acc=acc)
-            return tokens_of(h, y, rows, B, torch.logsumexp(lg.float(), dim=-1), stats, in_acc=acc is not None)
+            base, _, _ = _head_of(self.model.model)
+            scale, cap = head_transform(base.config)
+            return self.po.tokens_from_logits(h, lg, y, rows, input_ids.shape[0], B, scale, cap,
+                                              float(getattr(self.model, "temperature", 1.0) or 1.0))
 
         def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
             logs_dict = dict(logs_dict or {})
             client_states = dict(client_states or {})
-            if self.po_monitor is not None:
-                logs_dict.update(self.po_monitor.end_step(global_step))
-            client_states[STATE_KEY] = plugin_state(self.po_loss, self.po_monitor)
+            logs_dict.update(self.po.end_step(global_step))
+            client_states[STATE_KEY] = self.po.state_dict()
             super().save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)
             if self._po_interrupt is not None and global_step >= self._po_interrupt:
                 self.strategy.print(f"[po_plugins] PO_PLUGINS_INTERRUPT_AT_STEP={self._po_interrupt}: stopping")
@@ -498,8 +461,7 @@ class HostLoss:
         b = PairBatch(chosen, rejected, ref_chosen, ref_rejected, ex.get("chosen_tokens"), ex.get("rejected_tokens"),
                       margins=ex.get("margins"), score_stats=ex.get("score_stats"))
         training = torch.is_grad_enabled() and chosen.requires_grad and t.model.training
-        per_sample, cr, rr = loss_step(t.po_loss, b, t.po_monitor, training, ex.get("inputs"),
-                                       ex.get("tokens") if training else None)
+        per_sample, cr, rr = t.po.loss_step(b, training, ex.get("inputs"), ex.get("tokens") if training else None)
         loss = per_sample.mean()
         if t._po_nll:  # OpenRLHF logs the preference loss and adds the NLL term's value itself
             loss = loss - t.po_loss.hparams["nll_coef"] * (-chosen.detach().float()

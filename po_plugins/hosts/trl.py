@@ -17,6 +17,7 @@ With `po_loss=None` and no monitor, margin or weight column, PoDPOTrainer is TRL
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,9 +27,9 @@ import torch
 
 from ..head import head_transform
 from ..losses import PairBatch, accepted_hparams, build, names
-from ..monitor import loss_step
 from ..options import OPTIONS, OptionError, check_loss, check_options, options_for
-from ..scores import Tokens, score_stats_head, tokens_of
+from ..plugin import require_margins
+from ..scores import Tokens
 from . import HostError  # noqa: F401  (re-exported)
 from .base import HostSpec, Seam, installed_version
 from .base import check_host as check_spec
@@ -39,7 +40,7 @@ logger = logging.getLogger("po_plugins")
 # every place of TRL the plugin subclasses or calls (checked at import by check_host)
 SPEC = HostSpec("TRL", "trl", "trl", "1.16", "1.17", "the DPOTrainer with the fused LM head", (
     Seam("trl.trainer.dpo_trainer", "DPOTrainer",
-     ("compute_loss", "compute_ref_log_probs", "_set_signature_columns_if_needed", "_save_checkpoint", "log",
+     ("compute_loss", "compute_ref_log_probs", "_set_signature_columns_if_needed", "log",
       "_compute_loss"),
      ("fused_lm_head=True", "self._metrics", "ref_chosen_logps", "self.precompute_ref_logps", "use_adapter(",
       "completion_mask")),
@@ -59,6 +60,7 @@ PLUGIN_KEYS = ("po_margin", "po_weight")
 NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *PLUGIN_KEYS}
 
 # TRL's single loss types and the po_plugins objectives with the same definition (docs/trl.md)
+TRL_BETA = 0.1  # DPOConfig's default β
 TRL_NAMES = {"sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo", "exo_pair": "exo", "nca_pair": "nca",
              "robust": "robust_dpo", "bco_pair": "bce", "sppo_hard": "sppo_hard", "apo_zero": "apo_zero",
              "apo_down": "apo_down", "discopop": "discopop"}
@@ -107,10 +109,15 @@ class PoDPOConfig(DPOConfig):
     po_jsonl: str | None = _po_field("jsonl")
     po_margin_key: str | None = _po_field("margin_key")
     po_missing_margin: str = _po_field("missing_margin")
-    po_weight_key: str | None = field(default=None, metadata={
-        "help": "po_plugins: dataset column of per-row loss weights (each pair's loss times its weight)"})
+    po_weight_key: str | None = _po_field("weight_key")
+    # TRL's β; unset, a po_loss trains with its paper's default (as on every host), TRL's own loss_type with 0.1
+    beta: float | None = field(default=None, metadata={
+        "help": "β of the loss (default 0.1 for TRL's loss_type; with po_loss, the objective's own default)"})
 
     def __post_init__(self):
+        self._po_beta_given = self.beta is not None
+        if self.beta is None:
+            self.beta = TRL_BETA
         super().__post_init__()
         if isinstance(self.po_hparams, str):
             try:
@@ -168,8 +175,8 @@ def resolve_loss(args) -> tuple[str | None, dict]:
             raise OptionError(f"label_smoothing={ls} contradicts po_loss='{name}' (TRL's own sigmoid ignores it too); "
                               "label smoothing is cDPO (po_loss='cdpo'), robust DPO ('robust_dpo') or EXO's ε ('exo')")
     accepted = accepted_hparams(name)
-    if "beta" in accepted:
-        hp["beta"] = float(args.beta)
+    if "beta" in accepted and (args.po_loss is None or getattr(args, "_po_beta_given", True)):
+        hp["beta"] = float(args.beta)  # TRL's own loss_type keeps TRL's β; a po_loss its own default unless set
     if base == "ipo" and args.po_loss is None:
         hp.setdefault("length_normalize", True)  # TRL's IPO averages log-ratios over completion tokens
     if base == "discopop":
@@ -198,37 +205,31 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
             raise TypeError("PoDPOTrainer takes a po_plugins.trl.PoDPOConfig (a DPOConfig with the plugin's options): "
                             f"got {type(args).__name__}")
         name, hp = resolve_loss(args)
-        self.po_loss = build(name, **hp) if name else None
+        loss = build(name, **hp) if name else None
         self._po_margin_key, self._po_weight_key = args.po_margin_key, args.po_weight_key
-        if self.po_loss is not None and "margins" in self.po_loss.needs and not args.po_margin_key:
-            raise OptionError(f"loss '{name}' needs reward-model margins: set po_margin_key (--po.margin_key) to the "
-                              "dataset column that holds them (po_plugins.cli.score_margins writes rm_margin)")
+        if loss is not None:
+            require_margins(loss, bool(args.po_margin_key), "set po_margin_key (--po.margin_key) to the dataset "
+                                                              "column that holds them")
         self._po_check_rows(train_dataset, "training", required=True, missing=args.po_missing_margin)
-        self._po_eval_unweighted = set()
         evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
         for ename, eds in evals:
             if eds is not None:
                 self._po_check_rows(eds, f"evaluation ('{ename}')", required=False, missing=args.po_missing_margin)
         super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, *a, **kw)
-        if self.po_loss is None:
+        if loss is None:
             return
         carried = {key: (col, default) for key, col, default in (("po_margin", self._po_margin_key, 0.0),
                                                                   ("po_weight", self._po_weight_key, 1.0)) if col}
         if carried:
             self.data_collator = RowExtras(self.data_collator, carried)
-        self._po_start_monitor(args.po_monitor, args.po_jsonl, args.po_alert_steps, args.po_recheck_every,
-                               int(args.po_score_chunk), f"; consider po_loss='rc_{self.po_loss.name}' "
-                               f"(--loss rc_{self.po_loss.name} with po_plugins.cli.trl_dpo)")
-        self._po_need_scores = self.po_monitor is not None
+        po = self._po_start(loss, args.po_options(), lambda n: f"po_loss='{n}' (--loss {n} with "
+                                                                 "po_plugins.cli.trl_dpo)")
         self._po_capture = False
         self._po_hidden = None
-        self._po_last_scores = None
-        self._po_micro = 0
         self._po_said = set()
-        if self._po_need_scores:
+        if po.need_scores:
             self._po_backbone().register_forward_hook(self._po_hook)
-        self._po_print(f"[po_plugins] loss {self.po_loss!r}; monitor {'on' if self.po_monitor else 'off'}"
-                       + ("; reference-free: reference forward skipped" if self.po_loss.reference_free else ""))
+        self.po_print(po.banner("reference-free: reference forward skipped" if loss.reference_free else ""))
 
     # ---- columns ----------------------------------------------------------------------------------------------
     def _po_check_rows(self, ds, role: str, required: bool, missing: str) -> None:
@@ -319,7 +320,7 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
 
     def _po_scores(self, labels, n_pairs) -> Tokens:
         """This micro-batch's response tokens (head inputs from the backbone hook) and, where needed, its own head
-        statistics."""
+        statistics (TRL's fused head builds no logits: from the head weight)."""
         hidden = self._po_hidden
         self._po_hidden = None
         lab = labels[:, 1:]
@@ -328,33 +329,24 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         base = self._po_unwrapped()
         head = base.get_output_embeddings()
         scale, cap = head_transform(base.config)
-        rows = pos[:, 0]
-        is_chosen = torch.arange(lab.shape[0], device=lab.device) < n_pairs
-        h, y = hid[pos[:, 0], pos[:, 1]], lab[pos[:, 0], pos[:, 1]]
-        stats, acc = None, None
-        if self._po_micro_stats:
-            with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
-                w = head.weight
-                acc = self._po_step_acc(w.shape[0], w.shape[1], w.device)
-                stats = score_stats_head(h.to(w.device), w, y.to(w.device), rows.to(w.device),
-                                         is_chosen.to(w.device), bias=getattr(head, "bias", None), logit_scale=scale,
-                                         softcap=cap, chunk_size=int(self.args.po_score_chunk), acc=acc)
-        return tokens_of(h, y, rows, n_pairs, None, stats, in_acc=acc is not None)
+        h, y, rows = hid[pos[:, 0], pos[:, 1]], lab[pos[:, 0], pos[:, 1]], pos[:, 0]
+        bias = getattr(head, "bias", None)
+        gather = maybe_gather_lm_head_ctx(head.weight, bias) if self.po.micro_stats else contextlib.nullcontext()
+        with gather:
+            return self.po.tokens_from_head(h, y, rows, lab.shape[0], n_pairs, head.weight, bias, scale, cap)
 
-    def _po_rescore(self, inputs):
+    def po_rescore(self, inputs):
         zs, _, _, _, _ = self._po_logps(self.model, inputs)
         return zs.chunk(2, dim=0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.po_loss is None:
+        if self.po is None:
             inputs = {k: v for k, v in inputs.items() if k not in PLUGIN_KEYS}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         training = mode == "train" and torch.is_grad_enabled()
-        capture = training and self._po_need_scores
-        if capture:  # po_score_every k: fresh statistics on every k-th micro-batch, the last ones in between
-            self._po_micro += 1
-            capture = (self._po_micro - 1) % int(self.args.po_score_every) == 0
+        po = self.po
+        capture = po.scoring(training)
         logps, counts, outputs, model_kwargs, labels = self._po_logps(model, inputs, capture)
         zw, zl = logps.chunk(2, dim=0)
         nw, nl = counts.chunk(2, dim=0)
@@ -362,25 +354,22 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         seq_len = inputs["completion_mask"].shape[1] - 1
         if self.precompute_ref_logps:
             rw, rl = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        elif self.po_loss.reference_free:
+        elif po.loss.reference_free:
             rw = rl = None
         else:
             rw, rl = self._po_ref_logps(model_kwargs, labels, seq_len).chunk(2, dim=0)
         stats = tokens = None
-        if training and self._po_need_scores:
+        if training and po.need_scores:
             if capture and self._po_hidden is not None:
                 tokens = self._po_scores(labels, B)
-                if tokens.stats is not None:
-                    self._po_last_scores = tokens.stats
-            stats = self._po_last_scores
+            stats = po.stats_for(tokens)
         margins = inputs.get("po_margin")
-        if margins is None and "margins" in self.po_loss.needs:
+        if margins is None and "margins" in po.loss.needs:
             self._po_once(f"{mode}: no '{self._po_margin_key}' column", "[po_plugins] a dataset without the "
                           f"'{self._po_margin_key}' column ({mode}) is evaluated unweighted (every pair weight 1)")
-            margins = torch.zeros_like(zw)
-        b = PairBatch(zw, zl, rw, rl, nw, nl, weights=inputs.get("po_weight"), margins=margins, score_stats=stats)
-        per_sample, cr, rr = loss_step(self.po_loss, b, self.po_monitor, training, inputs if training else None,
-                                       tokens)
+        b = PairBatch(zw, zl, rw, rl, nw, nl, weights=inputs.get("po_weight"), margins=po.margins_or_unit(margins, zw),
+                      score_stats=stats)
+        per_sample, cr, rr = po.loss_step(b, training, inputs if training else None, tokens)
         loss = per_sample.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -394,7 +383,7 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
     def _po_once(self, key, msg):
         if key not in self._po_said:
             self._po_said.add(key)
-            self._po_print(msg)
+            self.po_print(msg)
 
     def _po_metrics(self, mode, inputs, outputs, zw, zl, cr, rr):
         """TRL's own metric keys, from the same quantities (rewards: β(z − z_ref), or β·z̄ reference-free)."""

@@ -1,0 +1,172 @@
+"""The host-neutral plugin object: everything po_plugins does inside a host's DPO step, written once for every host.
+
+A host adapter (`po_plugins/hosts/<host>.py`) builds one `Plugin` when its trainer starts and calls it at five
+points of the host's step (docs/architecture.md):
+
+    plugin = Plugin(loss, options, adapter, RunInfo(accumulation, world_size, output_dir, spell_loss))
+    scoring = plugin.scoring(training)            # per micro-batch: score this one? (the score_every cadence)
+    tokens = plugin.tokens_from_head(...)         # ... if so, its response tokens and, where needed, its statistics
+    per_sample, cr, rr = plugin.loss_step(batch, training, inputs, tokens)   # the objective, and the monitor fed
+    logs.update(plugin.end_step(global_step))     # per optimizer step: the band record and the po/* scalars
+    state = plugin.state_dict(); plugin.load_state_dict(state, where)        # with the host's checkpoints
+
+The adapter supplies only what it alone can know (`hosts.base.HostAdapter`): the head and its inputs, a re-score of
+a micro-batch, where its messages go. The Plugin owns the objective (with a folded chosen-NLL term), the band monitor,
+the scoring cadence, the step accumulator decision, the loss call, the step end and the state. A new option is added
+here (and in `options.OPTIONS`) and reaches every host.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .errors import OptionError, PluginStateError
+from .losses import PairBatch, PairLoss, with_chosen_nll
+from .monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
+from .options import OPTIONS
+from .scores import ScoreStats, Tokens, score_stats_flat, score_stats_head, tokens_of
+
+
+def micro_stats_needed(calibrating: bool, accumulation: int, world_size: int) -> bool:
+    """Per-micro-batch band statistics: RC calibrates on them; a step of one micro-batch on one process reuses them
+    as the step's (the monitor then skips its step-level pass)."""
+    return calibrating or (accumulation == 1 and world_size == 1)
+
+
+def step_acc_wanted(calibrating: bool, accumulation: int, world_size: int) -> bool:
+    """RC's per-micro-batch vocabulary pass also fills the monitor's step accumulator (BandMonitor(step_acc=...))
+    when a step spans several micro-batches or processes; a single micro-batch's own statistics are the step's."""
+    return calibrating and not (accumulation == 1 and world_size == 1)
+
+
+def needs_margins(loss: PairLoss) -> bool:
+    return "margins" in loss.needs
+
+
+class Plugin:
+    """The plugin inside one host run.
+
+    Args:
+        loss: the objective, as built by `po_plugins.losses.build` (rc_* included).
+        options: the plugin options by their `options.OPTIONS` names (missing ones take their defaults).
+        adapter: the host's trainer, providing `po_head_spec()`, `po_rescore(inputs)`, `po_print(msg)` and
+            `po_is_rank_0()` (`hosts.base.HostAdapter`).
+        run: the host run's `hosts.base.RunInfo` (accumulation window, world size, output dir, loss spelling).
+        nll_coef: the host's own chosen-NLL coefficient (OpenRLHF's --model.nll_loss_coef, LLaMA-Factory's
+            pref_ftx), folded into the objective so that incentives, RC's α and the band include it (0: none).
+    """
+
+    def __init__(self, loss: PairLoss, options: dict[str, Any], adapter, run, nll_coef: float = 0.0):
+        self.options = {**{k: d for k, (_t, d, _h) in OPTIONS.items()}, **options}
+        self.loss = with_chosen_nll(loss, nll_coef) if nll_coef else loss
+        self.calibrating = "score_stats" in self.loss.needs  # reward calibration feeds on the head statistics
+        self.adapter, self.run = adapter, run
+        self.monitor: BandMonitor | None = None
+        if self.options["monitor"] or self.calibrating:
+            path = self.options["jsonl"] or os.path.join(run.output_dir, "po_band.jsonl")
+            hint = "" if self.calibrating else f"; consider {run.spell_loss('rc_' + self.loss.name)}"
+            self.monitor = BandMonitor(self.loss, path, self.options["alert_steps"], self.options["recheck_every"],
+                                       rescore=adapter.po_rescore, log=adapter.po_print, is_rank_0=adapter.po_is_rank_0,
+                                       head=adapter.po_head_spec, score_chunk=int(self.options["score_chunk"]),
+                                       hint=hint, step_acc=step_acc_wanted(self.calibrating, run.accumulation,
+                                                                           run.world_size))
+        self.need_scores = self.monitor is not None
+        self.micro_stats = micro_stats_needed(self.calibrating, run.accumulation, run.world_size)
+        self.every = max(1, int(self.options["score_every"]))
+        self.micro = 0
+        self.last_scores: ScoreStats | None = None
+
+    # ---- per micro-batch ------------------------------------------------------------------------------------
+    def scoring(self, training: bool) -> bool:
+        """Whether the host should capture this training micro-batch's head inputs (`score_every` k: every k-th
+        micro-batch; the statistics of the last scored one are reused in between). Call once per policy forward."""
+        if not (training and self.need_scores):
+            return False
+        self.micro += 1
+        return (self.micro - 1) % self.every == 0
+
+    def step_acc(self, vocab: int, dim: int, device) -> torch.Tensor | None:
+        """The monitor's step accumulator for this micro-batch's vocabulary pass (None: the step makes its own)."""
+        return self.monitor.step_acc(vocab, dim, device) if self.monitor is not None else None
+
+    def tokens_from_logits(self, h, logits, y, rows, n_seqs: int, n_pairs: int, scale: float = 1.0,
+                           cap: float | None = None, temperature: float = 1.0) -> Tokens:
+        """A micro-batch's response tokens from the head's input `h` [M, d] and the final logits [M, V] the
+        log-probs were taken from (labels `y`, sequence index `rows`; rows < n_pairs are chosen), with its own head
+        statistics where they are needed (RC, or a step of one micro-batch)."""
+        stats, acc = None, None
+        if self.micro_stats:
+            is_chosen = torch.arange(n_seqs, device=h.device) < n_pairs
+            acc = self.step_acc(logits.shape[-1], h.shape[-1], h.device)
+            stats = score_stats_flat(h, logits, y, rows, is_chosen, chunk_size=int(self.options["score_chunk"]),
+                                     logit_scale=scale, softcap=cap, temperature=temperature, acc=acc)
+        return tokens_of(h, y, rows, n_pairs, torch.logsumexp(logits.float(), dim=-1), stats, in_acc=acc is not None)
+
+    def tokens_from_head(self, h, y, rows, n_seqs: int, n_pairs: int, weight, bias=None, scale: float = 1.0,
+                         cap: float | None = None, temperature: float = 1.0, lse=None, chunk: int | None = None,
+                         head_dtype=None) -> Tokens:
+        """As `tokens_from_logits`, where no logits exist (a fused or chunked head): the statistics come from the
+        head's `weight` [V, d] (gathered by the caller under ZeRO-3) and `bias`; `lse` the log-normalisers when the
+        host's head computed them, `head_dtype` the dtype of the head's own product."""
+        stats, acc = None, None
+        if self.micro_stats:
+            dev = weight.device
+            is_chosen = torch.arange(n_seqs, device=dev) < n_pairs
+            acc = self.step_acc(weight.shape[0], weight.shape[1], dev)
+            stats = score_stats_head(h.detach().to(dev), weight, y.to(dev), rows.to(dev), is_chosen, bias=bias,
+                                     logit_scale=scale, softcap=cap, temperature=temperature, lse=lse,
+                                     chunk_size=int(chunk or self.options["score_chunk"]), head_dtype=head_dtype,
+                                     acc=acc)
+        return tokens_of(h, y, rows, n_pairs, lse, stats, in_acc=acc is not None)
+
+    def stats_for(self, tokens: Tokens | None) -> ScoreStats | None:
+        """The head statistics the objective sees on this training micro-batch: its own when it was scored, else
+        those of the last scored micro-batch."""
+        if tokens is not None and tokens.stats is not None:
+            self.last_scores = tokens.stats
+        return self.last_scores
+
+    def loss_step(self, b: PairBatch, training: bool, recheck_inputs=None, tokens: Tokens | None = None):
+        """(per-sample losses [B], detached chosen and rejected implicit rewards [B]) of `b`; on training
+        micro-batches the monitor is fed (`tokens`: this micro-batch's, None when it was not scored)."""
+        return loss_step(self.loss, b, self.monitor, training, recheck_inputs, tokens)
+
+    def margins_or_unit(self, margins, like: torch.Tensor):
+        """Margins for an objective that needs them, where a batch has none (an evaluation set without the column):
+        zeros, whose MADPO weight is exactly 1."""
+        if margins is None and needs_margins(self.loss):
+            return torch.zeros_like(like)
+        return margins
+
+    # ---- per optimizer step ---------------------------------------------------------------------------------
+    def end_step(self, global_step: int) -> dict:
+        """Close the optimizer step: the band record (rank 0's JSONL), the alert; returns {'po/<key>': value}."""
+        return self.monitor.end_step(global_step) if self.monitor is not None else {}
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return plugin_state(self.loss, self.monitor)
+
+    def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
+        """Restore `state_dict()`; PluginStateError (one line naming both objectives) for another objective's."""
+        load_plugin_state(state, self.loss, self.monitor, where)
+
+    # ---- messages ---------------------------------------------------------------------------------------------
+    def banner(self, *notes: str) -> str:
+        """The one line a run starts with: the objective, the monitor, and the host's notes."""
+        return "; ".join([f"[po_plugins] loss {self.loss!r}", f"monitor {'on' if self.monitor else 'off'}",
+                          *(n for n in notes if n)])
+
+
+def require_margins(loss: PairLoss, have_column: bool, fix: str) -> None:
+    """One OptionError at start when `loss` weighs pairs by reward-model margins and no margin column is set;
+    `fix` says, in the host's terms, how to name the column."""
+    if needs_margins(loss) and not have_column:
+        raise OptionError(f"loss '{loss.name}' needs reward-model margins: {fix} (po_plugins.cli.score_margins "
+                          "writes rm_margin)")
+
+
+__all__ = ["Plugin", "PluginStateError", "micro_stats_needed", "step_acc_wanted", "require_margins"]
