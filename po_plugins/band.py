@@ -1,4 +1,4 @@
-"""The disentanglement band (DB) of arXiv 2604.18239 (papers.md §1.3–1.4).
+"""The disentanglement band (DB) of arXiv 2604.18239 (docs/monitor.md, "The band of a step").
 
 With incentives d_w, d_l > 0 and scores s_w, s_l (ρ = cos(s_w, s_l)), gradient flow gives
     ż_w ≥ 0  ⇔  log r ≥ log r* + log ρ        (lower edge)
@@ -25,10 +25,16 @@ def _scalar(x) -> float:
 def band_stats(d_w, d_l, sw_norm, sl_norm, sw_dot_sl, eps: float = EPS) -> dict:
     """The band of one optimizer step (or any batch) from its mean incentives and its head scores.
 
-    d_w, d_l: per-sample incentives (any shape; their means are used) or scalars.
+    Args:
+        d_w, d_l: per-sample incentives (any shape; their means are used) or scalars.
+        sw_norm, sl_norm, sw_dot_sl: ‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩ (scalars or 0-dim tensors, e.g. a `ScoreStats`).
+        eps: floor inside the logs.
+
     The verdict is the sign conditions of the paper's gradient flow, ż_w ≥ 0 and ż_l ≤ 0 (`predicted_signs`), which
-    equal the band when both mean incentives are positive and hold for every r when ρ ≤ 0. Returns:
-      rho (cosine of s_w, s_l, in [−1, 1]; None if a score is 0), log_r_star (None if a score norm is 0),
+    equal the band when both mean incentives are positive and hold for every r when ρ ≤ 0 (docs/monitor.md, "Keys").
+
+    Returns:
+      A dict: rho (cosine of s_w, s_l, in [−1, 1]; None if a score is 0), log_r_star (None if a score norm is 0),
       log_r (None unless both mean incentives are > 0), lower/upper/slack (None where the band is undefined: a mean
       incentive ≤ 0, or ρ ≤ 0 where the band is the whole line), in_band (0/1, always defined),
       pred_sign_w/pred_sign_l (−1, 0, 1) and edge: None in band, else "lower" (the chosen log-likelihood is
@@ -68,7 +74,14 @@ def _sign(x: float) -> int:
 
 
 def predicted_signs(d_w: float, d_l: float, sw_norm: float, sl_norm: float, sw_dot_sl: float) -> tuple[int, int]:
-    """Signs of ż_w and ż_l under gradient flow, ż_w ∝ d_w‖s_w‖² − d_l⟨s_w,s_l⟩, ż_l ∝ d_w⟨s_w,s_l⟩ − d_l‖s_l‖²."""
+    """Signs of ż_w and ż_l under gradient flow, ż_w ∝ d_w‖s_w‖² − d_l⟨s_w,s_l⟩, ż_l ∝ d_w⟨s_w,s_l⟩ − d_l‖s_l‖².
+
+    Args:
+        d_w, d_l: mean incentives. sw_norm, sl_norm, sw_dot_sl: the head score statistics.
+
+    Returns:
+        (sign of ż_w, sign of ż_l), each −1, 0 or 1.
+    """
     zw = d_w * sw_norm**2 - d_l * sw_dot_sl
     zl = d_w * sw_dot_sl - d_l * sl_norm**2
     return _sign(zw), _sign(zl)
@@ -87,7 +100,16 @@ def _f(x) -> str:
 
 def alert_message(streak: int, alert_steps: int, rec: dict, hint: str | None = None) -> str | None:
     """The training-log warning, once, when a run has been out of the band for `alert_steps` consecutive steps; it
-    names the edge crossed at the alerting step and what that predicts. `hint`: the host's fix ("" for none)."""
+    names the edge crossed at the alerting step and what that predicts (docs/monitor.md, "Alert, NLL terms, state,
+    limits").
+
+    Args:
+        streak: consecutive out-of-band steps so far. alert_steps: the streak that alerts (≤ 0: never).
+        rec: the step's JSONL record. hint: the host's fix ("" for none; None: the calibrated objective's name).
+
+    Returns:
+        The message when `streak == alert_steps`, else None.
+    """
     if alert_steps <= 0 or streak != alert_steps:
         return None
     name = str(rec.get("loss_name", ""))

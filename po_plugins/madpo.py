@@ -1,4 +1,5 @@
-"""MADPO margin-adaptive weights (Rho, arXiv 2510.05342; papers.md §2.2, as in the authors' MADPOLoss).
+"""MADPO margin-adaptive weights (Rho, arXiv 2510.05342; docs/losses.md, "MADPO weights"; as in the authors'
+MADPOLoss).
 
     c(a) = c_min + (c_max − c_min) / (1 + ((c_max − 1)/(1 − c_min)) · exp(λ(a − τ))),   a = |ĥ|
     w(ĥ) = σ(c(|ĥ|)·ĥ) / σ(ĥ)   for ĥ > −τ,       w(ĥ) = 1 for ĥ ≤ −τ
@@ -28,7 +29,15 @@ def _check(c_max: float, c_min: float, lam: float, tau: float) -> None:
 
 def scale_c(a: torch.Tensor, c_max: float = 2.0, c_min: float | None = None, lam: float = 1.0,
             tau: float = math.log(999)) -> torch.Tensor:
-    """The margin-dependent scale c(a), decreasing from ≈ c_max at a = 0 to c_min, with c(τ) = 1."""
+    """The margin-dependent scale c(a), decreasing from ≈ c_max at a = 0 to c_min, with c(τ) = 1.
+
+    Args:
+        a: margin magnitudes |ĥ| (any shape). c_max: > 1. c_min: in (0, 1), None for 1/c_max. lam: slope, > 0.
+        tau: the margin where c = 1, > 0 (raw reward-model logit units).
+
+    Returns:
+        c(a), same shape as `a`; ValueError on out-of-range hyperparameters.
+    """
     c_min = 1.0 / c_max if c_min is None else c_min
     _check(c_max, c_min, lam, tau)
     k = (c_max - 1.0) / (1.0 - c_min)
@@ -37,7 +46,14 @@ def scale_c(a: torch.Tensor, c_max: float = 2.0, c_min: float | None = None, lam
 
 def margin_weights(margins: torch.Tensor, c_max: float = 2.0, c_min: float | None = None, lam: float = 1.0,
                    tau: float = math.log(999)) -> torch.Tensor:
-    """Per-pair weights w(ĥ) ≥ 0 (fp32, no grad) for reward-model margins ĥ [B]."""
+    """Per-pair weights w(ĥ) ≥ 0 for reward-model margins ĥ [B] (oriented toward the labelled winner).
+
+    Args:
+        margins: ĥ [B], finite. c_max, c_min, lam, tau: as in `scale_c`.
+
+    Returns:
+        w [B], fp32, detached; w = 1 for ĥ ≤ −τ (the cap). ValueError naming the positions of non-finite margins.
+    """
     h = torch.as_tensor(margins).detach().float()
     if not torch.isfinite(h).all():
         bad = (~torch.isfinite(h)).nonzero(as_tuple=True)[0].tolist()

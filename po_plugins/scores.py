@@ -1,9 +1,9 @@
 """Head score statistics: norms and inner product of s_w = grad_W mean(z_w), s_l = grad_W mean(z_l).
 
-The disentanglement band (arXiv 2604.18239, §1.4 of papers.md) needs ‖s_w‖, ‖s_l‖ and ⟨s_w, s_l⟩ restricted to
-the LM-head weight W (V×d). With logits = hidden @ Wᵀ, the gradient of a summed response log-prob is
-sum_t (e_{y_t} − softmax(logits_t)) h_tᵀ, so the three statistics follow from hidden states and logits alone:
-no V×d matrix is materialised at once (the vocabulary is processed in chunks) and W itself is never read,
+The disentanglement band (arXiv 2604.18239; docs/monitor.md, "The band of a step") needs ‖s_w‖, ‖s_l‖ and
+⟨s_w, s_l⟩ restricted to the LM-head weight W (V×d). With logits = hidden @ Wᵀ, the gradient of a summed response
+log-prob is sum_t (e_{y_t} − softmax(logits_t)) h_tᵀ, so the three statistics follow from hidden states and logits
+alone: no V×d matrix is materialised at once (the vocabulary is processed in chunks) and W itself is never read,
 which is what makes this work when ZeRO-3 shards W.
 """
 
@@ -35,6 +35,11 @@ def head_score_stats(
     """‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩ where s = ∇_W of the mean over chosen (rejected) rows of summed response logps.
 
     Cost: one pass over the vocabulary, O(M·V·d) for M response tokens; memory O(M·chunk + chunk·d).
+
+    Args: as annotated above (padded [N, T, ·] layout); chunk_size: vocabulary rows per chunk.
+
+    Returns:
+        ScoreStats of 0-dim fp32 tensors; ValueError when hidden and logits disagree in shape.
     """
     if hidden.dim() != 3 or logits.dim() != 3 or logits.shape[:2] != hidden.shape[:2]:
         raise ValueError(f"hidden [N,T,d] and logits [N,T,V] must agree, got {tuple(hidden.shape)}, "
@@ -70,6 +75,12 @@ def score_stats_flat(
       "gram":  ⟨s_a, s_b⟩ = Σ_{i∈a, j∈b} (A Aᵀ)_ij (H Hᵀ)_ij with A Aᵀ accumulated over vocabulary chunks:
                O(M²·V) work, O(M·chunk + M²) memory.
     "auto" takes the cheaper: gram when M < 2d (measured crossover on CPU; one GEMM beats two per chunk).
+
+    Args: as annotated above; `acc` [2, V, d] fp32 (vocabulary pass only): each side's unscaled score matrix is
+    added to it (BandMonitor.step_acc).
+
+    Returns:
+        ScoreStats of 0-dim fp32 tensors.
     """
     V = logits.shape[-1]
     s, T = float(logit_scale), float(temperature)
@@ -110,14 +121,31 @@ class Tokens(NamedTuple):
 
 def tokens_of(hidden, labels, rows, n_pairs: int, lse: torch.Tensor | None = None,
               stats: ScoreStats | None = None, in_acc: bool = False) -> Tokens:
-    """Tokens from gathered response positions (rows < n_pairs are chosen)."""
+    """Tokens from gathered response positions (rows < n_pairs are chosen).
+
+    Args:
+        hidden [M, d], labels [M], rows [M]: as `response_positions` returns them. n_pairs: pairs of the micro-batch.
+        lse: [M] log-normalisers, if computed. stats: the micro-batch's own ScoreStats, if computed. in_acc: its
+            score matrices were added to the monitor's step accumulator.
+
+    Returns:
+        Tokens, detached (lse in fp32).
+    """
     return Tokens(hidden.detach(), labels.detach(), (rows < n_pairs).detach(),
                   None if lse is None else lse.detach().float(), int(n_pairs), stats, bool(in_acc))
 
 
 def final_lse(logits: torch.Tensor, scale: float = 1.0, softcap: float | None = None,
               temperature: float = 1.0) -> torch.Tensor:
-    """[M] log-normalisers of the logits that are softmaxed, from a head's raw output [M, V] at response positions."""
+    """[M] log-normalisers of the logits that are softmaxed, from a head's raw output [M, V] at response positions.
+
+    Args:
+        logits: the head's raw output [M, V]. scale, softcap, temperature: the final-logit transform
+            (po_plugins.head.head_transform).
+
+    Returns:
+        [M] log-sum-exp of the final logits (detached).
+    """
     from .head import final_logits
 
     return torch.logsumexp(final_logits(logits.detach(), scale, softcap, temperature), dim=-1)
@@ -171,6 +199,11 @@ def score_stats_head(
 
     The logit of token v is z = c·tanh(s·u/c)/T with u = h·W_vᵀ + b_v (without soft-capping z = s·u/T), so
     ∂(log-prob)/∂W_v = Σ_t ([y_t = v] − p_tv)·(∂z_tv/∂u_tv)·h_t: exact, including the scale, cap and temperature.
+
+    Args: as annotated above.
+
+    Returns:
+        ScoreStats of 0-dim fp32 tensors.
     """
     spec = HeadSpec(weight, bias, logit_scale, softcap, temperature, head_dtype)
     _, hidden, labels, rows, lse = _chosen_first(is_chosen.bool().to(rows.device)[rows], hidden, labels, rows, lse)
@@ -184,7 +217,15 @@ def step_score_sums(tokens: Tokens, spec: HeadSpec, n_pairs: int, vocab: tuple[i
     """[‖s_w‖², ‖s_l‖², ⟨s_w, s_l⟩] restricted to vocabulary rows `vocab` = [a, b) (default: all), where
     s = ∇_W (1/n_pairs)·Σ z over every token of `tokens` (e.g. all micro-batches of an optimizer step, gathered
     from all ranks). The three entries are sums over vocabulary rows, so slices computed on different ranks add
-    up to the full statistics. `tokens.lse` must be the full-vocabulary log-normalisers."""
+    up to the full statistics. `tokens.lse` must be the full-vocabulary log-normalisers.
+
+    Args:
+        tokens: the response tokens (with lse). spec: the head. n_pairs: the pair count n of the 1/n scaling.
+        vocab: the vocabulary slice [a, b). chunk_size, method: as in `score_stats_flat`.
+
+    Returns:
+        A [3] fp32 tensor; ValueError when `tokens.lse` is None.
+    """
     a0, b0 = vocab if vocab is not None else (0, spec.weight.shape[0])
     if tokens.lse is None:
         raise ValueError("step_score_sums needs the log-normalisers (Tokens.lse)")
@@ -196,7 +237,14 @@ def step_score_sums(tokens: Tokens, spec: HeadSpec, n_pairs: int, vocab: tuple[i
 
 @torch.no_grad()
 def partial_lse(tokens: Tokens, spec: HeadSpec, vocab: tuple[int, int], chunk_size: int = 4096) -> torch.Tensor:
-    """[M] log-sum-exp of the final logits over vocabulary rows [a, b) (combine slices with a log-sum-exp)."""
+    """[M] log-sum-exp of the final logits over vocabulary rows [a, b) (combine slices with a log-sum-exp).
+
+    Args:
+        tokens: the response tokens. spec: the head. vocab: the slice [a, b). chunk_size: rows per chunk.
+
+    Returns:
+        [M] fp32 partial log-normalisers.
+    """
     chunk = _head_chunk(tokens.hidden, spec)
     a0, b0 = vocab
     out = torch.full((tokens.hidden.shape[0],), -math.inf, dtype=torch.float32, device=tokens.hidden.device)

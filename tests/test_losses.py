@@ -247,3 +247,62 @@ def test_toy_band_example_runs_and_reports_both_runs(capsys):
     rc = next(line for line in out.splitlines() if line.strip().startswith("rc_dpo:"))
     assert "Δz_w = -" in dpo and "in-band 0%" in dpo and "30/30" in dpo
     assert "Δz_w = +" in rc and "in-band 100%" in rc and "30/30" in rc
+
+
+# ---- diagnostics (po_plugins.objective.Diagnostics) ---------------------------------------------------------
+def _diag_batch(B=6, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    zw, zl = -20 - 5 * torch.rand(B, generator=g), -24 - 5 * torch.rand(B, generator=g)
+    n = torch.randint(3, 20, (B,), generator=g)
+    margins = torch.tensor([-9.0, -2.0, 0.0, 1.5, 4.0, 12.0])[:B]
+    from po_plugins.scores import ScoreStats
+
+    return PairBatch(zw.requires_grad_(), zl.requires_grad_(), zw.detach() + torch.randn(B, generator=g),
+                     zl.detach() + torch.randn(B, generator=g), n, n + 2, margins=margins,
+                     score_stats=ScoreStats(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.5)))
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo", "ipo", "beta_dpo", "r_dpo", "orpo"])
+def test_diagnostics_of_an_objective_are_its_incentives_with_alpha_one_and_no_weights(name):
+    from po_plugins import incentives
+    from po_plugins.objective import Diagnostics
+
+    loss, b = build(name), _diag_batch()
+    before = repr(loss.state_dict())
+    diag = loss.diagnostics(b)
+    assert isinstance(diag, Diagnostics)
+    d_w, d_l = incentives(loss, b)
+    assert torch.equal(diag.d_w, d_w) and torch.equal(diag.d_l, d_l) and diag.d_w.shape == (6,)
+    assert diag.alpha == 1.0  # r_dpo and beta_dpo have a hyperparameter called alpha: it is not RC's α
+    assert diag.margin_weights is None and diag.capped is None
+    assert repr(loss.state_dict()) == before  # the state is frozen while differentiating
+
+
+def test_madpo_diagnostics_report_its_weights_and_cap_also_through_wrappers():
+    from po_plugins.losses import with_chosen_nll
+    from po_plugins.madpo import margin_weights
+
+    b = _diag_batch()
+    w = margin_weights(b.margins, 2.0, None, 1.0, 3.0)
+    for loss in (build("madpo", tau=3.0), build("rc_madpo", tau=3.0), with_chosen_nll(build("madpo", tau=3.0), 0.5),
+                 with_chosen_nll(build("rc_madpo", tau=3.0), 0.5)):
+        diag = loss.diagnostics(b)
+        assert torch.equal(diag.margin_weights, w), loss
+        assert diag.capped.tolist() == [True, False, False, False, False, False], loss
+    # the weights are those forward applies: MADPO's loss is w times DPO's
+    torch.testing.assert_close(build("madpo", tau=3.0)(b), w * build("dpo")(b))
+    assert build("madpo").margin_weighting(PairBatch(b.policy_chosen, b.policy_rejected)) is None  # no margins
+
+
+def test_with_chosen_nll_leaves_its_argument_unchanged():
+    from po_plugins.losses import ChosenNLL, with_chosen_nll
+    from po_plugins.rc import RewardCalibrated
+
+    rc = build("rc_dpo", beta=0.2, ema_decay=0.9)
+    hp = dict(rc.hparams)
+    folded = with_chosen_nll(rc, 0.5)
+    assert folded is not rc and isinstance(folded, RewardCalibrated) and isinstance(folded.base, ChosenNLL)
+    assert rc.hparams == hp and not isinstance(rc.base, ChosenNLL)  # the original is untouched
+    assert list(folded.hparams) == [*hp, "nll_coef"] and folded.hparams["nll_coef"] == 0.5
+    assert folded.ema_decay == 0.9 and folded.name == "rc_dpo" and folded.base.base is rc.base
+    assert with_chosen_nll(rc, 0.0) is rc

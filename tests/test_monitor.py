@@ -346,3 +346,60 @@ def test_micro_batch_view_is_the_band_rc_calibrates_on(tmp_path):
     line = json.loads((tmp_path / "po_band.jsonl").read_text().splitlines()[1])
     assert line["micro_in_band_frac"] == pytest.approx(sum(expect) / 4)
     assert line["score_pairs"] == 8  # the step's band still covers all four micro-batches
+
+
+def test_the_monitor_reads_an_objective_only_through_its_diagnostics(tmp_path):
+    """Incentives, α and margin weights come from `loss.diagnostics(b)`: an objective that reports its own is
+    recorded as it reports, with no attribute of RC or MADPO looked up."""
+    from po_plugins.losses import DPO
+    from po_plugins.objective import Diagnostics
+
+    class Reporting(DPO):
+        needs = ("ref", "margins")
+
+        def diagnostics(self, b):
+            n = b.policy_chosen.shape[0]
+            return Diagnostics(torch.full((n,), 2.0), torch.full((n,), 0.5), 0.25, torch.tensor([0.5, 1.0, 3.0]),
+                               torch.tensor([False, True, False]))
+
+    loss = Reporting()
+    path = tmp_path / "po_band.jsonl"
+    mon = BandMonitor(loss, str(path), recheck_every=0)
+    b = batch(0, 3)
+    b.margins = torch.zeros(3)
+    loss_step(loss, b, mon, training=True, tokens=stats_only(b))
+    logs = mon.end_step(1)
+    rec = json.loads(path.read_text().splitlines()[1])
+    assert rec["d_w"] == 2.0 and rec["d_l"] == 0.5 and rec["alpha"] == 0.25
+    assert rec["log_r"] == pytest.approx(math.log(4.0))
+    assert logs["po/w_mean"] == pytest.approx(1.5) and logs["po/w_min"] == 0.5 and logs["po/w_max"] == 3.0
+    assert logs["po/w_capped_frac"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("name", ["r_dpo", "beta_dpo"])
+def test_alpha_is_one_for_objectives_with_a_hyperparameter_called_alpha(tmp_path, name):
+    """RC's α only: R-DPO's and β-DPO's own `alpha` hyperparameters are not the calibration factor."""
+    loss = build(name)
+    path = tmp_path / "po_band.jsonl"
+    mon = BandMonitor(loss, str(path), recheck_every=0)
+    b = batch(0, 4)
+    b.chosen_tokens = b.rejected_tokens = torch.full((4,), 5)
+    loss_step(loss, b, mon, training=True, tokens=stats_only(b))
+    mon.end_step(1)
+    assert json.loads(path.read_text().splitlines()[1])["alpha"] == 1.0
+
+
+def test_rc_record_uses_the_incentives_of_the_calibrated_micro_batch(tmp_path):
+    """The monitor's d_w, d_l of an rc_ objective are α·d_w, d_l/α of the base on the very micro-batch RC
+    calibrated on (bit for bit), and its α is RC's."""
+    loss = build("rc_dpo")
+    path = tmp_path / "po_band.jsonl"
+    mon = BandMonitor(loss, str(path), recheck_every=0)
+    for lo in (0, 3):  # a first step moves α away from 1
+        b = batch(lo, lo + 3, stats=(1.0 + lo, 3.0, 0.5))
+        loss_step(loss, b, mon, training=True, tokens=stats_only(b))
+        mon.end_step(lo + 1)
+    rec = json.loads(path.read_text().splitlines()[2])
+    d_w = loss.alpha * loss.last_incentives[0]
+    assert loss.alpha != 1.0 and rec["alpha"] == loss.alpha
+    assert rec["d_w"] == float(d_w.double().sum()) / 3

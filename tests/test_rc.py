@@ -183,3 +183,48 @@ def test_chosen_nll_folded_into_the_objective_incentives_and_rc():
     torch.testing.assert_close(gl2, gl / alpha)
     with pytest.raises(ValueError, match="finite number >= 0"):
         with_chosen_nll(build("dpo"), -1.0)
+
+
+def test_diagnostics_reuse_the_base_incentives_of_the_same_micro_batch(monkeypatch):
+    """On the micro-batch it calibrated on, RC reports α·d_w, d_l/α from the update's own autograd pass (no second
+    one); on any other micro-batch it differentiates with the state frozen, like any objective."""
+    import po_plugins.objective as objective
+    import po_plugins.rc as rc_mod
+
+    rc = build("rc_simpo")
+    for s in range(3):  # move α away from 1
+        rc(batch(seed=s, sw=0.5 + s, sl=2.0))
+    b = batch(seed=7, sw=0.6, sl=2.5)
+    rc(b)
+    assert rc.alpha != 1.0
+    calls = []
+    monkeypatch.setattr(rc_mod, "incentives", lambda *a: calls.append(a) or objective.incentives(*a))
+    diag = rc.diagnostics(b)
+    assert calls == []  # reused
+    assert diag.alpha == rc.alpha and diag.margin_weights is None and diag.capped is None
+    assert torch.equal(diag.d_w, rc.alpha * rc.last_incentives[0]) and torch.equal(diag.d_l,
+                                                                                   rc.last_incentives[1] / rc.alpha)
+    d_w, d_l = po_plugins.incentives(rc, b)  # the same numbers by autograd of the calibrated loss
+    torch.testing.assert_close(diag.d_w, d_w, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(diag.d_l, d_l, rtol=1e-6, atol=1e-9)
+    other = batch(seed=8)  # not calibrated on: autograd with α frozen, nothing updated
+    calls_before, alpha = rc.calls, rc.alpha
+    diag2 = rc.diagnostics(other)
+    assert len(calls) == 1 and rc.calls == calls_before and rc.alpha == alpha
+    d_w, d_l = po_plugins.incentives(rc, other)
+    assert torch.equal(diag2.d_w, d_w) and torch.equal(diag2.d_l, d_l)
+
+
+def test_with_base_keeps_the_calibrator_and_leaves_self_unchanged():
+    from po_plugins.rc import RewardCalibrated
+
+    rc = build("rc_dpo", ema_decay=0.9, clamp_to_band=True)
+    for s in range(2):
+        rc(batch(seed=s))
+    state = rc.state_dict()
+    new = rc.with_base(build("bce", beta=0.5))
+    assert isinstance(new, RewardCalibrated) and new.name == "rc_bce" and new.base is not rc.base
+    assert new.ema == rc.ema and new.ema is not rc.ema and new.alpha == rc.alpha and new.calls == rc.calls == 2
+    assert new.ema_decay == 0.9 and new.clamp_to_band and new.hparams["beta"] == 0.5
+    assert new.last_incentives is None  # the old base's incentives are not the new one's
+    assert rc.state_dict() == state and rc.base.name == "dpo"
