@@ -1,6 +1,6 @@
 """`make demo`: why calibration matters, on a real OpenRLHF DPO run. Offline; under a minute on two CPU cores.
 
-    python -m po_plugins.demo [--out runs/demo] [--seed 0] [--pairs 64] [--epochs 2]
+    po-plugins demo [--out runs/demo] [--seed 0] [--pairs 64] [--epochs 2]     (or: python -m po_plugins.demo ...)
 
 A tiny Llama is built locally (po_plugins.tiny) with preference pairs whose chosen and rejected answers share text
 and differ in length (`kind="shared"`: the rejected answer is the chosen one continued by two more sentences). Such
@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from po_plugins.cli._common import user_errors
+from po_plugins.errors import PoError
 from po_plugins.tiny import run_module
 
 ALERT = "out of the disentanglement band"
@@ -48,7 +50,7 @@ def run_cli(loss: str, assets: dict, out: Path, extra: list[str] | None = None, 
     rc = res.returncode
     if rc != 0:
         sys.stderr.write(log.read_text()[-4000:])
-        raise SystemExit(f"[demo] the {loss} run failed (exit {rc}); full log: {log}")
+        raise PoError(f"the demo's {loss} run failed (exit {rc}); full log: {log}")
     return run_dir
 
 
@@ -147,12 +149,15 @@ def run_demo(out, seed: int = 0, pairs: int = DEFAULTS["pairs"], epochs: int = D
     if report:
         from po_plugins.cli.report import main as report_main
 
-        report_main([str(r) for r in runs] + ["--out", str(out / "report"), "--labels", ",".join(losses)])
-        print(f"[demo] band report: {out / 'report' / 'index.html'}")
+        rc = report_main([str(r) for r in runs] + ["--out", str(out / "report"), "--labels", ",".join(losses)])
+        if rc:
+            print(f"[demo] no band report (po-plugins report exited {rc}, see above)", file=sys.stderr)
+        else:
+            print(f"[demo] band report: {out / 'report' / 'index.html'}")
     return results
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="tiny offline OpenRLHF DPO vs RC-DPO run plus its band report")
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--seed", type=int, default=0, help="model and data seed")
@@ -165,8 +170,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no_report", action="store_true")
     ap.add_argument("--json", help="also write the outcomes to this file")
     a = ap.parse_args(argv)
-    res = run_demo(a.out, a.seed, a.pairs, a.epochs, a.lr, a.beta, a.alert_steps, a.n_eval,
-                   tuple(a.losses.split(",")), report=not a.no_report, kind=a.kind)
+    with user_errors():
+        res = run_demo(a.out, a.seed, a.pairs, a.epochs, a.lr, a.beta, a.alert_steps, a.n_eval,
+                       tuple(a.losses.split(",")), report=not a.no_report, kind=a.kind)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 0

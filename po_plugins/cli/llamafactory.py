@@ -1,13 +1,14 @@
 """LLaMA-Factory's own training (`llamafactory-cli train`) with po_plugins' objectives, band monitor and margins.
 
-    python -m po_plugins.cli.llamafactory train cfg.yaml [key=value ...]
+    po-plugins llamafactory train cfg.yaml [key=value ...]       (or: python -m po_plugins.cli.llamafactory train ...)
 
 The YAML is LLaMA-Factory's (stage: dpo), with `pref_loss:` any po_plugins objective (rc_* included) or one of
 LLaMA-Factory's own names (sigmoid, hinge, ipo, orpo, simpo: they train what their names say), and the plugin's
 `po_*` keys: po_<hyperparameter> or po_hparams (the loss's hyperparameters by paper name; β is pref_beta),
 po_monitor, po_alert_steps, po_recheck_every, po_score_every, po_score_chunk, po_jsonl, po_margin_key,
-po_missing_margin, po_weight_key. Per-dataset margin / weight columns go in dataset_info.json
-("columns": {"margin": "rm_margin", "weight": "w"}). `key=value` overrides work as with llamafactory-cli.
+po_missing_margin, po_weight_key (`--help` lists them with their meaning and defaults; docs/llamafactory.md).
+Per-dataset margin / weight columns go in dataset_info.json ("columns": {"margin": "rm_margin", "weight": "w"}).
+`key=value` overrides work as with llamafactory-cli.
 
 With FORCE_TORCHRUN=1 or several GPUs, LLaMA-Factory re-launches its own launcher under torchrun (which would lose
 this wrapper); this wrapper launches torchrun on itself instead (NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR,
@@ -17,20 +18,78 @@ MASTER_PORT as LLaMA-Factory reads them), so every worker installs the plugin. S
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 
-from po_plugins.options import OptionError
+from po_plugins.cli._common import user_errors
+from po_plugins.options import OPTIONS, OptionError, options_for
 
-USAGE = ("usage: python -m po_plugins.cli.llamafactory train cfg.yaml [key=value ...]\n"
+USAGE = ("usage: po-plugins llamafactory train cfg.yaml [key=value ...]\n"
+         "       po-plugins llamafactory <other llamafactory-cli command> ...   (version, env, chat, export, ...)\n"
+         "  (python -m po_plugins.cli.llamafactory ... is the same command)\n"
          "  a LLaMA-Factory DPO YAML (stage: dpo) with pref_loss: <po_plugins objective, or sigmoid,\n"
          "  hinge, ipo, orpo, simpo> and po_* keys (docs/llamafactory.md)")
 _DIST_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+# the YAML keys that are not options.OPTIONS entries: (key, meaning, default); po_weight_key only where OPTIONS lacks it
+_HPARAM_KEYS = (
+    ("po_<hyperparameter>", "a hyperparameter of the objective by its paper's name (e.g. po_gamma: 1.0); the "
+                            "objective's β is LLaMA-Factory's pref_beta", "the objective's own"),
+    ("po_hparams", "the same as one mapping (po_hparams: {gamma: 1.0}) or a JSON object", "{}"),
+)
+_WEIGHT_KEY = ("po_weight_key", "a dataset column of per-row loss weights (each pair's loss times its weight)", None)
+NO_HOST = ("LLaMA-Factory's own options: LLaMA-Factory is not installed in this environment; run this help in "
+           "LLaMA-Factory's environment (pip install 'po-plugins[llamafactory]') to list them, or see "
+           "`llamafactory-cli train --help` there.")
 
 
-def _fail(msg: str):
-    raise SystemExit(f"po_plugins: {msg}")
+def _yaml_value(value) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def plugin_help() -> str:
+    """USAGE and the plugin's YAML keys with their meaning and defaults (no LLaMA-Factory import)."""
+    from po_plugins.losses import names
+
+    objectives = ", ".join(names())
+    lines = [USAGE, "", "po_plugins YAML keys (LLaMA-Factory's own options follow):",
+             f"  {'pref_loss':<22} a po_plugins objective ({objectives}) or LLaMA-Factory's own sigmoid, hinge, ipo, "
+             "orpo, simpo (they train what their names say)"]
+    for key, text, default in _HPARAM_KEYS:
+        lines.append(f"  {key:<22} {text} (default {default})")
+    keys = [("po_" + k, OPTIONS[k][2], OPTIONS[k][1]) for k in options_for("llamafactory")]
+    if _WEIGHT_KEY[0] not in {k for k, _, _ in keys}:
+        keys.append(_WEIGHT_KEY)
+    for key, text, default in keys:
+        lines.append(f"  {key:<22} {text}" + ("" if default is None else f" (default {_yaml_value(default)})"))
+    lines.append('  dataset_info.json: "columns": {"margin": "rm_margin", "weight": "w"} names a dataset\'s own margin '
+                 "and weight columns (they take precedence over po_margin_key / po_weight_key)")
+    return "\n".join(lines)
+
+
+def print_help(command: str = "help") -> None:
+    """The plugin's keys, then LLaMA-Factory's own help (train: its training arguments; else its command list), or a
+    line saying where that help is when LLaMA-Factory is not installed here."""
+    print(plugin_help() + "\n", flush=True)
+    if importlib.util.find_spec("llamafactory") is None:
+        print(NO_HOST)
+        return
+    _prepare()
+    if command != "train":
+        _llamafactory_cli(["help"])
+        return
+    from llamafactory.hparams import get_train_args
+
+    saved = sys.argv
+    sys.argv = ["po-plugins llamafactory train"]  # the usage line's program name
+    try:
+        get_train_args(["--help"])  # LLaMA-Factory's HfArgumentParser prints its help and exits
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    finally:
+        sys.argv = saved
 
 
 def _prepare() -> None:
@@ -41,15 +100,11 @@ def _prepare() -> None:
 
 
 def _host():
+    """The LLaMA-Factory adapter, after its host check (HostError: missing or unsupported LLaMA-Factory)."""
     _prepare()
-    try:
-        from po_plugins.hosts import llamafactory as host
-    except RuntimeError as e:  # HostError: unsupported or missing LLaMA-Factory
-        _fail(str(e))
-    try:
-        host.check_host()
-    except host.HostError as e:
-        _fail(str(e))
+    from po_plugins.hosts import llamafactory as host
+
+    host.check_host()
     return host
 
 
@@ -63,7 +118,7 @@ def _wants_torchrun() -> bool:
     if _under_launcher():
         return False
     if is_env_enabled("USE_MCA"):
-        _fail("USE_MCA (Megatron) runs its own DPO trainer, which po_plugins cannot reach: unset USE_MCA")
+        raise OptionError("USE_MCA (Megatron) runs its own DPO trainer, which po_plugins cannot reach: unset USE_MCA")
     return is_env_enabled("FORCE_TORCHRUN") or get_device_count() > 1
 
 
@@ -101,7 +156,7 @@ def read_config(argv: list[str]) -> dict:
     finally:
         sys.argv = saved
     if not isinstance(args, dict):
-        _fail("give a YAML or JSON config: " + USAGE)
+        raise OptionError("give a YAML or JSON config: po-plugins llamafactory train cfg.yaml [key=value ...]")
     return args
 
 
@@ -133,36 +188,39 @@ def run(args: dict, callbacks=None) -> None:
 
 
 def train(argv: list[str]) -> int:
+    """`train cfg.yaml [key=value ...]`; typed errors (OptionError, HostError) propagate to main."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print_help("train")
         return 0
     _host()
     if _wants_torchrun():
         return _torchrun(argv)
     args = read_config(argv)
-    try:
-        run(args)
-    except OptionError as e:
-        _fail(str(e))
+    run(args)
     return 0
+
+
+def _llamafactory_cli(argv: list[str]) -> None:
+    from llamafactory.cli import main as lf_main
+
+    sys.argv = [sys.argv[0], *argv]
+    lf_main()
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else "help"
-    if command == "train":
-        rc = train(argv[1:])
-        if rc:
-            raise SystemExit(rc)
-        return
-    if command in ("help", "-h", "--help"):
-        print(USAGE)
-        return
-    _prepare()
-    from llamafactory.cli import main as lf_main
-
-    sys.argv = [sys.argv[0], *argv]
-    lf_main()
+    with user_errors():
+        if command == "train":
+            rc = train(argv[1:])
+            if rc:
+                raise SystemExit(rc)
+            return
+        if command in ("help", "-h", "--help"):
+            print_help()
+            return
+        _prepare()
+        _llamafactory_cli(argv)
 
 
 if __name__ == "__main__":

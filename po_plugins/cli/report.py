@@ -2,11 +2,14 @@
 
 Usage::
 
-    python -m po_plugins.cli.report RUN_DIR [RUN_DIR ...] --out DIR [--labels a,b] [--smooth N]
+    po-plugins report RUN_DIR [RUN_DIR ...] --out DIR [--labels a,b] [--smooth N]
+    (or: python -m po_plugins.cli.report ...)
 
 Each RUN_DIR must contain ``po_band.jsonl`` (written when training runs with ``--po.monitor`` or an
 ``rc_*`` loss); a path to the ``.jsonl`` file itself is accepted too. Prints the path of index.html.
-Exit codes: 0 ok, 1 unreadable trace or matplotlib missing, 2 usage error / missing run or trace.
+Exit codes: 0 ok, 1 unreadable trace or matplotlib missing, 2 usage error / missing run or trace; each error is one
+line "po_plugins: ..." on stderr (`main` returns the status; a typed po_plugins error from the library ends the
+command through `po_plugins.cli._common.user_errors`, status 1).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from po_plugins.cli._common import EXIT_USAGE, user_errors
 from po_plugins.report import TRACE_NAME, MissingDependencyError, TraceError, load_trace, write_report
 
 MONITOR_HINT = "the run must be started with the monitor on (--po.monitor or an rc_* loss)"
@@ -65,20 +69,29 @@ def _unique(labels: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    err = sys.stderr
+def _error(message: str) -> None:
+    print(f"po_plugins: {message}", file=sys.stderr)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the report; returns the exit status (0, 1 or 2, see above)."""
+    args = _parser().parse_args(argv)
+    with user_errors():
+        return _report(args)
+
+
+def _report(args) -> int:
+    err = sys.stderr
     if args.smooth < 1:
-        print(f"error: --smooth must be >= 1, got {args.smooth}", file=err)
-        return 2
+        _error(f"--smooth must be >= 1, got {args.smooth}")
+        return EXIT_USAGE
     labels = None
     if args.labels is not None:
         labels = [s.strip() for s in args.labels.split(",")]
         if len(labels) != len(args.run_dirs) or not all(labels):
-            print(f"error: --labels has {len(labels)} entr{'y' if len(labels) == 1 else 'ies'} "
-                  f"for {len(args.run_dirs)} RUN_DIR(s); give one non-empty label per run", file=err)
-            return 2
+            _error(f"--labels has {len(labels)} entr{'y' if len(labels) == 1 else 'ies'} "
+                   f"for {len(args.run_dirs)} RUN_DIR(s); give one non-empty label per run")
+            return EXIT_USAGE
 
     missing = []
     for arg in args.run_dirs:
@@ -88,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         elif not _trace_path(arg).is_file():
             missing.append(f"no {TRACE_NAME} in {run} (expected {_trace_path(arg)})")
     if missing:
-        print("error: " + "; ".join(missing) + f" -- {MONITOR_HINT}", file=err)
-        return 2
+        _error("; ".join(missing) + f" -- {MONITOR_HINT}")
+        return EXIT_USAGE
 
     traces = []
     for arg in args.run_dirs:
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 trace = load_trace(_trace_path(arg))
             except (TraceError, OSError) as exc:
-                print(f"error: {exc}", file=err)
+                _error(str(exc))
                 return 1
         for w in caught:
             print(f"warning: {w.message}", file=err)
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = write_report(dict(zip(names, traces, strict=True)), args.out, smooth=args.smooth)
     except MissingDependencyError as exc:
-        print(f"error: {exc}", file=err)
+        _error(str(exc))
         return 1
     print(index)
     return 0
