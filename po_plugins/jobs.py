@@ -42,7 +42,6 @@ FORMAT_FLAGS = {
     "tokenizer_chat_template": {"default": None},
     "disable_fast_tokenizer": {"action": "store_true", "default": False},
 }
-PARTS_OF_OTHER_INPUTS = "model, data, --data.*, --batch_size or --margin_key differ"
 
 
 # ------------------------------------------------------------------------------------------------------ options
@@ -238,6 +237,7 @@ def fingerprint(items: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------------- part files
 def part_path(output, rank: int) -> str:
+    """The part file of ``rank``: ``OUT.partial.jsonl`` (rank 0), ``OUT.partial.rank<r>.jsonl``."""
     return f"{output}.partial.jsonl" if rank == 0 else f"{output}.partial.rank{rank}.jsonl"
 
 
@@ -258,7 +258,7 @@ def append_part(path, fp: str, lines: list) -> None:
         os.fsync(f.fileno())
 
 
-def read_parts(output, fp: str, differs: str = PARTS_OF_OTHER_INPUTS) -> dict:
+def read_parts(output, fp: str, differs: str) -> dict:
     """{row: {column: value}} from every part file of ``output``.
 
     Args:
@@ -284,9 +284,10 @@ def read_parts(output, fp: str, differs: str = PARTS_OF_OTHER_INPUTS) -> dict:
     return done
 
 
-def start_parts(output, fp: str, resume: bool, rank: int, world: int, differs: str = PARTS_OF_OTHER_INPUTS) -> dict:
-    """The checkpointed results of an interrupted run when ``resume`` (`read_parts`), else {} after rank 0 removed
-    stale part files; returns once every rank got there, so no rank appends before the others read."""
+def start_parts(output, fp: str, resume: bool, rank: int, world: int, differs: str) -> dict:
+    """The checkpointed results of an interrupted run when ``resume`` (`read_parts`, which names ``differs`` when
+    the parts are of other inputs), else {} after rank 0 removed stale part files; returns once every rank got
+    there, so no rank appends before the others read."""
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     done = read_parts(output, fp, differs) if resume else {}
     if not resume and rank == 0:

@@ -93,7 +93,7 @@ def test_fingerprints_follow_the_files(tmp_path):
 def test_checkpointed_loop_resume_and_refusal(tmp_path, monkeypatch, capsys):
     out = tmp_path / "sub" / "o.jsonl"
     batches = [[0, 1], [2], [3, 4], [5]]
-    assert jobs.start_parts(out, "fp1", False, 0, 1) == {}
+    assert jobs.start_parts(out, "fp1", False, 0, 1, "x") == {}
     monkeypatch.setenv("PO_TEST_STOP", "3")
     with pytest.raises(SystemExit) as stop:  # a simulated crash after 3 batches: only 2 were checkpointed
         run_loop(out, "fp1", batches)
@@ -102,14 +102,14 @@ def test_checkpointed_loop_resume_and_refusal(tmp_path, monkeypatch, capsys):
     assert jobs.part_files(out) == [f"{out}.partial.jsonl"]
     with open(f"{out}.partial.jsonl", "a") as f:
         f.write('{"i": 9, "v"')  # a torn last line
-    done = jobs.start_parts(out, "fp1", True, 0, 1)
+    done = jobs.start_parts(out, "fp1", True, 0, 1, "x")
     assert done == {0: {"v": 0}, 1: {"v": 10}, 2: {"v": 20}}
     with pytest.raises(DataError, match=r"o.jsonl.partial.jsonl was written for other inputs \(the seed differs\); "
                                         "delete it or run without --resume"):
         jobs.start_parts(out, "fp2", True, 0, 1, differs="the seed differs")
-    assert jobs.start_parts(out, "fp2", False, 0, 1) == {} and jobs.part_files(out) == []  # stale parts removed
+    assert jobs.start_parts(out, "fp2", False, 0, 1, "x") == {} and jobs.part_files(out) == []  # stale parts removed
     run_loop(out, "fp1", batches)
-    assert jobs.read_parts(out, "fp1") == {i: {"v": 10 * i} for i in range(6)}
+    assert jobs.read_parts(out, "fp1", "x") == {i: {"v": 10 * i} for i in range(6)}
 
 
 def test_publish_writes_atomically_and_removes_parts(tmp_path):

@@ -18,6 +18,7 @@ from po_plugins.reward_models import openrlhf_rm
 
 PAIRINGS = ("best_worst", "bradley_terry")
 STOP_ENV = "PO_PLUGINS_LABEL_STOP_AFTER"
+PARTS_OF_OTHER_INPUTS = "input, --reward, --data.*, --batch_size or --samples_key differ"
 _C, _R = "__po_chosen", "__po_rejected"
 
 
@@ -197,7 +198,7 @@ def label_file(args) -> None:
 
     run, batches, keys = rm_plan(raw, uniq, args, rank, world) if args.kind == "rm" else fn_plan(raw, uniq, args)
     fp = fingerprint(args, n)
-    done = jobs.start_parts(args.output, fp, args.resume, rank, world)
+    done = jobs.start_parts(args.output, fp, args.resume, rank, world, PARTS_OF_OTHER_INPUTS)
     if args.resume:
         say(f"resuming: {len(done)} of {n} rows have checkpointed rewards")
     todo = jobs.my_batches(batches, rank, world, lambda b: all(str(t) in done.get(i, {}) for i, t in keys(b)))
@@ -205,7 +206,7 @@ def label_file(args) -> None:
     jobs.checkpointed_loop(todo, run, args.output, fp, rank, world, args.checkpoint_every, STOP_ENV, bar,
                            size=lambda batch: 1)
     if rank == 0:
-        done = jobs.read_parts(args.output, fp)
+        done = jobs.read_parts(args.output, fp, PARTS_OF_OTHER_INPUTS)
         rewards = []
         for i in range(n):
             got = done.get(i, {})

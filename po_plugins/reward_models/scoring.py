@@ -15,6 +15,7 @@ from po_plugins.reward_models import detect_rm_kind, hf_rm, openrlhf_rm
 
 STOP_ENV = "PO_PLUGINS_SCORE_STOP_AFTER"
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+PARTS_OF_OTHER_INPUTS = "model, data, --data.*, --batch_size or --margin_key differ"
 
 
 def check_options(args) -> None:
@@ -118,7 +119,7 @@ def score_file(args, kind: str | None = None) -> None:
     raw, passes = (hf_passes if kind == "hf" else openrlhf_passes)(args, rank, world, say)
     n = len(raw)
     fp = fingerprint(args, n)
-    done = jobs.start_parts(args.output, fp, args.resume, rank, world)
+    done = jobs.start_parts(args.output, fp, args.resume, rank, world, PARTS_OF_OTHER_INPUTS)
     if args.resume:
         say(f"resuming: {len(done)} of {n} rows have a checkpointed score")
 
@@ -139,7 +140,7 @@ def score_file(args, kind: str | None = None) -> None:
     jobs.checkpointed_loop(todo, work, args.output, fp, rank, world, args.checkpoint_every, STOP_ENV, bar,
                            size=lambda t: len(t[1]))
     if rank == 0:
-        done = jobs.read_parts(args.output, fp)
+        done = jobs.read_parts(args.output, fp, PARTS_OF_OTHER_INPUTS)
         columns = {c: [done.get(i, {}).get(c) for i in range(n)] for p in passes for c in p.columns}
         missing = [i for i, m in enumerate(columns[args.margin_key]) if m is None]
         if missing:
