@@ -106,6 +106,50 @@ def check_loss(name: str | None, hparams: dict[str, Any], loss_flag: str = "--lo
         raise OptionError(f"invalid hyperparameter for loss '{name}': {e}") from None
 
 
+# how each host's user sets the objective's temperature β
+BETA_FLAG = {"openrlhf": "--model.beta", "trl": "--beta", "llamafactory": "pref_beta"}
+
+
+def parse_plugin_flags(host: str, argv: list[str], default_loss: str | None = None, fill_defaults: bool = True):
+    """The plugin's part of a host command line: `--loss NAME` and `--po.<option or hyperparameter> [VALUE]`,
+    typed and checked for `host` (its options are `options_for(host)`; another host's option is refused naming
+    that host; a hyperparameter is one of the loss's, or of `default_loss` when no --loss is given).
+
+    Returns (loss or None, {option: value} for every option of the host (`fill_defaults=False`: the given ones
+    only), {hyperparameter: value}, the host's own arguments in order). Raises OptionError naming the fix."""
+    from .losses import accepted_hparams, names
+
+    loss, raw, rest = split_plugin_argv(argv)
+    if loss is not None and loss not in names():
+        raise OptionError(f"unknown loss '{loss}' (--loss){nearest(loss, names())}; choose one of: "
+                          f"{', '.join(names())}")
+    mine = options_for(host)
+    po = {}
+    hp_of = loss or default_loss
+    accepted = accepted_hparams(hp_of) if hp_of else {}
+    hparams = {}
+    for name, (val, flag) in raw.items():
+        if name in mine:
+            po[name] = parse_value(OPTIONS[name][0], val, flag)
+        elif name == "beta":
+            raise OptionError(f"the temperature is {BETA_FLAG[host]} (not {flag})")
+        elif name in accepted:
+            hparams[name] = coerce_hparam(accepted[name], val, flag)
+        elif name in OPTIONS:
+            refuse_option(host, name, flag)
+        elif hp_of is None:
+            raise OptionError(f"unknown flag {flag}{nearest(name, mine)}: give --loss NAME for a hyperparameter, or "
+                              f"one of {', '.join('--po.' + k for k in mine)}")
+        else:
+            choices = sorted(set(mine) | set(accepted) - {"beta"})
+            raise OptionError(f"unknown flag {flag}{nearest(name, choices)} for --loss {hp_of}; accepted --po.* "
+                              f"flags: {', '.join(choices)} (the temperature is {BETA_FLAG[host]})")
+    full = {**{k: OPTIONS[k][1] for k in mine}, **po}
+    check_options(full)
+    check_loss(loss, hparams)  # values too (--po.ema_decay 1.5): one line, before any model is built
+    return loss, full if fill_defaults else po, hparams, rest
+
+
 def split_plugin_argv(argv: list[str]) -> tuple[str | None, dict[str, tuple[str | None, str]], list[str]]:
     """Take `--loss NAME` and `--po.<name> [VALUE]` out of a command line (both `--flag v` and `--flag=v`);
     returns (loss, {name: (raw value or None, flag as written)}, the host's own arguments in order)."""

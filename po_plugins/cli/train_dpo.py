@@ -15,49 +15,17 @@ import sys
 from types import SimpleNamespace
 
 from po_plugins.cli._common import user_errors
-from po_plugins.options import (
-    OPTIONS,
-    OptionError,
-    check_loss,
-    check_options,
-    coerce_hparam,
-    nearest,
-    options_for,
-    parse_value,
-    refuse_option,
-    split_plugin_argv,
-)
+from po_plugins.options import OPTIONS, OptionError, options_for, parse_plugin_flags
 
 HOST = "openrlhf"
 
 
 def split_argv(argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
     """Take --loss and --po.* out of argv; return (plugin options, host argv). OptionError for a bad flag."""
-    from po_plugins.losses import accepted_hparams, names
-
-    loss, raw_po, rest = split_plugin_argv(argv)
-    if loss is not None and loss not in names():
-        raise OptionError(f"unknown loss '{loss}'{nearest(loss, names())}; choose one of: {', '.join(names())}")
-    accepted = accepted_hparams(loss or "dpo")
-    mine = options_for(HOST)
-    po = {k: OPTIONS[k][1] for k in mine}
-    hparams = {}
-    for name, (val, flag) in raw_po.items():
-        if name in mine:
-            po[name] = parse_value(OPTIONS[name][0], val, flag)
-        elif name in accepted:
-            hparams[name] = coerce_hparam(accepted[name], val, flag)
-        elif name in OPTIONS:
-            refuse_option(HOST, name, flag)
-        else:
-            choices = sorted(set(mine) | set(accepted) - {"beta"})
-            raise OptionError(f"unknown flag {flag}{nearest(name, choices)} for --loss {loss or 'dpo'}; accepted "
-                              f"--po.* flags: {', '.join(choices)} (the temperature is --model.beta)")
+    loss, po, hparams, rest = parse_plugin_flags(HOST, argv, default_loss="dpo")
     if po["margin_key"] == "margin":
         raise OptionError("--po.margin_key must not be 'margin' (OpenRLHF reads that column as the reward-model "
                           "margin-loss target); use e.g. rm_margin")
-    check_options(po)
-    check_loss(loss, hparams)  # values too (--po.ema_decay 1.5): one line, before any model is built
     beta_given = any(a == "--model.beta" or a.startswith("--model.beta=") for a in rest)
     return SimpleNamespace(loss=loss, hparams=hparams, beta_given=beta_given, **po), rest
 

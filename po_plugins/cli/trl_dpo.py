@@ -16,55 +16,18 @@ import runpy
 import sys
 
 from po_plugins.cli._common import user_errors
-from po_plugins.options import (
-    OPTIONS,
-    OptionError,
-    check_loss,
-    check_options,
-    coerce_hparam,
-    nearest,
-    options_for,
-    parse_value,
-    refuse_option,
-    split_plugin_argv,
-)
+from po_plugins.options import OPTIONS, options_for, parse_plugin_flags
 
 MODULE = "trl.scripts.dpo"
 
 
 def translate(argv: list[str]) -> list[str]:
     """--loss / --po.* -> TRL parser flags for PoDPOConfig (--po_loss, --po_<option>, --po_hparams JSON)."""
-    from po_plugins.losses import accepted_hparams, names
-
-    loss, raw, rest = split_plugin_argv(argv)
-    if loss is not None and loss not in names():
-        raise OptionError(f"unknown loss '{loss}' (--loss){nearest(loss, names())}; choose one of: "
-                          f"{', '.join(names())}")
-    options = options_for("trl")
-    accepted = accepted_hparams(loss) if loss else {}
-    po, hparams = {}, {}
-    for name, (val, flag) in raw.items():
-        if name in options:
-            po[name] = parse_value(OPTIONS[name][0], val, flag)
-        elif name == "beta":
-            raise OptionError("the temperature is TRL's --beta (not --po.beta)")
-        elif name in accepted:
-            hparams[name] = coerce_hparam(accepted[name], val, flag)
-        elif name in OPTIONS:
-            refuse_option("trl", name, flag)
-        else:
-            raise OptionError(f"unknown flag {flag}{nearest(name, set(options) | set(accepted) - {'beta'})} for "
-                              f"--loss {loss}; accepted --po.* flags: "
-                              f"{', '.join(sorted(set(options) | set(accepted) - {'beta'}))} (the temperature is "
-                              "--beta)" if loss else f"unknown flag {flag}: give --loss NAME for a hyperparameter, or "
-                              f"one of {', '.join('--po.' + k for k in options)}")
-    check_options({**{k: OPTIONS[k][1] for k in options}, **po})
-    if loss:
-        check_loss(loss, hparams)
+    loss, given, hparams, rest = parse_plugin_flags("trl", argv, fill_defaults=False)
     out = list(rest)
     if loss:
         out += ["--po_loss", loss]
-    for k, v in po.items():
+    for k, v in given.items():
         out += [f"--po_{k}", str(v)]
     if hparams:
         out += ["--po_hparams", json.dumps(hparams)]

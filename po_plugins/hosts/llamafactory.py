@@ -409,8 +409,9 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         for i, v in enumerate(self.train_dataset["_po_margin"]):
             if v is None or not math.isfinite(v):
                 if missing:
-                    where = "; ".join(f"dataset '{d}' has no column '{k}' (its columns: {c})"
-                                      for d, (k, c) in missing.items())
+                    where = "; ".join(f"dataset '{d}' has no column '{k}' (its columns: {c})" if k else
+                                      f"dataset '{d}' names no margin column (neither po_margin_key nor columns.margin "
+                                      f"in dataset_info.json; its columns: {c})" for d, (k, c) in missing.items())
                     raise OptionError(f"loss '{loss.name}' needs a reward-model margin in every training row: "
                                       f"{where}. Declare the column in dataset_info.json (\"columns\": {{\"margin\": "
                                       "\"rm_margin\"}), set po_margin_key, or po_missing_margin: unit to give such "

@@ -321,3 +321,43 @@ def test_lf_names_and_po_keys_resolve():
         resolve("kto_pair")
     with pytest.raises(OptionError, match="pref_bco_weight"):
         resolve("sigmoid", pref_bco_weight=0.5)
+
+
+def test_yaml_accepts_exactly_the_llamafactory_options():
+    """options_for('llamafactory') is the one list of po_* option keys: each is accepted, every other host's option
+    is refused with one line naming the host that has it (po_fused_head: OpenRLHF)."""
+    from po_plugins.hosts.llamafactory import split_args
+    from po_plugins.options import HOSTS, OPTIONS, OptionError, options_for
+
+    value = {"missing_margin": "unit", "ref_logp_keys": "a,b"}
+    for key, (kind, _d, _h) in OPTIONS.items():
+        raw = value.get(key, True if kind is bool else 2 if kind is int else "col")
+        if key in options_for("llamafactory"):
+            _, cfg = split_args({f"po_{key}": raw})
+            assert cfg.opt(key) == raw
+            continue
+        with pytest.raises(OptionError) as e:
+            split_args({f"po_{key}": raw})
+        owners = [HOSTS[h] for h in HOSTS if key in options_for(h)]
+        assert f"po_{key} is an option of" in str(e.value) and all(o in str(e.value) for o in owners)
+        assert "LLaMA-Factory does not support it" in str(e.value)
+    with pytest.raises(OptionError, match=r"po_fused_head is an option of OpenRLHF \(--po.fused_head\) only"):
+        split_args({"po_fused_head": True})
+
+
+def test_an_objective_keeps_its_own_beta_unless_pref_beta_is_set():
+    """The same objective trains the same hyperparameters on every host unless the user sets them: rc_simpo
+    without pref_beta has SimPO's β = 2.0, as on OpenRLHF and TRL; LLaMA-Factory's own names keep pref_beta."""
+    from llamafactory.hparams import FinetuningArguments
+
+    from po_plugins.hosts.llamafactory import resolve_loss, split_args
+    from po_plugins.losses import build
+
+    def hp(pref, yaml):
+        _, cfg = split_args(yaml)
+        name, hp = resolve_loss(FinetuningArguments(stage="dpo", pref_loss=pref,
+                                                    **{k: v for k, v in yaml.items() if k == "pref_beta"}), cfg)
+        return build(name, **hp).hparams["beta"]
+
+    assert hp("rc_simpo", {}) == 2.0 and hp("rc_simpo", {"pref_beta": 0.1}) == 0.1
+    assert hp("simpo", {}) == 0.1 and hp("sigmoid", {}) == 0.1  # LLaMA-Factory's own losses: its pref_beta
