@@ -234,8 +234,14 @@ def load_config(path: str | Path) -> dict:
     """Read, check and complete a config: one error per problem (OptionError), naming the fix."""
     import yaml
 
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
+    if not Path(path).is_file():
+        raise OptionError(f"madpo config: {path} is not a file (examples: examples/madpo/madpo.yaml, "
+                          "examples/madpo/madpo_trl.yaml)")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise OptionError(f"madpo config: {path} is not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(cfg, dict):
         raise OptionError(f"madpo config: {path} must be a mapping of section: fields (see examples/madpo/madpo.yaml)")
     unknown = set(cfg) - set(SECTIONS)

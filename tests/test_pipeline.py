@@ -6,6 +6,7 @@ the shipped examples dry-run cleanly on the assets `--example_assets` builds, an
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,11 @@ def test_shipped_examples_dry_run_on_the_assets_built_for_them(capsys, tmp_path)
     if CPU:
         assert "--ds.attn_implementation sdpa" not in lines["rm"]  # TRL's CPU flags are its own
         assert "--use_cpu true --bf16 false" in lines["rm"]
+    # the example's optional generation block, uncommented, also finds every input it names (prompts.jsonl)
+    text = re.sub(r"^# (rounds|generation|  \w)", r"\1", (folder / "madpo.yaml").read_text(), flags=re.M)
+    (folder / "madpo_rounds.yaml").write_text(text)
+    lines, err = dry_run(capsys, folder / "madpo_rounds.yaml")
+    assert err == "" and f"--data.dataset {folder / 'prompts.jsonl'} " in lines["round 1 generate"]
 
 
 def test_run_madpo_sh_is_the_pipeline_with_deepspeed(tmp_path):
@@ -231,3 +237,18 @@ def test_execute_skips_complete_steps_and_marks_training_done(tmp_path):
     failing = [steps[0], step("score", scored, "raise SystemExit(3)")]
     assert pipeline.execute(cfg, failing, lambda line, err=False: said.append((line, err)), force=["score"]) == 3
     assert said[-1][1] and "score failed (exit 3)" in said[-1][0]
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("data: [a\n")
+    for path, message in ((tmp_path / "bad.yaml", "bad.yaml is not valid YAML"),
+                          (tmp_path / "none.yaml", "none.yaml is not a file"),
+                          (write(tmp_path / "l.yaml", {"data": "pairs.jsonl", "reward_model": {"pretrain": "m"},
+                                                       "dpo": {"pretrain": "m"}}), "'data' must be a mapping")):
+        with pytest.raises(SystemExit) as e:
+            madpo.main(["--config", str(path), "--dry_run"])
+        assert str(e.value.code).startswith("po_plugins: madpo config: ") and message in str(e.value.code)
+        assert "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        madpo.main([])
+    assert e.value.code == 2
