@@ -122,7 +122,7 @@ def train(loss_name: str, steps: int = 200, lr: float = 0.05, seed: int = 0, toy
         records.append({
             "step": step, "loss": float(loss.detach()), "z_w": float(zw.detach()), "z_l": float(zl.detach()),
             "delta_z_w": float(zw2 - zw.detach()), "delta_z_l": float(zl2 - zl.detach()),
-            "d_w": float(dw), "d_l": float(dl), "alpha": float(getattr(loss_fn, "alpha", 1.0)),
+            "d_w": float(dw), "d_l": float(dl), "alpha": float(loss_fn.diagnostics(batch).alpha),
             **band,
         })
     return records

@@ -194,8 +194,8 @@ def resolve_loss(finetuning_args, cfg: PoLFConfig) -> tuple[str, dict]:
         raise OptionError("pref_loss: kto_pair has no po_plugins objective (TRL 0.24 dropped it too); choose one of: "
                           f"{', '.join(list(LF_NAMES) + names())}")
     if pref not in LF_NAMES and pref not in names():
-        raise OptionError(f"unknown pref_loss '{pref}'; choose one of LLaMA-Factory's {', '.join(LF_NAMES)} or a "
-                          f"po_plugins objective: {', '.join(names())}")
+        raise OptionError(f"unknown pref_loss '{pref}'{nearest(pref, [*LF_NAMES, *names()])}; choose one of "
+                          f"LLaMA-Factory's {', '.join(LF_NAMES)} or a po_plugins objective: {', '.join(names())}")
     name = LF_NAMES.get(pref, pref)
     hp = {}
     ls = float(finetuning_args.dpo_label_smoothing or 0.0)
@@ -327,11 +327,24 @@ def _align_dataset(dataset, dataset_attr, data_args, training_args):
                                   f"its rows have no '{key}' (columns: {cols}); point columns.{what} at the right "
                                   "column")
             _ACTIVE["missing"][what].append((str(dataset_attr), key, cols))
+            training = str(dataset_attr) in (data_args.dataset or [])
+            if what == "margin" and training and cfg.opt("missing_margin") != "unit":  # refused before the model loads
+                raise _missing_margins(_ACTIVE["name"], [(str(dataset_attr), key, cols)])
             values = [math.nan] * len(aligned)
         else:
             values = [_row_value(v, what, key, i, dataset_attr) for i, v in enumerate(dataset[key])]
         aligned = aligned.add_column(ROW_COLUMNS[what], values)
     return aligned
+
+
+def _missing_margins(loss_name: str, missing: list) -> OptionError:
+    """The one error for training datasets without a margin column: (dataset, column or None, its columns)."""
+    where = "; ".join(f"dataset '{d}' has no column '{k}' (its columns: {c})" if k else
+                      f"dataset '{d}' names no margin column (neither po_margin_key nor columns.margin in "
+                      f"dataset_info.json; its columns: {c})" for d, k, c in missing)
+    return OptionError(f"loss '{loss_name}' needs a reward-model margin in every training row: {where}. Declare the "
+                       "column in dataset_info.json (\"columns\": {\"margin\": \"rm_margin\"}), set po_margin_key, or "
+                       "po_missing_margin: unit to give such rows weight 1")
 
 
 def _preprocess_dataset(self, examples):
@@ -409,13 +422,7 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         for i, v in enumerate(self.train_dataset["_po_margin"]):
             if v is None or not math.isfinite(v):
                 if missing:
-                    where = "; ".join(f"dataset '{d}' has no column '{k}' (its columns: {c})" if k else
-                                      f"dataset '{d}' names no margin column (neither po_margin_key nor columns.margin "
-                                      f"in dataset_info.json; its columns: {c})" for d, (k, c) in missing.items())
-                    raise OptionError(f"loss '{loss.name}' needs a reward-model margin in every training row: "
-                                      f"{where}. Declare the column in dataset_info.json (\"columns\": {{\"margin\": "
-                                      "\"rm_margin\"}), set po_margin_key, or po_missing_margin: unit to give such "
-                                      "rows weight 1")
+                    raise _missing_margins(loss.name, [(d, k, c) for d, (k, c) in missing.items()])
                 raise OptionError(f"row {i} of the training dataset has no finite margin; fill it or set "
                                   "po_missing_margin: unit to give such rows weight 1")
 
