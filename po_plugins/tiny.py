@@ -94,7 +94,23 @@ def make_tokenizer(out_dir, vocab_size: int = 512, texts=None):
     )
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(str(out_dir))
+    _portable_tokenizer_config(out_dir)
     return hf_tok
+
+
+def _portable_tokenizer_config(out_dir) -> None:
+    """The saved tokenizer loads under transformers 4.5x (LLaMA-Factory's environment) and 5.x alike: the class both
+    know (transformers 5 writes its own `TokenizersBackend`) and the role markers under the key both read."""
+    import json
+
+    path = Path(out_dir, "tokenizer_config.json")
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg.pop("backend", None)
+    extra = cfg.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        cfg["additional_special_tokens"] = extra
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def make_model(

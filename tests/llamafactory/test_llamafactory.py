@@ -361,3 +361,44 @@ def test_an_objective_keeps_its_own_beta_unless_pref_beta_is_set():
 
     assert hp("rc_simpo", {}) == 2.0 and hp("rc_simpo", {"pref_beta": 0.1}) == 0.1
     assert hp("simpo", {}) == 0.1 and hp("sigmoid", {}) == 0.1  # LLaMA-Factory's own losses: its pref_beta
+
+
+def test_tiny_assets_built_in_either_environment_load_in_the_other(tmp_path):
+    """po_plugins.tiny builds the same model and tokenizer under transformers 5 (the main venv) and 4.57 (this one),
+    and each environment loads the other's with the same token ids, special tokens and chat template."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    main_python = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
+    assert main_python.exists(), "make test builds .venv before .venv-lf"
+    check = ("import sys, json; from transformers import AutoModelForCausalLM, AutoTokenizer; d = sys.argv[1]; "
+             "AutoModelForCausalLM.from_pretrained(d); t = AutoTokenizer.from_pretrained(d); "
+             "ids = t.apply_chat_template([{'role': 'user', 'content': 'hello world'}], tokenize=True); "
+             "ids = ids['input_ids'] if hasattr(ids, 'keys') else ids; "
+             "print(json.dumps([t('good <|user|> bad')['input_ids'], list(ids), t.pad_token_id, t.eos_token_id]))")
+    build = "import sys; from po_plugins.tiny import make_model; make_model(sys.argv[1])"
+    seen = {}
+    for name, python in (("main", str(main_python)), ("lf", sys.executable)):
+        out = tmp_path / name
+        subprocess.run([python, "-c", build, str(out)], check=True, capture_output=True)
+        for reader, rpython in (("main", str(main_python)), ("lf", sys.executable)):
+            res = subprocess.run([rpython, "-c", check, str(out)], capture_output=True, text=True)
+            assert res.returncode == 0, (name, reader, res.stderr[-2000:])
+            seen[name, reader] = res.stdout.strip().splitlines()[-1]
+    assert len(set(seen.values())) == 1, seen
+
+
+def test_report_to_tensorboard_carries_the_po_scalars(assets, lf, tmp_path):
+    """The shipped example's `report_to: tensorboard` works in this environment: LLaMA-Factory's TensorBoard log of
+    an rc_dpo run has the po/* scalars, equal to the band trace's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    lf.run_inprocess(lf.base_config(assets, out, pref_loss="rc_dpo", max_steps=2, report_to="tensorboard",
+                                    logging_dir=str(tmp_path / "tb_logs")))
+    events = sorted((tmp_path / "tb_logs").rglob("events.out.tfevents.*"))
+    assert events, list((tmp_path / "tb_logs").rglob("*"))
+    ea = EventAccumulator(str(events[0].parent))
+    ea.Reload()
+    assert [e.value for e in ea.Scalars("train/po/alpha")] == pytest.approx([r["alpha"] for r in lf.band(out)])
