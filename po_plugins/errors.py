@@ -25,9 +25,11 @@ class DataError(PoError, ValueError):
     """A data file that cannot be used as given; the message names the file, the row and the column where known."""
 
     def __init__(self, message: str, file: str | None = None, row: int | None = None, column: str | None = None):
-        where = ", ".join(x for x in (f"file {file}" if file else "", f"row {row}" if row is not None else "",
-                                      f"column '{column}'" if column else "") if x)
-        super().__init__(f"{message} ({where})" if where and where not in message else message)
+        parts = (f"file {file}" if file and str(file) not in message else "",
+                 f"row {row}" if row is not None and f"row {row}" not in message else "",
+                 f"column '{column}'" if column and f"'{column}'" not in message else "")
+        where = ", ".join(p for p in parts if p)
+        super().__init__(f"{message} ({where})" if where else message)
         self.file, self.row, self.column = file, row, column
 
 
