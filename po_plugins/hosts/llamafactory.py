@@ -173,7 +173,7 @@ def split_args(args: dict) -> tuple[dict, PoLFConfig]:
             raw_hp[name] = (val, key)
         else:
             accepted = sorted([f"po_{k}" for k in LF_OPTIONS] + ["po_hparams"])
-            hint = nearest(name, [*LF_OPTIONS, "hparams", *known_hp])
+            hint = nearest(key, [f"po_{k}" for k in (*LF_OPTIONS, "hparams", *known_hp)])
             raise OptionError(f"unknown key '{key}'{hint} in the LLaMA-Factory YAML; po_plugins accepts "
                               f"{', '.join(accepted)}"
                               f" and po_<hyperparameter> of the objective (e.g. po_gamma: 1.0; "
