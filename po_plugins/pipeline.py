@@ -611,11 +611,21 @@ def complete(step: Step) -> bool:
 
 def write_scored_card(folder: Path, steps: list[Step]) -> None:
     """folder/README.md naming each split's file, so `load_dataset(folder)` (TRL's --dataset_name) reads exactly
-    those splits under their names (any split name; stray files are ignored)."""
-    lines = ["---", "configs:", "- config_name: default", "  data_files:"]
-    for step in steps:
-        if step.stage == "score" and step.output.parent == folder:
-            lines += [f"  - split: {json.dumps(step.output.stem)}", f"    path: {json.dumps(step.output.name)}"]
+    those splits under their names (any split name; stray files are ignored).
+
+    The one config is named after the files' content (`scored-<sha256>`): `datasets` keys its cache of a card's
+    config by the config and its relative paths only, so under a fixed name a second pipeline (another workdir, or
+    the same one re-scored) would silently train on the first one's cached rows."""
+    import hashlib
+
+    files = [step.output for step in steps if step.stage == "score" and step.output.parent == folder]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"") + b"\0")
+    lines = ["---", "configs:", f"- config_name: scored-{digest.hexdigest()[:16]}", "  default: true",
+             "  data_files:"]
+    for f in files:
+        lines += [f"  - split: {json.dumps(f.stem)}", f"    path: {json.dumps(f.name)}"]
     lines += ["---", "", "Preference pairs with reward-model margins, written by po_plugins.cli.madpo.", ""]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "README.md").write_text("\n".join(lines))
@@ -626,9 +636,9 @@ def execute(cfg: dict, steps: list[Step], say: Callable, force=(), dry_run: bool
     each. Returns the first failing exit status, else 0. A dry run only says the commands."""
     if not dry_run:
         Path(cfg["workdir"]).mkdir(parents=True, exist_ok=True)
-        if host_of(cfg).per_split:
-            write_scored_card(outputs(cfg)["score"], steps)
     for step in steps:
+        if step.stage == "dpo" and host_of(cfg).per_split and not dry_run:  # after scoring: named by its content
+            write_scored_card(outputs(cfg)["score"], steps)
         if complete(step) and step.stage not in force:
             say(f"[madpo] {step.name}: done already ({step.output}), skipped")
             continue

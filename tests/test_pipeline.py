@@ -252,3 +252,25 @@ def test_config_file_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         madpo.main([])
     assert e.value.code == 2
+
+
+def test_scored_folders_with_the_same_layout_load_their_own_rows(tmp_path):
+    """TRL reads the scored folder with load_dataset(folder), whose cache is keyed by the card's config and relative
+    paths: the card names its config after the files' content, so a second workdir (or a re-scored one) is never
+    served the first one's cached rows (with a fixed config name the second load returned the first folder's rows)."""
+    from datasets import load_dataset
+
+    seen = []
+    for k, run in enumerate(("a", "b", "b")):  # two workdirs, then the second one re-scored in place
+        folder = tmp_path / run / "scored"
+        folder.mkdir(parents=True, exist_ok=True)
+        steps = []
+        for split in ("train", "test"):
+            out = folder / f"{split}.jsonl"
+            out.write_text("".join(json.dumps({"i": i, "rm_margin": float(k * 10 + i)}) + "\n" for i in range(3)))
+            steps.append(pipeline.Step("score", f"score {split}", [], out))
+        pipeline.write_scored_card(folder, steps)
+        ds = load_dataset(str(folder), cache_dir=str(tmp_path / "hf_cache"))
+        assert set(ds) == {"train", "test"}
+        seen.append(ds["train"]["rm_margin"][:])
+    assert seen == [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]]
