@@ -71,7 +71,9 @@ def test_margins_travel_with_their_rows_through_openrlhf_filtering(tmp_path):
     args.po.missing_margin = "unit"
     out = cls(datasets.Dataset.from_list(rows), tok, 64, strategy, is_dpo=True, num_processors=1)
     assert out[4][4].margin is None  # row 5 (position 4 after the drop): weight 1 via ĥ = 0
-    with pytest.raises(SystemExit, match="no column 'score'.*--po.margin_key"):
+    from po_plugins.errors import DataError  # the library's typed error; the CLI prints it as one line
+
+    with pytest.raises(DataError, match="no column 'score'.*--po.margin_key"):
         args.po.margin_key = "score"
         cls(ds, tok, 64, strategy, is_dpo=True, num_processors=1)
 
