@@ -3,7 +3,8 @@ run facts, the monitor's step end and the plugin state through public Trainer ca
 resuming it in `train()`, rank-0 printing, and row columns carried into the batch by the collator.
 
 A host's trainer class mixes `TrainerPlugin` in before the host's own trainer and provides `_po_step_metrics()` (the
-dict of lists its `log()` averages, where the `po/*` scalars go), `po_rescore(inputs)` and `_po_head_module()`.
+dict of lists its `log()` averages, where the `po/*` scalars go) and `po_rescore(inputs)`; the other duties of
+`hosts.base.HostAdapter` (head spec, printing, rank 0) are the mixin's.
 """
 
 from __future__ import annotations
