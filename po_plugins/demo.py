@@ -103,6 +103,7 @@ def outcome(run_dir: Path, assets: dict, log_text: str) -> dict:
     rechecks = [r["step_delta_z_w"] for r in trace if r.get("step_delta_z_w") is not None]
     verdicts = [r["in_band"] for r in trace if r.get("in_band") is not None]
     probe = [r["probe_delta_z_w"] for r in trace if r.get("probe_delta_z_w") is not None]
+    alarms = [r["step"] for r in trace if r.get("probe_alarm")]
     return {
         "steps": len(trace),
         "band_steps": len(verdicts),
@@ -115,14 +116,18 @@ def outcome(run_dir: Path, assets: dict, log_text: str) -> dict:
         "recheck_delta_z_w_sum": float(sum(rechecks)),
         "recheck_chosen_down_steps": sum(1 for v in rechecks if v < 0),
         "probe_delta_z_w": probe[-1] if probe else None,
+        "alarm": bool(alarms),  # the measured-displacement alarm (probe pairs' chosen fell past --po.probe_alarm_nats)
+        "alarm_step": alarms[0] if alarms else None,
     }
 
 
 def describe(loss: str, o: dict) -> str:
     probe = "" if o["probe_delta_z_w"] is None else f"; probe batch chosen {o['probe_delta_z_w']:+.2f}"
     none = "" if o["band_steps"] == o["steps"] else f" ({o['steps'] - o['band_steps']} steps without a verdict)"
+    alarm = f"fired at step {o['alarm_step']}" if o["alarm"] else "silent"
     return (f"[demo] {loss:>6}: in band {o['band_steps'] - o['out_of_band']}/{o['band_steps']} steps{none} "
-            f"({o['in_band_frac']:.0%}), out-of-band alert {'fired' if o['alert'] else 'silent'}; held-out chosen "
+            f"({o['in_band_frac']:.0%}), out-of-band alert {'fired' if o['alert'] else 'silent'}, measured "
+            f"displacement alarm {alarm}; held-out chosen "
             f"log-prob {o['eval_delta_z_w']:+.2f} nats (falls on {o['eval_chosen_down_frac']:.0%} of pairs), "
             f"rejected {o['eval_delta_z_l']:+.2f}; per-step re-checks: chosen {o['recheck_delta_z_w_sum']:+.2f} "
             f"in all, down on {o['recheck_chosen_down_steps']} steps" + probe)

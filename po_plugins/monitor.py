@@ -37,16 +37,17 @@ from .scores import HeadSpec, ScoreStats, Tokens, partial_lse, step_score_sums
 SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "alpha", "loss", "w_sum", "w_capped", "micro_scored",
             "micro_in_band")
 RECHECK_KEYS = ("chosen_up_frac", "rejected_down_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w",
-                "probe_delta_z_l")
+                "probe_delta_z_l", "probe_chosen_down_frac")
 # keys every host's JSONL record has (one test list for all hosts)
 JSONL_KEYS = ("step", "loss_name", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "log_r", "log_r_star", "rho",
               "band_lower", "band_upper", "slack", "in_band", "pred_sign_w", "pred_sign_l", "edge", "sw_norm",
               "sl_norm", "sw_dot_sl", "score_pairs", "micro_in_band_frac", "alpha", "loss", "alpha_rank_spread",
-              *RECHECK_KEYS)
+              *RECHECK_KEYS, "probe_alarm")
 # null on some steps by definition: no positive mean incentive (log r), ρ ≤ 0 (no edges), in band (no edge crossed)
 MAYBE_NULL = ("log_r", "band_lower", "band_upper", "slack", "edge", "micro_in_band_frac")
 LOG_KEYS = ("z_w", "z_l", "log_r", "log_r_star", "rho", "band_lower", "band_upper", "slack", "in_band", "alpha",
-            "chosen_up_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w", "probe_delta_z_l", "w_mean",
+            "chosen_up_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w", "probe_delta_z_l",
+            "probe_chosen_down_frac", "probe_alarm", "w_mean",
             "w_min", "w_max", "w_capped_frac")
 
 
@@ -88,7 +89,8 @@ class BandMonitor:
     def __init__(self, loss: PairLoss, path: str, alert_steps: int = 20, recheck_every: int = 10,
                  rescore: Callable | None = None, log: Callable[[str], None] = print,
                  is_rank_0: Callable[[], bool] = lambda: True, head: Callable | None = None, score_chunk: int = 4096,
-                 hint: str | None = None, step_acc: bool = False):
+                 hint: str | None = None, step_acc: bool = False, probe_alarm_nats: float = -1.0,
+                 alarm_hint: str = ""):
         self.loss = loss
         self.path = path
         self.alert_steps = int(alert_steps)
@@ -108,6 +110,9 @@ class BandMonitor:
         self.last_z = None
         self.last_alpha = 1.0
         self.probe = None
+        self.probe_alarm_nats = float(probe_alarm_nats)
+        self.alarm_hint = alarm_hint
+        self.alarm_step = None  # the step the measured-displacement alarm fired (once a run)
         self._truncated = False
 
     def add_micro(self, b: PairBatch, per_sample: torch.Tensor, recheck_inputs=None,
@@ -246,16 +251,34 @@ class BandMonitor:
         one = torch.tensor(1.0, dtype=torch.float64, device=dw.device)
         vec = [(dw > 0).double().sum(), (dl < 0).double().sum(), one * dw.numel(), dw.sum(), dl.sum()]
         if pw is not None:
-            vec += [one * pw.numel(), (pw.double() - self.probe["z_w"].to(pw.device)).sum().to(one),
-                    (pl.double() - self.probe["z_l"].to(pl.device)).sum().to(one)]
+            pdw = pw.double() - self.probe["z_w"].to(pw.device)
+            vec += [one * pw.numel(), pdw.sum().to(one), (pl.double() - self.probe["z_l"].to(pl.device)).sum().to(one),
+                    (pdw < 0).double().sum().to(one)]
         else:
-            vec += [one * 0, one * 0, one * 0]
-        up, down, n, sdw, sdl, pn, pdw, pdl = (float(x) for x in all_reduce(torch.stack(vec), "sum").cpu())
+            vec += [one * 0, one * 0, one * 0, one * 0]
+        up, down, n, sdw, sdl, pn, pdw, pdl, pdown = (float(x) for x in all_reduce(torch.stack(vec), "sum").cpu())
         out = {"chosen_up_frac": up / n, "rejected_down_frac": down / n, "step_delta_z_w": sdw / n,
-               "step_delta_z_l": sdl / n, "probe_delta_z_w": None, "probe_delta_z_l": None}
+               "step_delta_z_l": sdl / n, "probe_delta_z_w": None, "probe_delta_z_l": None,
+               "probe_chosen_down_frac": None}
         if pn > 0:
-            out.update(probe_delta_z_w=pdw / pn, probe_delta_z_l=pdl / pn)
+            out.update(probe_delta_z_w=pdw / pn, probe_delta_z_l=pdl / pn, probe_chosen_down_frac=pdown / pn)
         return out
+
+    def _alarm(self, rec: dict) -> int:
+        """The measured-displacement alarm: 1 on the step where the probe pairs' mean chosen log-likelihood change
+        since the start first reaches `probe_alarm_nats` (a measurement on the same pairs, not a prediction), printed
+        once with what to try; 0 otherwise (docs/monitor.md, "Alarm")."""
+        delta = rec.get("probe_delta_z_w")
+        if self.alarm_step is not None or delta is None or not math.isfinite(delta) or delta > self.probe_alarm_nats:
+            return 0
+        self.alarm_step = rec["step"]
+        down = rec.get("probe_chosen_down_frac")
+        self.log(f"[po_plugins] ALARM (measured): the probe pairs' chosen log-likelihood has fallen by {-delta:.3g} "
+                 f"nats per pair since the start of training (step {rec['step']}"
+                 + (f"; {down:.0%} of the pairs fell" if down is not None else "")
+                 + f"; threshold {self.probe_alarm_nats:g}): the chosen responses are being displaced"
+                 + (f"; try {self.alarm_hint}" if self.alarm_hint else ""))
+        return 1
 
     def end_step(self, global_step: int) -> dict:
         """Close the optimizer step: the JSONL record (rank 0), the alert, and {'po/<key>': value} for the logs."""
@@ -284,6 +307,7 @@ class BandMonitor:
         rec["loss"] = s["loss"] / n
         rec["alpha_rank_spread"] = self._alpha_spread()
         rec.update(self._recheck(global_step))
+        rec["probe_alarm"] = self._alarm(rec)
         if "margins" in self.loss.needs:
             rec.update(w_mean=s["w_sum"] / n, w_min=s["w_min"], w_max=s["w_max"], w_capped_frac=s["w_capped"] / n)
         rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
@@ -324,11 +348,12 @@ class BandMonitor:
         probe = None
         if self.probe is not None:
             probe = {k: _to_device(v, "cpu") for k, v in self.probe.items()}
-        return {"out_streak": self.out_streak, "probe": probe}
+        return {"out_streak": self.out_streak, "probe": probe, "alarm_step": self.alarm_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.out_streak = int(state.get("out_streak", 0))
         self.probe = state.get("probe")
+        self.alarm_step = state.get("alarm_step")
 
 
 def _to_device(obj, device):

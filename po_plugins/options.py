@@ -30,6 +30,9 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
     "fused_head": (bool, False, "chunked LM head: response-token log-probs and head statistics without the "
                                 "[N, T, V] logits (docs/results_memory.md)"),
     "head_chunk": (int, 0, "token positions per chunk of the chunked head (0: about 2^25 logits a chunk)"),
+    "probe_alarm_nats": (float, -1.0, "alarm once when the probe pairs' mean chosen log-likelihood (summed over the "
+                                      "response) has fallen by this much since the start: measured displacement "
+                                      "(docs/monitor.md, 'Alarm'; needs recheck_every > 0)"),
     "weight_key": (str, None, "dataset column of per-row loss weights (each pair's loss times its weight)"),
 }
 # the hosts (their key, as users name them) and how each spells a plugin option
@@ -73,6 +76,9 @@ def check_options(values: dict[str, Any], spell=lambda k: f"--po.{k}") -> None:
         v = values.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             raise OptionError(f"{spell(key)} must be an integer >= {low}, got {v!r}")
+    nats = values.get("probe_alarm_nats")
+    if nats is not None and (isinstance(nats, bool) or not isinstance(nats, (int, float)) or not nats <= 0):
+        raise OptionError(f"{spell('probe_alarm_nats')} must be a number <= 0 (a fall, in nats per pair), got {nats!r}")
     mm = values.get("missing_margin", "error")
     if mm not in ("error", "unit"):
         raise OptionError(f"{spell('missing_margin')} takes 'error' or 'unit', got {mm!r}")

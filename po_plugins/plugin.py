@@ -72,12 +72,24 @@ class Plugin:
                                        rescore=adapter.po_rescore, log=adapter.po_print, is_rank_0=adapter.po_is_rank_0,
                                        head=adapter.po_head_spec, score_chunk=int(self.options["score_chunk"]),
                                        hint=hint, step_acc=step_acc_wanted(self.calibrating, run.accumulation,
-                                                                           run.world_size))
+                                                                           run.world_size),
+                                       probe_alarm_nats=float(self.options["probe_alarm_nats"]),
+                                       alarm_hint=self._alarm_hint(run))
         self.need_scores = self.monitor is not None
         self.micro_stats = micro_stats_needed(self.calibrating, run.accumulation, run.world_size)
         self.every = max(1, int(self.options["score_every"]))
         self.micro = 0
         self.last_scores: ScoreStats | None = None
+
+    def _alarm_hint(self, run) -> str:
+        """What to try when the chosen responses are measured falling, in the host's terms: the other side of the
+        calibration (each side displaced where the other did not: docs/results_binding_regime.md, docs/demo.md), a
+        lower learning rate, a chosen-NLL term where the host has one."""
+        name = self.loss.name
+        other = (f"{run.spell_loss(name[3:])} (uncalibrated)" if self.calibrating
+                 else f"{run.spell_loss('rc_' + name)} (calibrated)")
+        nll = f", a chosen-NLL term ({run.nll_flag})" if getattr(run, "nll_flag", "") else ""
+        return f"{other}, a lower learning rate{nll}"
 
     # ---- per micro-batch ------------------------------------------------------------------------------------
     def scoring(self, training: bool) -> bool:

@@ -166,7 +166,8 @@ def summarize(records: list[dict]) -> dict:
     the start; None when the trace has no re-score), ``delta_step`` (the step it was measured at),
     ``batch_delta_z_w`` / ``batch_delta_z_l`` (last minus first batch mean: different pairs, a trend only),
     ``in_band_frac`` (over records whose in_band is not null), ``alpha_mean`` and ``slack_mean`` (over finite
-    values). Values that cannot be computed are None.
+    values), ``alarm_step`` (the step the measured-displacement alarm fired, ``probe_alarm``; None: it did not).
+    Values that cannot be computed are None.
     """
     steps = _steps(records)
     zw0, zw1 = _first_last(_series(records, "z_w"))
@@ -174,6 +175,7 @@ def summarize(records: list[dict]) -> dict:
     probe = [(r.get("step"), _num(r.get("probe_delta_z_w")), _num(r.get("probe_delta_z_l"))) for r in records]
     probe = [p for p in probe if p[1] is not None and p[2] is not None]
     flags = [f for f in (_flag(r.get("in_band")) for r in records) if f is not None]
+    alarms = [r.get("step") for r in records if _num(r.get("probe_alarm"))]
     loss_names = [r.get("loss_name") for r in records if isinstance(r.get("loss_name"), str)]
     return {
         "steps": len(records),
@@ -188,6 +190,7 @@ def summarize(records: list[dict]) -> dict:
         "in_band_frac": sum(flags) / len(flags) if flags else None,
         "alpha_mean": _mean(_series(records, "alpha")),
         "slack_mean": _mean(_series(records, "slack")),
+        "alarm_step": alarms[0] if alarms else None,
     }
 
 
@@ -326,6 +329,10 @@ def _fig_likelihood(Figure, runs, smooth):
                 drew = True
                 ax_d.plot(np.concatenate([[0.0], x[ok]]), np.concatenate([[0.0], p[ok]]), style, color=c, lw=1.6,
                           marker="o", ms=3)
+        fired = [r.get("step") for r in records if _num(r.get("probe_alarm"))]
+        if fired:  # the measured-displacement alarm: where the probe's chosen fell past the threshold
+            ax_d.axvline(fired[0], color=c, lw=1.2, ls=":")
+            ax_d.annotate("alarm", (fired[0], 0), color=c, fontsize=8, xytext=(3, 4), textcoords="offset points")
     handles += [Line2D([], [], color="k", ls="-", label="chosen z_w"),
                 Line2D([], [], color="k", ls="--", label="rejected z_l")]
     ax_z.set_title("Policy log-likelihoods, batch means (different pairs at every step)", loc="left", fontsize=11)
@@ -438,6 +445,7 @@ def _html(
             f"<td>{_fmt(s['delta_z_w'], 'signed')}</td><td>{_fmt(s['delta_z_l'], 'signed')}</td>"
             f"<td>{_fmt(s['in_band_frac'], 'pct')}</td>"
             f"<td>{_fmt(s['alpha_mean'])}</td><td>{_fmt(s['slack_mean'], 'signed')}</td>"
+            f"<td>{'step ' + _fmt(s['alarm_step'], 'int') if s['alarm_step'] is not None else '—'}</td>"
             "</tr>"
         )
     details = []
@@ -482,10 +490,12 @@ pre {{ background: #f7f7f7; padding: 0.6em; overflow-x: auto; }}
 <p>Trace: <code>{TRACE_NAME}</code> (one record per optimizer step). Δz is the change of the mean log-likelihood
 on the same pairs: the monitor's probe batch (the first micro-batch trained on) re-scored every
 <code>recheck_every</code> steps, last value against the start ("—": no re-score in the trace). Means skip
-null/NaN/±inf; in-band fraction counts steps with a non-null indicator.{smooth_note}</p>
+null/NaN/±inf; in-band fraction counts steps with a non-null indicator. Alarm: the step where the probe's chosen
+log-likelihood was measured to have fallen past <code>--po.probe_alarm_nats</code> (dotted line on the likelihood
+plot).{smooth_note}</p>
 <table>
 <thead><tr><th>run</th><th>loss</th><th>steps</th><th>Δz_w</th><th>Δz_l</th><th>in band</th>
-<th>mean α</th><th>mean slack</th></tr></thead>
+<th>mean α</th><th>mean slack</th><th>alarm</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody>

@@ -40,6 +40,7 @@ def test_demo_dpo_leaves_the_band_and_rc_dpo_keeps_the_chosen_likelihood(tmp_pat
     assert dpo["alert"], dpo
     assert dpo["eval_delta_z_w"] < -1.0 and dpo["eval_chosen_down_frac"] >= 0.75, dpo
     assert dpo["recheck_delta_z_w_sum"] < 0 and dpo["probe_delta_z_w"] < 0, dpo
+    assert dpo["alarm"] and not rc["alarm"], (dpo, rc)  # the measured-displacement alarm: DPO's chosen fell
     # RC-DPO on the same pairs from the same model: (nearly) every step in band, no alert, chosen does not fall
     assert rc["in_band_frac"] >= 0.75 and not rc["alert"], rc
     assert rc["eval_delta_z_w"] >= 0.0 and rc["recheck_delta_z_w_sum"] > 0 and rc["probe_delta_z_w"] > 0, rc

@@ -18,7 +18,7 @@ VALUE = {"missing_margin": "unit", "ref_logp_keys": "a,b", "margin_key": "rm_mar
 
 def raw_value(key):
     kind = OPTIONS[key][0]
-    return VALUE.get(key, "true" if kind is bool else "2" if kind is int else "col")
+    return VALUE.get(key, "true" if kind is bool else "2" if kind is int else "-2" if kind is float else "col")
 
 
 def foreign(host):

@@ -114,9 +114,11 @@ class HostAdapter(Protocol):
 @dataclass
 class RunInfo:
     """What the Plugin needs to know of the host's run: the accumulation window, the world size, where the trace
-    goes by default, how the user spells a loss to suggest (`spell_loss("rc_dpo")` -> "--loss rc_dpo")."""
+    goes by default, how the user spells a loss to suggest (`spell_loss("rc_dpo")` -> "--loss rc_dpo") and the
+    host's chosen-NLL setting ("" where it has none)."""
 
     accumulation: int
     world_size: int
     output_dir: str
     spell_loss: Callable[[str], str]
+    nll_flag: str = ""

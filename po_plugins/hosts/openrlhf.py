@@ -262,7 +262,7 @@ def _trainer_class():
             coef = float(getattr(self.args.model, "nll_loss_coef", 0.0) or 0.0)
             self._po_nll = coef > 1e-8
             run = RunInfo(self.strategy.accumulated_gradient, self.strategy.world_size, self.args.ckpt.output_dir,
-                          lambda n: f"--loss {n}")
+                          lambda n: f"--loss {n}", nll_flag="--model.nll_loss_coef 0.1")
             self.po = Plugin(build(po.loss, **po.hparams), vars(po), self, run, nll_coef=coef if self._po_nll else 0.0)
             self.po_loss, self.po_monitor = self.po.loss, self.po.monitor
             self.loss_fn = HostLoss(self)

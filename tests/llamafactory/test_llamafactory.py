@@ -331,7 +331,7 @@ def test_yaml_accepts_exactly_the_llamafactory_options():
 
     value = {"missing_margin": "unit", "ref_logp_keys": "a,b"}
     for key, (kind, _d, _h) in OPTIONS.items():
-        raw = value.get(key, True if kind is bool else 2 if kind is int else "col")
+        raw = value.get(key, True if kind is bool else 2 if kind is int else -2.0 if kind is float else "col")
         if key in options_for("llamafactory"):
             _, cfg = split_args({f"po_{key}": raw})
             assert cfg.opt(key) == raw

@@ -1,0 +1,100 @@
+"""The measured-displacement alarm: the monitor's probe pairs re-scored; when their mean chosen log-likelihood has
+fallen by `probe_alarm_nats` since the start, one alarm (the step it fires, by how much, what to try), keys
+`probe_chosen_down_frac` and `probe_alarm` in the trace, once a run (resume included)."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from po_plugins.losses import PairBatch, build
+from po_plugins.monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
+from po_plugins.options import OptionError, check_options
+from po_plugins.scores import ScoreStats, Tokens
+
+
+def batch(seed, n=4):
+    g = torch.Generator().manual_seed(seed)
+    zw, zl = -10 - torch.rand(n, generator=g), -11 - torch.rand(n, generator=g)
+    ref = torch.full((n,), -10.5)
+    return PairBatch(zw.requires_grad_(), zl.requires_grad_(), ref, ref,
+                     score_stats=ScoreStats(*(torch.tensor(x) for x in (2.0, 3.0, 1.0))))
+
+
+def run(path, falls, said, mon=None, **kw):
+    """One micro-batch per step of `falls` {step: [change of each probe pair's chosen log-prob since the start]}."""
+    state = {}
+
+    def rescore(inputs):
+        zw, zl = inputs[0].detach().double(), inputs[1].detach().double()
+        return zw + torch.tensor(falls[state["step"]], dtype=torch.float64), zl - 1.0
+
+    loss = build("dpo")
+    mon = mon or BandMonitor(loss, str(path), alert_steps=0, recheck_every=1, rescore=rescore, log=said.append, **kw)
+    mon.rescore = rescore
+    logs = []
+    for step in sorted(falls):
+        state["step"] = step
+        b = batch(step)
+        loss_step(loss, b, mon, training=True, recheck_inputs=(b.policy_chosen, b.policy_rejected),
+                  tokens=Tokens(None, None, None, None, 4, b.score_stats))
+        logs.append(mon.end_step(step))
+    return mon, logs
+
+
+def test_alarm_fires_once_when_the_probe_chosen_falls_past_the_threshold(tmp_path):
+    # per step, the probe pairs' chosen change since the start (4 pairs): mean 0, -0.5, -1.25 (fires), -3 (no refire)
+    falls = {1: [0.0, 0.0, 0.0, 0.0], 2: [-1.0, 0.5, -1.0, -0.5], 3: [-2.0, -2.0, 0.0, -1.0], 4: [-3.0] * 4}
+    said = []
+    path = tmp_path / "po_band.jsonl"
+    mon, logs = run(path, falls, said, alarm_hint="--loss rc_dpo (calibrated), a lower learning rate")
+    rec = [json.loads(x) for x in path.read_text().splitlines()[1:]]
+    assert [r["probe_delta_z_w"] for r in rec] == pytest.approx([0.0, -0.5, -1.25, -3.0])
+    assert [r["probe_chosen_down_frac"] for r in rec] == [0.0, 0.75, 0.75, 1.0]
+    assert [r["probe_alarm"] for r in rec] == [0, 0, 1, 0] and mon.alarm_step == 3
+    assert [lg["po/probe_alarm"] for lg in logs] == [0, 0, 1, 0]
+    alarms = [s for s in said if "ALARM" in s]
+    assert len(alarms) == 1 and "(measured)" in alarms[0] and "fallen by 1.25 nats per pair" in alarms[0]
+    assert "step 3" in alarms[0] and "75% of the pairs fell" in alarms[0] and "try --loss rc_dpo" in alarms[0]
+
+
+def test_threshold_is_an_option_and_a_resumed_run_does_not_alarm_again(tmp_path):
+    falls = {1: [-0.3] * 4, 2: [-0.6] * 4, 3: [-0.9] * 4}
+    said = []
+    mon, _ = run(tmp_path / "a.jsonl", falls, said, probe_alarm_nats=-0.5)
+    assert mon.alarm_step == 2 and sum("ALARM" in s for s in said) == 1
+    quiet, _ = run(tmp_path / "b.jsonl", falls, said, probe_alarm_nats=-5.0)
+    assert quiet.alarm_step is None and sum("ALARM" in s for s in said) == 1
+    buf = io.BytesIO()
+    torch.save(plugin_state(build("dpo"), mon), buf)
+    buf.seek(0)
+    again = BandMonitor(build("dpo"), str(tmp_path / "a.jsonl"), alert_steps=0, recheck_every=1, log=said.append,
+                        probe_alarm_nats=-0.5)
+    load_plugin_state(torch.load(buf, weights_only=False), build("dpo"), again)
+    assert again.alarm_step == 2
+    run(tmp_path / "a.jsonl", {5: [-2.0] * 4}, said, mon=again)
+    assert sum("ALARM" in s for s in said) == 1  # fired at step 2 before the checkpoint: never again
+
+
+def test_no_probe_no_alarm_and_bad_thresholds_are_refused(tmp_path):
+    said = []
+    mon = BandMonitor(build("dpo"), str(tmp_path / "c.jsonl"), alert_steps=0, recheck_every=0, log=said.append)
+    b = batch(0)
+    loss_step(mon.loss, b, mon, training=True, tokens=Tokens(None, None, None, None, 4, b.score_stats))
+    out = mon.end_step(1)
+    assert out["po/probe_alarm"] == 0 and "po/probe_chosen_down_frac" not in out and not said
+    for bad in (0.5, float("nan"), True):
+        with pytest.raises(OptionError, match="probe_alarm_nats must be a number <= 0"):
+            check_options({"probe_alarm_nats": bad})
+
+
+def test_the_report_marks_the_alarm(tmp_path):
+    from po_plugins.report import load_trace, summarize, write_report
+
+    falls = {1: [0.0] * 4, 2: [-0.5] * 4, 3: [-2.0] * 4, 4: [-2.5] * 4}
+    run(tmp_path / "run" / "po_band.jsonl", falls, [])
+    trace = load_trace(tmp_path / "run")
+    assert summarize(trace)["alarm_step"] == 3
+    page = write_report({"dpo": trace}, tmp_path / "report").read_text()
+    assert "<th>alarm</th>" in page and "<td>step 3</td>" in page
