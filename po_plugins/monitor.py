@@ -113,6 +113,7 @@ class BandMonitor:
         self.probe_alarm_nats = float(probe_alarm_nats)
         self.alarm_hint = alarm_hint
         self.alarm_step = None  # the step the measured-displacement alarm fired (once a run)
+        self._resumed = False  # load_state_dict was called: the trace continues (else a fresh run replaces it)
         self._truncated = False
 
     def add_micro(self, b: PairBatch, per_sample: torch.Tensor, recheck_inputs=None,
@@ -297,6 +298,9 @@ class BandMonitor:
         else:
             sw, sl, dot = (float(x) for x in st)
             band = band_stats(rec["d_w"], rec["d_l"], sw, sl, dot)
+            if not all(math.isfinite(v) for v in (rec["d_w"], rec["d_l"], sw, sl, dot)):
+                # a non-finite incentive or score: no verdict (null), and the alert streak is left as it was
+                band = {**band, **dict.fromkeys(("in_band", "pred_sign_w", "pred_sign_l", "edge", "slack"))}
             rec.update(log_r=band["log_r"], log_r_star=band["log_r_star"], rho=band["rho"],
                        band_lower=band["lower"], band_upper=band["upper"], slack=band["slack"],
                        in_band=band["in_band"], pred_sign_w=band["pred_sign_w"], pred_sign_l=band["pred_sign_l"],
@@ -322,24 +326,22 @@ class BandMonitor:
 
     def _write(self, rec: dict) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if not self._truncated:  # a resumed run drops the records past its checkpoint
+        if not self._truncated:  # the run's first record: a fresh run replaces the trace, a resumed one truncates it
             self._truncated = True
-            if os.path.exists(self.path):
-                keep = []
+            keep = []
+            if self._resumed and os.path.exists(self.path):  # the records before its checkpoint's step
                 with open(self.path) as f:
                     for line in f:
                         try:
                             obj = json.loads(line)
                         except json.JSONDecodeError:
                             continue
-                        if "meta" in obj or obj.get("step", 0) < rec["step"]:
+                        if "meta" not in obj and obj.get("step", 0) < rec["step"]:
                             keep.append(line if line.endswith("\n") else line + "\n")
-                with open(self.path, "w") as f:
-                    f.writelines(keep)
-            if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
-                with open(self.path, "w") as f:
-                    meta = {"loss": self.loss.name, "hparams": _jsonable(self.loss.hparams)}
-                    f.write(json.dumps({"meta": meta}, allow_nan=False) + "\n")
+            meta = {"loss": self.loss.name, "hparams": _jsonable(self.loss.hparams)}
+            with open(self.path, "w") as f:
+                f.write(json.dumps({"meta": meta}, allow_nan=False) + "\n")
+                f.writelines(keep)
         with open(self.path, "a") as f:
             f.write(json.dumps(rec, allow_nan=False) + "\n")
             f.flush()
@@ -354,6 +356,7 @@ class BandMonitor:
         self.out_streak = int(state.get("out_streak", 0))
         self.probe = state.get("probe")
         self.alarm_step = state.get("alarm_step")
+        self._resumed = True
 
 
 def _to_device(obj, device):

@@ -98,3 +98,43 @@ def test_the_report_marks_the_alarm(tmp_path):
     assert summarize(trace)["alarm_step"] == 3
     page = write_report({"dpo": trace}, tmp_path / "report").read_text()
     assert "<th>alarm</th>" in page and "<td>step 3</td>" in page
+
+
+def test_non_finite_incentives_or_scores_give_no_verdict_and_keep_the_streak(tmp_path):
+    """A NaN incentive or score is no evidence either way: the step's verdict is null (not in band) and the alert
+    streak is neither reset nor advanced."""
+    said = []
+    mon = BandMonitor(build("dpo"), str(tmp_path / "n.jsonl"), alert_steps=3, recheck_every=0, log=said.append)
+    out_of_band = (1.0, 3.0, 2.9)  # aligned scores, rejected larger: DPO's r = 1 lies below the band
+    for step, stats in enumerate([out_of_band, out_of_band, (float("nan"), 3.0, 2.9), out_of_band], start=1):
+        b = batch(step)
+        b.score_stats = ScoreStats(*(torch.tensor(x) for x in stats))
+        loss_step(mon.loss, b, mon, training=True, tokens=Tokens(None, None, None, None, 4, b.score_stats))
+        mon.end_step(step)
+    rec = [json.loads(x) for x in (tmp_path / "n.jsonl").read_text().splitlines()[1:]]
+    assert [r["in_band"] for r in rec] == [0.0, 0.0, None, 0.0] and rec[2]["edge"] is None
+    assert mon.out_streak == 3 and sum("out of the disentanglement band for 3" in s for s in said) == 1
+
+
+def test_a_fresh_run_replaces_an_old_trace_and_a_resumed_one_continues_it(tmp_path):
+    """An output directory that holds another run's trace: a fresh run's trace starts anew with its own meta line
+    (the report had labelled an rc_simpo run 'dpo' from the stale header); a resumed run keeps the records before
+    its checkpoint."""
+    path = tmp_path / "po_band.jsonl"
+    path.write_text(json.dumps({"meta": {"loss": "dpo", "hparams": {}}}) + "\n"
+                    + "".join(json.dumps({"step": i, "loss_name": "dpo"}) + "\n" for i in (1, 2, 3)))
+    fresh = BandMonitor(build("rc_ipo"), str(path), alert_steps=0, recheck_every=0)
+    b = batch(1)
+    loss_step(fresh.loss, b, fresh, training=True, tokens=Tokens(None, None, None, None, 4, b.score_stats))
+    fresh.end_step(1)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines[0]["meta"]["loss"] == "rc_ipo" and [r["step"] for r in lines[1:]] == [1]
+    assert lines[1]["loss_name"] == "rc_ipo"
+    resumed = BandMonitor(build("rc_ipo"), str(path), alert_steps=0, recheck_every=0)
+    load_plugin_state(plugin_state(fresh.loss, fresh), resumed.loss, resumed)
+    for step in (2, 3):
+        b = batch(step)
+        loss_step(resumed.loss, b, resumed, training=True, tokens=Tokens(None, None, None, None, 4, b.score_stats))
+        resumed.end_step(step)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines[0]["meta"]["loss"] == "rc_ipo" and [r["step"] for r in lines[1:]] == [1, 2, 3]
