@@ -1,20 +1,30 @@
 """Reward calibration (RC) of arXiv 2604.18239 (docs/losses.md, "Reward calibration"), the authors' algorithm plus
-what a multi-rank, resumable trainer needs.
+what a multi-rank, resumable trainer needs, and a target that moves the incentive ratio only as far as the band
+requires.
 
 Per training call (one micro-batch), with the base objective's incentives d_w, d_l (exact, by autograd) and the
-head score norms ‖s_w‖, ‖s_l‖:
-    E_dw ← γ E_dw + (1−γ) log max(mean d_w, ε)       E_dl likewise      (γ = ema_decay = 0.98, init = first value)
-    E_sw ← γ E_sw + (1−γ) log max(‖s_w‖, ε)          E_sl likewise      (no bias correction)
-    α = exp(½[(E_sl − E_sw) − (E_dw − E_dl)])         so that α²·r_ema = r*_ema, the band centre
+head score norms ‖s_w‖, ‖s_l‖, four EMAs (γ = ema_decay = 0.98):
+    x_dw = log max(mean d_w, ε), x_dl likewise, x_sw = log max(‖s_w‖, ε), x_sl likewise
+    rc_ema_init "zero":  E ← γ E + (1−γ) x from E = 0, read as Ê = E / (1 − γⁿ), n = that EMA's update count
+    rc_ema_init "first": E ← x on its first update, then γ E + (1−γ) x; Ê = E     (the authors' code, bit for bit)
+    rc_target "center":  α = exp(½[(Ê_sl − Ê_sw) − (Ê_dw − Ê_dl)])      so that α²·r_ema = r*_ema, the band centre
+    rc_target "nearest": with this micro-batch's own band (po_plugins.band.band_stats: log r = log(mean d_w/mean d_l),
+        edges log r* ± log ρ) shrunk by rc_margin·(−log ρ) on each side to [lo, hi]:
+        α = 1 while lo ≤ log r ≤ hi, else α² = exp(clamp(log r, lo, hi) − log r)   (the nearest shrunk edge)
     z_w → α z_w + (1−α) sg(z_w),   z_l → α⁻¹ z_l + (1−α⁻¹) sg(z_l)      (forward value unchanged)
+The EMAs are updated in both targets ("nearest" does not read them), so `last["log_delta_center"]` always shows
+what the centre target would apply and a run can switch target on resume.
 Beyond the authors:
-  * under torch.distributed the four batch statistics are averaged over ranks first: every rank gets the same α;
+  * under torch.distributed the five batch statistics are averaged over ranks first: every rank gets the same α;
   * when a micro-batch's mean incentive is ≤ 0 (SLiC/hinge once satisfied, IPO/cDPO past their target), the
     incentive ratio is undefined, so the incentive EMAs are not updated and α stays what the other EMAs give
-    (the authors clamp at ε, which drives E_dl to log 1e-12 and α towards 0 or ∞). α is never NaN or inf;
-  * `clamp_to_band=True` clamps log α² so that the calibrated instantaneous ratio stays inside the band, the
-    clamp present but commented out in the authors' code;
-  * state_dict()/load_state_dict() for checkpoints; `.alpha` is the last α, `.last` the last statistics;
+    (the authors clamp at ε, which drives E_dl to log 1e-12 and α towards 0 or ∞); "nearest" gives α = 1 there,
+    and where ρ ≤ 0 (every ratio is in band). α is never NaN or inf;
+  * `clamp_to_band=True` (centre target) clamps log α² so that the calibrated instantaneous ratio α²·r lies in
+    this micro-batch's band shrunk by rc_margin, the clamp present but commented out in the authors' code
+    (theirs measures the band around the EMAs' centre);
+  * state_dict()/load_state_dict() for checkpoints (a state without update counts is the authors' "first" EMAs
+    and continues as such); `.alpha` is the last α, `.last` the last statistics and the target used;
   * `diagnostics(b)` reports the calibrated incentives α·d_w, d_l/α from the base incentives the update computed
     on `b`, without a second autograd pass.
 Outside training (no grad, or z not requiring grad) the base loss runs unchanged and nothing is updated.
@@ -30,9 +40,14 @@ import weakref
 import torch
 
 from ._dist import all_reduce, world_size
+from .band import band_stats
 from .objective import Diagnostics, PairBatch, PairLoss, incentives
 
-RC_DEFAULTS = {"ema_decay": 0.98, "eps": 1e-12, "clamp_to_band": False}
+RC_DEFAULTS = {"ema_decay": 0.98, "eps": 1e-12, "clamp_to_band": False, "rc_target": "center", "rc_margin": 0.1,
+               "rc_ema_init": "zero"}
+TARGETS = ("center", "nearest")
+EMA_INITS = ("zero", "first")
+_KEYS = ("dw", "dl", "sw", "sl")
 
 
 class RewardCalibrated(PairLoss):
@@ -41,26 +56,46 @@ class RewardCalibrated(PairLoss):
     Args:
         base: the objective to calibrate (any PairLoss whose incentives are not negative by design).
         ema_decay: γ of the four EMAs, in [0, 1). eps: floor inside the logs, > 0.
-        clamp_to_band: clamp log α² so that the calibrated instantaneous ratio stays inside the band.
+        clamp_to_band: with the centre target, clamp log α² so that the calibrated instantaneous ratio lies inside
+            this micro-batch's band shrunk by `rc_margin`.
+        rc_target: "center" (α²·r_ema = r*_ema) or "nearest" (α = 1 inside the micro-batch's shrunk band, else its
+            nearest edge).
+        rc_margin: the fraction of the band's half-width kept clear of each edge by "nearest" and the clamp, in
+            [0, 1] (1: the band's centre).
+        rc_ema_init: "zero" (zero start, bias-corrected) or "first" (each EMA starts at its first value, the
+            authors' code).
     """
 
     incentive_sign = "positive"
 
-    def __init__(self, base: PairLoss, ema_decay: float = 0.98, eps: float = 1e-12, clamp_to_band: bool = False):
+    def __init__(self, base: PairLoss, ema_decay: float = 0.98, eps: float = 1e-12, clamp_to_band: bool = False,
+                 rc_target: str = "center", rc_margin: float = 0.1, rc_ema_init: str = "zero"):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"rc: ema_decay must be in [0, 1), got {ema_decay!r}")
         if not eps > 0:
             raise ValueError(f"rc: eps must be > 0, got {eps!r}")
+        if rc_target not in TARGETS:
+            raise ValueError(f"rc: rc_target must be one of {', '.join(TARGETS)}, got {rc_target!r}")
+        if isinstance(rc_margin, bool) or not isinstance(rc_margin, (int, float)) or not 0.0 <= rc_margin <= 1.0:
+            raise ValueError(f"rc: rc_margin must be a number in [0, 1] (the share of the band's half-width kept "
+                             f"clear of each edge), got {rc_margin!r}")
+        if rc_ema_init not in EMA_INITS:
+            raise ValueError(f"rc: rc_ema_init must be one of {', '.join(EMA_INITS)} (first: the authors' code), "
+                             f"got {rc_ema_init!r}")
         self.base = base
         self.name = "rc_" + base.name
         self.paper = "arXiv 2604.18239 Alg. 1 (reward calibration) on " + base.paper
         self.ema_decay, self.eps, self.clamp_to_band = float(ema_decay), float(eps), bool(clamp_to_band)
-        self.hparams = {**base.hparams, "ema_decay": ema_decay, "eps": eps, "clamp_to_band": clamp_to_band}
+        self.rc_target, self.rc_margin, self.rc_ema_init = rc_target, float(rc_margin), rc_ema_init
+        self.hparams = {**base.hparams, "ema_decay": ema_decay, "eps": eps, "clamp_to_band": clamp_to_band,
+                        "rc_target": rc_target, "rc_margin": rc_margin, "rc_ema_init": rc_ema_init}
         self.defaults = {**base.defaults, **RC_DEFAULTS}
-        self.ema = {"dw": None, "dl": None, "sw": None, "sl": None}
+        # each EMA's accumulator E (None before its first update) and its number of updates n
+        self.ema: dict[str, float | None] = dict.fromkeys(_KEYS)
+        self.ema_n = dict.fromkeys(_KEYS, 0)
         self.alpha = 1.0
         self.calls = 0
-        self.last: dict[str, float] = {}
+        self.last: dict = {}
         self.last_incentives = None
         self._incentives_of = None  # weak reference to the z_w tensor of the micro-batch `last_incentives` belong to
 
@@ -79,6 +114,22 @@ class RewardCalibrated(PairLoss):
         zw_rc = zw.detach() + alpha * (zw - zw.detach())
         zl_rc = zl.detach() + (1.0 / alpha) * (zl - zl.detach())
         return self.base(dataclasses.replace(b, policy_chosen=zw_rc, policy_rejected=zl_rc))
+
+    def ema_value(self, key: str) -> float | None:
+        """The EMA `key` ("dw", "dl", "sw", "sl") as α reads it: bias-corrected under rc_ema_init "zero"; None
+        before its first update."""
+        e, n = self.ema[key], self.ema_n[key]
+        if e is None or self.rc_ema_init == "first":
+            return e
+        return e / (1.0 - self.ema_decay ** n)
+
+    def _step(self, key: str, value: float) -> None:
+        prev, g = self.ema[key], self.ema_decay
+        if prev is None:
+            self.ema[key] = value if self.rc_ema_init == "first" else (1 - g) * value
+        else:
+            self.ema[key] = g * prev + (1 - g) * value
+        self.ema_n[key] += 1
 
     def update(self, b: PairBatch) -> float:
         """One calibrator step on a micro-batch.
@@ -100,33 +151,37 @@ class RewardCalibrated(PairLoss):
                              torch.as_tensor(st.sw_dot_sl).double().reshape(()).to(d_w.device)])
         stats = _mean_over_ranks(stats)
         mdw, mdl, sw, sl, dot = (float(x) for x in stats.cpu())
-        g, eps = self.ema_decay, self.eps
-
-        def step(key, value):
-            prev = self.ema[key]
-            self.ema[key] = value if prev is None else g * prev + (1 - g) * value
+        eps = self.eps
 
         if mdw > 0 and mdl > 0 and math.isfinite(mdw) and math.isfinite(mdl):
-            step("dw", math.log(max(mdw, eps)))
-            step("dl", math.log(max(mdl, eps)))
+            self._step("dw", math.log(max(mdw, eps)))
+            self._step("dl", math.log(max(mdl, eps)))
         if sw > 0 and sl > 0 and math.isfinite(sw) and math.isfinite(sl):
-            step("sw", math.log(max(sw, eps)))
-            step("sl", math.log(max(sl, eps)))
+            self._step("sw", math.log(max(sw, eps)))
+            self._step("sl", math.log(max(sl, eps)))
         self.calls += 1
-        if None in self.ema.values():
-            log_delta = 0.0
+        e = {k: self.ema_value(k) for k in _KEYS}
+        if None in e.values():
+            log_delta_center = 0.0
         else:
-            log_r_ema = self.ema["dw"] - self.ema["dl"]
-            log_r_star_ema = self.ema["sl"] - self.ema["sw"]
-            log_delta = log_r_star_ema - log_r_ema
-            if self.clamp_to_band and mdw > 0 and mdl > 0:
-                rho = dot / max(sw * sl, eps)
-                log_rho = math.log(min(max(rho, eps), 1.0))
-                log_r = math.log(mdw) - math.log(mdl)
-                lo, hi = log_r_star_ema + log_rho - log_r, log_r_star_ema - log_rho - log_r
-                log_delta = min(max(log_delta, lo), hi)
-        self.alpha = math.exp(0.5 * log_delta)
-        self.last = {"d_w": mdw, "d_l": mdl, "sw_norm": sw, "sl_norm": sl, "sw_dot_sl": dot,
+            log_r_ema = e["dw"] - e["dl"]
+            log_r_star_ema = e["sl"] - e["sw"]
+            log_delta_center = log_r_star_ema - log_r_ema
+        # this micro-batch's own band, as the monitor defines it, shrunk by rc_margin of its half-width per side
+        band = band_stats(mdw, mdl, sw, sl, dot, eps)
+        log_r, lo, hi = band["log_r"], None, None
+        if band["lower"] is not None:
+            half = (1.0 - self.rc_margin) * -math.log(band["rho"])
+            lo, hi = band["log_r_star"] - half, band["log_r_star"] + half
+        if self.rc_target == "nearest":
+            log_delta = 0.0 if lo is None or lo <= log_r <= hi else min(max(log_r, lo), hi) - log_r
+        else:
+            log_delta = log_delta_center
+            if self.clamp_to_band and lo is not None:
+                log_delta = min(max(log_delta, lo - log_r), hi - log_r)
+        self.alpha = 1.0 if log_delta == 0.0 else math.exp(0.5 * log_delta)
+        self.last = {"d_w": mdw, "d_l": mdl, "sw_norm": sw, "sl_norm": sl, "sw_dot_sl": dot, "target": self.rc_target,
+                     "log_r": log_r, "lower": lo, "upper": hi, "log_delta_center": log_delta_center,
                      "log_delta": log_delta, "alpha": self.alpha}
         return self.alpha
 
@@ -165,25 +220,42 @@ class RewardCalibrated(PairLoss):
             base: the new base objective.
 
         Returns:
-            A new RewardCalibrated with this one's calibrator hyperparameters and running state (EMAs, α, call
-            count, last statistics); its `hparams` are this one's, in their order, followed by those `base` adds.
+            A new RewardCalibrated with this one's calibrator hyperparameters and running state (EMAs and their
+            counts, α, call count, last statistics); its `hparams` are this one's, in their order, followed by
+            those `base` adds.
         """
         new = RewardCalibrated(base, **{k: self.hparams[k] for k in RC_DEFAULTS})
         new.hparams = {k: new.hparams[k] for k in (*self.hparams, *new.hparams) if k in new.hparams}
-        new.ema, new.alpha, new.calls, new.last = dict(self.ema), self.alpha, self.calls, dict(self.last)
+        new.ema, new.ema_n, new.alpha, new.calls, new.last = (dict(self.ema), dict(self.ema_n), self.alpha,
+                                                              self.calls, dict(self.last))
         return new
 
     def state_dict(self) -> dict:
-        return {"ema": dict(self.ema), "alpha": self.alpha, "calls": self.calls, "base": self.base.state_dict()}
+        return {"ema": dict(self.ema), "ema_n": dict(self.ema_n), "ema_init": self.rc_ema_init, "alpha": self.alpha,
+                "calls": self.calls, "base": self.base.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ema = dict(state["ema"])
+        """Restore `state_dict()`. EMAs that have started continue under the rc_ema_init they started with (the
+        state's; a state written before the counts existed is "first"), whatever this run's rc_ema_init says."""
+        self.ema = {k: (None if state["ema"][k] is None else float(state["ema"][k])) for k in _KEYS}
+        calls = int(state["calls"])
+        if "ema_n" in state:
+            self.ema_n = {k: int(state["ema_n"][k]) for k in _KEYS}
+            rule = state.get("ema_init", "first")
+        else:  # the authors' EMAs of an older checkpoint: their counts only matter to "zero", so the call count
+            self.ema_n = {k: 0 if self.ema[k] is None else calls for k in _KEYS}
+            rule = "first"
+        if rule not in EMA_INITS:
+            raise ValueError(f"rc: the state's ema_init must be one of {', '.join(EMA_INITS)}, got {rule!r}")
+        if "ema_n" not in state or any(self.ema_n.values()):
+            self.rc_ema_init = self.hparams["rc_ema_init"] = rule
         self.alpha = float(state["alpha"])
-        self.calls = int(state["calls"])
+        self.calls = calls
         self.base.load_state_dict(state.get("base", {}))
 
     def __repr__(self) -> str:
-        return f"rc({self.base!r}, ema_decay={self.ema_decay}, clamp_to_band={self.clamp_to_band})"
+        return (f"rc({self.base!r}, ema_decay={self.ema_decay}, rc_ema_init={self.rc_ema_init!r}, "
+                f"rc_target={self.rc_target!r}, rc_margin={self.rc_margin}, clamp_to_band={self.clamp_to_band})")
 
 
 def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
