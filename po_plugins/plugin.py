@@ -18,12 +18,13 @@ here (and in `options.OPTIONS`) and reaches every host.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import torch
 
-from .errors import OptionError, PluginStateError
+from .errors import DataError, OptionError, PluginStateError
 from .losses import PairBatch, PairLoss, with_chosen_nll
 from .monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
 from .options import OPTIONS
@@ -173,6 +174,20 @@ class Plugin:
                           *(n for n in notes if n)])
 
 
+def row_number(value, row: int, column: str, where: str, flag: str) -> float | None:
+    """A per-row margin or weight as a float (None when the row has none: None or NaN); one DataError naming the row,
+    the column, where and the flag for anything that is not a number ("n/a", a list, true)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"row {row} of {where} has a non-numeric value {value!r} in '{column}' ({flag}); margins and "
+                        "weights must be numbers (null for a row without one)", row=row, column=column) from None
+
+
 def require_margins(loss: PairLoss, have_column: bool, fix: str) -> None:
     """One OptionError at start when `loss` weighs pairs by reward-model margins and no margin column is set;
     `fix` says, in the host's terms, how to name the column."""
@@ -181,4 +196,4 @@ def require_margins(loss: PairLoss, have_column: bool, fix: str) -> None:
                           "writes rm_margin)")
 
 
-__all__ = ["Plugin", "PluginStateError", "micro_stats_needed", "step_acc_wanted", "require_margins"]
+__all__ = ["Plugin", "PluginStateError", "micro_stats_needed", "step_acc_wanted", "require_margins", "row_number"]

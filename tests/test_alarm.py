@@ -138,3 +138,18 @@ def test_a_fresh_run_replaces_an_old_trace_and_a_resumed_one_continues_it(tmp_pa
         resumed.end_step(step)
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert lines[0]["meta"]["loss"] == "rc_ipo" and [r["step"] for r in lines[1:]] == [1, 2, 3]
+
+
+def test_margins_given_as_text_are_refused_at_start_naming_row_and_column():
+    """A margin column of "n/a" used to train to the end as unweighted DPO on TRL and to die at the last step on
+    OpenRLHF; both hosts now read every row's margin as a number when the dataset is built (numbers given as text
+    are read as numbers; null is a missing margin)."""
+    from po_plugins.errors import DataError
+    from po_plugins.plugin import row_number
+
+    assert row_number("1.5", 0, "m", "x", "f") == 1.5 and row_number(None, 0, "m", "x", "f") is None
+    assert row_number(float("nan"), 0, "m", "x", "f") is None and row_number(2, 0, "m", "x", "f") == 2.0
+    for bad in ("n/a", [1.0], True):
+        with pytest.raises(DataError, match=r"row 3 of the training dataset has a non-numeric value .* in 'rm_margin' "
+                                            r"\(po_margin_key\)"):
+            row_number(bad, 3, "rm_margin", "the training dataset", "po_margin_key")

@@ -43,6 +43,7 @@ from ..options import (
     parse_value,
     refuse_option,
 )
+from ..plugin import row_number
 from ..scores import response_positions
 from . import HostError  # noqa: F401  (re-exported)
 from .base import HostSpec, Seam, installed_version
@@ -293,13 +294,8 @@ def _join(self, attr, *a, **kw):
 
 
 def _row_value(v, what, key, i, dataset):
-    if v is None:
-        return math.nan
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        raise OptionError(f"row {i} of dataset '{dataset}' has a non-numeric {what} in '{key}': {v!r}") from None
-    return v
+    v = row_number(v, i, key, f"dataset '{dataset}'", f"columns.{what} or po_{what}_key")
+    return math.nan if v is None else v
 
 
 def _align_dataset(dataset, dataset_attr, data_args, training_args):

@@ -21,7 +21,7 @@ import torch
 from ..errors import DataError, HostError, OptionError, PluginStateError  # noqa: F401  (HostError: re-exported)
 from ..head import chunked_logprobs, head_transform
 from ..losses import PairBatch, build
-from ..plugin import Plugin, require_margins
+from ..plugin import Plugin, require_margins, row_number
 from ..scores import response_positions
 from . import gathered, head_spec
 from .base import HostSpec, RunInfo, Seam, installed_version
@@ -172,6 +172,13 @@ def _reward_dataset_class():
                     if key and key not in cols:
                         raise DataError(f"{where} has no column '{key}' (set by {flag}); its columns are {cols}. "
                                         f"Point {flag} at the right column.", file=path, column=key)
+            if cols and self.margin_key:  # every row's margin is a number, or null where --po.missing_margin unit
+                for i, v in enumerate(dataset[self.margin_key]):
+                    v = row_number(v, i, self.margin_key, where, "--po.margin_key")
+                    if (v is None or not math.isfinite(v)) and self.missing_margin != "unit":
+                        raise DataError(f"row {i} of {where} has no finite value in '{self.margin_key}' "
+                                        "(--po.margin_key); fill it or pass --po.missing_margin unit to give such rows "
+                                        "weight 1", file=path, row=i, column=self.margin_key)
             if num_processors is None:
                 num_processors = max(1, min(8, os.cpu_count() or 1))
             RewardDataset.__init__(self, dataset, tokenizer, max_length, strategy, input_template, is_dpo,
@@ -187,6 +194,8 @@ def _reward_dataset_class():
                                         f"(prompt starts {str(data.get(self.prompt_key, ''))[:40]!r}); "
                                         f"fill it or pass --po.missing_margin unit to give such rows weight 1")
                     m = None
+                else:
+                    m = float(m)  # a number, or its text (checked for every row when the dataset was built)
             if self.margin_key or self.ref_keys:
                 ref = [data.get(k) for k in self.ref_keys]
                 dropped = out["prompt"] is None  # OpenRLHF filters this row out next

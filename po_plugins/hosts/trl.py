@@ -28,7 +28,7 @@ import torch
 from ..head import head_transform
 from ..losses import PairBatch, accepted_hparams, build, names
 from ..options import OPTIONS, OptionError, check_loss, check_options, options_for
-from ..plugin import require_margins
+from ..plugin import require_margins, row_number
 from ..scores import Tokens
 from . import HostError  # noqa: F401  (re-exported)
 from .base import HostSpec, Seam, installed_version
@@ -252,7 +252,8 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
                 continue
             values = ds[key]
             for i, v in enumerate(values):
-                if v is None or (isinstance(v, float) and not math.isfinite(v)):
+                v = row_number(v, i, key, f"the {role} dataset", flag)
+                if v is None or not math.isfinite(v):
                     if flag == "po_margin_key" and missing == "unit":
                         continue
                     fix = ("fill it or set po_missing_margin='unit' to give such rows weight 1"

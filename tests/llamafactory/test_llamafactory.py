@@ -402,3 +402,18 @@ def test_report_to_tensorboard_carries_the_po_scalars(assets, lf, tmp_path):
     ea = EventAccumulator(str(events[0].parent))
     ea.Reload()
     assert [e.value for e in ea.Scalars("train/po/alpha")] == pytest.approx([r["alpha"] for r in lf.band(out)])
+
+
+def test_a_text_margin_is_refused_while_the_data_loads(assets, lf, tmp_path):
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = json.loads((Path(assets["data"]) / "pairs.json").read_text())[:6]
+    rows = [{**r, "rm_margin": "n/a" if i == 2 else str(0.5 * i)} for i, r in enumerate(rows)]
+    (data / "pairs_text.json").write_text(json.dumps(rows))
+    info = json.loads((Path(assets["data"]) / "dataset_info.json").read_text())["pairs"]
+    info = {**info, "file_name": "pairs_text.json", "columns": {**info.get("columns", {}), "margin": "rm_margin"}}
+    (data / "dataset_info.json").write_text(json.dumps({"pairs_text": info}))
+    msg = _error(lf, assets, tmp_path, pref_loss="madpo", dataset="pairs_text", dataset_dir=str(data))
+    assert "row 2 of dataset 'pairs_text.json' has a non-numeric value 'n/a' in 'rm_margin'" in msg, msg
