@@ -140,6 +140,51 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(assets, tmp_path):
     assert "KeyError" not in err and "Traceback" not in err
 
 
+def nearest_alpha_counts(recs, margin=0.1, tol=1e-4):
+    """rc_target nearest, one micro-batch per step: α = 1 exactly where the step's own log r (the trace's calibrated
+    log r − 2 log α) lies inside its band shrunk by `margin` of the half-width, and where the band is undefined;
+    elsewhere α²r is on the nearest edge of that shrunk band. Returns (steps in band, steps moved)."""
+    inside = moved = 0
+    for r in recs:
+        a = r["alpha"]
+        if r["band_lower"] is None or r["log_r"] is None:
+            assert a == 1.0, r
+            continue
+        half = (1 - margin) * (r["band_upper"] - r["band_lower"]) / 2
+        lo, hi = r["log_r_star"] - half, r["log_r_star"] + half
+        own = r["log_r"] - 2 * math.log(a)
+        if lo + tol < own < hi - tol:
+            assert a == 1.0, r
+            inside += 1
+        elif not lo - tol <= own <= hi + tol:
+            assert a != 1.0 and min(abs(r["log_r"] - lo), abs(r["log_r"] - hi)) < tol and r["in_band"] == 1.0, r
+            moved += 1
+    return inside, moved
+
+
+def test_nearest_target_is_one_in_band_and_resumes(assets, tmp_path):
+    """--po.rc_target nearest: α is exactly 1 on the steps whose micro-batch was inside its shrunk band and moves the
+    others to its nearest edge; an interrupted and resumed run repeats α and the weights. (rc_margin 0.9 keeps only
+    the inner tenth of each band: on these pairs steps 1-4 are inside it, step 5 is not.)"""
+    def args(out):
+        return ["--loss", "rc_dpo", "--po.rc_target", "nearest", "--po.rc_margin", "0.9",
+                *flags(assets, out, micro=4, batch=4, epochs=2, extra=[
+                    "--ckpt.save_steps", "3", "--ckpt.path", Path(out) / "ckpt", "--ckpt.load_enable"])]
+
+    run(args(tmp_path / "full"), tmp_path)
+    res = run(args(tmp_path / "part"), tmp_path, env_extra={"PO_PLUGINS_INTERRUPT_AT_STEP": "3"}, check=False)
+    assert res.returncode != 0 and "stopping" in res.stdout + res.stderr
+    run(args(tmp_path / "part"), tmp_path)
+    full, part = trace(tmp_path / "full"), trace(tmp_path / "part")
+    assert [r["step"] for r in part] == list(range(1, 9))
+    assert [r["alpha"] for r in part] == [r["alpha"] for r in full]
+    inside, moved = nearest_alpha_counts(full, margin=0.9)
+    assert inside >= 1 and moved >= 1, (inside, moved)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+
+
 def test_step_band_does_not_depend_on_micro_batch_size_or_processes(assets, tmp_path):
     """The band is the optimizer step's (its summed head gradient): the first step (same model, same 4 pairs) gives
     the same record for micro-batches of 1, 2 and 4 pairs and for 1 and 2 processes. (The record against autograd
