@@ -128,6 +128,47 @@ def test_rc_dpo_monitor_logs_resume(assets, lf, tmp_path):
     assert [r["alpha"] for r in again] == pytest.approx(alphas[2:], rel=1e-9, abs=0)
 
 
+def nearest_alpha_counts(recs, margin, tol=1e-4):
+    """rc_target nearest, one micro-batch per step: α = 1 exactly where the step's own log r (the trace's calibrated
+    log r − 2 log α) lies inside its band shrunk by `margin` of the half-width, and where the band is undefined;
+    elsewhere α²r is on the nearest edge of that shrunk band. Returns (steps in band, steps moved)."""
+    inside = moved = 0
+    for r in recs:
+        a = r["alpha"]
+        if r["band_lower"] is None or r["log_r"] is None:
+            assert a == 1.0, r
+            continue
+        half = (1 - margin) * (r["band_upper"] - r["band_lower"]) / 2
+        lo, hi = r["log_r_star"] - half, r["log_r_star"] + half
+        own = r["log_r"] - 2 * math.log(a)
+        if lo + tol < own < hi - tol:
+            assert a == 1.0, r
+            inside += 1
+        elif not lo - tol <= own <= hi + tol:
+            assert a != 1.0 and min(abs(r["log_r"] - lo), abs(r["log_r"] - hi)) < tol and r["in_band"] == 1.0, r
+            moved += 1
+    return inside, moved
+
+
+def test_nearest_target_is_one_in_band_and_resumes(assets, lf, tmp_path):
+    """po_rc_target: nearest in the YAML: α is exactly 1 on the steps whose micro-batch was inside its band (shrunk
+    to its inner hundredth by po_rc_margin: 0.99; on these pairs step 1 is inside, step 2 is not), on the shrunk
+    band's nearest edge otherwise; resuming from a checkpoint repeats α."""
+    out = tmp_path / "full"
+    cfg = lf.base_config(assets, out, pref_loss="rc_dpo", po_rc_target="nearest", po_rc_margin=0.99, max_steps=6,
+                         save_strategy="steps", save_steps=3)
+    lf.run_inprocess(cfg)
+    recs = lf.band(out)
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    inside, moved = nearest_alpha_counts(recs, margin=0.99)
+    assert inside >= 1 and moved >= 1, (inside, moved)
+    res = tmp_path / "resumed"
+    lf.run_inprocess({**cfg, "output_dir": str(res), "resume_from_checkpoint": str(out / "checkpoint-3")})
+    again = lf.band(res)
+    assert [r["step"] for r in again] == [4, 5, 6]
+    assert [r["alpha"] for r in again] == [r["alpha"] for r in recs[3:]]
+
+
 def test_report_to_backends_get_scalars(assets, lf, tmp_path):
     """The po/* scalars are in the logs every report_to backend receives (Trainer.log's on_log)."""
     from transformers import TrainerCallback
