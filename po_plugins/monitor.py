@@ -90,7 +90,7 @@ class BandMonitor:
                  rescore: Callable | None = None, log: Callable[[str], None] = print,
                  is_rank_0: Callable[[], bool] = lambda: True, head: Callable | None = None, score_chunk: int = 4096,
                  hint: str | None = None, step_acc: bool = False, probe_alarm_nats: float = -1.0,
-                 alarm_hint: str = ""):
+                 alarm_hint: str = "", probe_alarm_checks: int = 2):
         self.loss = loss
         self.path = path
         self.alert_steps = int(alert_steps)
@@ -111,7 +111,9 @@ class BandMonitor:
         self.last_alpha = 1.0
         self.probe = None
         self.probe_alarm_nats = float(probe_alarm_nats)
+        self.probe_alarm_checks = max(1, int(probe_alarm_checks))
         self.alarm_hint = alarm_hint
+        self.alarm_streak = 0  # consecutive re-checks with the probe's chosen at or below the threshold
         self.alarm_step = None  # the step the measured-displacement alarm fired (once a run)
         self._resumed = False  # load_state_dict was called: the trace continues (else a fresh run replaces it)
         self._truncated = False
@@ -267,17 +269,22 @@ class BandMonitor:
 
     def _alarm(self, rec: dict) -> int:
         """The measured-displacement alarm: 1 on the step where the probe pairs' mean chosen log-likelihood change
-        since the start first reaches `probe_alarm_nats` (a measurement on the same pairs, not a prediction), printed
-        once with what to try; 0 otherwise (docs/monitor.md, "Alarm")."""
+        since the start has been at or below `probe_alarm_nats` on `probe_alarm_checks` consecutive re-checks (a
+        measurement on the same pairs, not a prediction; one re-check alone can catch a dip the run recovers from),
+        printed once with what to try; 0 otherwise (docs/monitor.md, "Alarm")."""
         delta = rec.get("probe_delta_z_w")
-        if self.alarm_step is not None or delta is None or not math.isfinite(delta) or delta > self.probe_alarm_nats:
+        if delta is None or not math.isfinite(delta):  # no re-check this step: the streak waits for the next one
+            return 0
+        self.alarm_streak = self.alarm_streak + 1 if delta <= self.probe_alarm_nats else 0
+        if self.alarm_step is not None or self.alarm_streak < self.probe_alarm_checks:
             return 0
         self.alarm_step = rec["step"]
         down = rec.get("probe_chosen_down_frac")
         self.log(f"[po_plugins] ALARM (measured): the probe pairs' chosen log-likelihood has fallen by {-delta:.3g} "
-                 f"nats per pair since the start of training (step {rec['step']}"
+                 f"nats per pair since the start of training (step {rec['step']}, at or below "
+                 f"{self.probe_alarm_nats:g} on {self.alarm_streak} consecutive re-checks"
                  + (f"; {down:.0%} of the pairs fell" if down is not None else "")
-                 + f"; threshold {self.probe_alarm_nats:g}): the chosen responses are being displaced"
+                 + "): the chosen responses are being displaced"
                  + (f"; try {self.alarm_hint}" if self.alarm_hint else ""))
         return 1
 
@@ -350,12 +357,14 @@ class BandMonitor:
         probe = None
         if self.probe is not None:
             probe = {k: _to_device(v, "cpu") for k, v in self.probe.items()}
-        return {"out_streak": self.out_streak, "probe": probe, "alarm_step": self.alarm_step}
+        return {"out_streak": self.out_streak, "probe": probe, "alarm_step": self.alarm_step,
+                "alarm_streak": self.alarm_streak}
 
     def load_state_dict(self, state: dict) -> None:
         self.out_streak = int(state.get("out_streak", 0))
         self.probe = state.get("probe")
         self.alarm_step = state.get("alarm_step")
+        self.alarm_streak = int(state.get("alarm_streak", 0))
         self._resumed = True
 
 

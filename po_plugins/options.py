@@ -33,6 +33,7 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
     "probe_alarm_nats": (float, -1.0, "alarm once when the probe pairs' mean chosen log-likelihood (summed over the "
                                       "response) has fallen by this much since the start: measured displacement "
                                       "(docs/monitor.md, 'Alarm'; needs recheck_every > 0)"),
+    "probe_alarm_checks": (int, 2, "consecutive re-checks the probe's fall must hold before the alarm fires"),
     "weight_key": (str, None, "dataset column of per-row loss weights (each pair's loss times its weight)"),
 }
 # the hosts (their key, as users name them) and how each spells a plugin option
@@ -67,7 +68,8 @@ def refuse_option(host: str, key: str, spelled: str | None = None) -> None:
 
 
 # lower bounds of the integer options
-MINIMUM = {"alert_steps": 0, "recheck_every": 0, "score_chunk": 1, "score_every": 1, "head_chunk": 0}
+MINIMUM = {"alert_steps": 0, "recheck_every": 0, "score_chunk": 1, "score_every": 1, "head_chunk": 0,
+           "probe_alarm_checks": 1}
 
 
 def check_options(values: dict[str, Any], spell=lambda k: f"--po.{k}") -> None:

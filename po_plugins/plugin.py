@@ -75,6 +75,7 @@ class Plugin:
                                        hint=hint, step_acc=step_acc_wanted(self.calibrating, run.accumulation,
                                                                            run.world_size),
                                        probe_alarm_nats=float(self.options["probe_alarm_nats"]),
+                                       probe_alarm_checks=int(self.options["probe_alarm_checks"]),
                                        alarm_hint=self._alarm_hint(run))
         self.need_scores = self.monitor is not None
         self.micro_stats = micro_stats_needed(self.calibrating, run.accumulation, run.world_size)

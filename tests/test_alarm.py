@@ -48,7 +48,8 @@ def test_alarm_fires_once_when_the_probe_chosen_falls_past_the_threshold(tmp_pat
     falls = {1: [0.0, 0.0, 0.0, 0.0], 2: [-1.0, 0.5, -1.0, -0.5], 3: [-2.0, -2.0, 0.0, -1.0], 4: [-3.0] * 4}
     said = []
     path = tmp_path / "po_band.jsonl"
-    mon, logs = run(path, falls, said, alarm_hint="--loss rc_dpo (calibrated), a lower learning rate")
+    mon, logs = run(path, falls, said, alarm_hint="--loss rc_dpo (calibrated), a lower learning rate",
+                    probe_alarm_checks=1)
     rec = [json.loads(x) for x in path.read_text().splitlines()[1:]]
     assert [r["probe_delta_z_w"] for r in rec] == pytest.approx([0.0, -0.5, -1.25, -3.0])
     assert [r["probe_chosen_down_frac"] for r in rec] == [0.0, 0.75, 0.75, 1.0]
@@ -62,19 +63,31 @@ def test_alarm_fires_once_when_the_probe_chosen_falls_past_the_threshold(tmp_pat
 def test_threshold_is_an_option_and_a_resumed_run_does_not_alarm_again(tmp_path):
     falls = {1: [-0.3] * 4, 2: [-0.6] * 4, 3: [-0.9] * 4}
     said = []
-    mon, _ = run(tmp_path / "a.jsonl", falls, said, probe_alarm_nats=-0.5)
+    mon, _ = run(tmp_path / "a.jsonl", falls, said, probe_alarm_nats=-0.5, probe_alarm_checks=1)
     assert mon.alarm_step == 2 and sum("ALARM" in s for s in said) == 1
-    quiet, _ = run(tmp_path / "b.jsonl", falls, said, probe_alarm_nats=-5.0)
+    quiet, _ = run(tmp_path / "b.jsonl", falls, said, probe_alarm_nats=-5.0, probe_alarm_checks=1)
     assert quiet.alarm_step is None and sum("ALARM" in s for s in said) == 1
     buf = io.BytesIO()
     torch.save(plugin_state(build("dpo"), mon), buf)
     buf.seek(0)
     again = BandMonitor(build("dpo"), str(tmp_path / "a.jsonl"), alert_steps=0, recheck_every=1, log=said.append,
-                        probe_alarm_nats=-0.5)
+                        probe_alarm_nats=-0.5, probe_alarm_checks=1)
     load_plugin_state(torch.load(buf, weights_only=False), build("dpo"), again)
     assert again.alarm_step == 2
     run(tmp_path / "a.jsonl", {5: [-2.0] * 4}, said, mon=again)
     assert sum("ALARM" in s for s in said) == 1  # fired at step 2 before the checkpoint: never again
+
+
+def test_a_dip_the_run_recovers_from_is_not_an_alarm(tmp_path):
+    """The fall must hold on probe_alarm_checks consecutive re-checks (default 2): make demo's RC-DPO run dipped by
+    3 nats at one step and ended +15 nats; DPO's fell at every re-check."""
+    dip = {1: [0.4] * 4, 2: [-0.5] * 4, 3: [-3.0] * 4, 4: [0.3] * 4, 5: [6.0] * 4}
+    said = []
+    assert run(tmp_path / "a.jsonl", dip, said)[0].alarm_step is None and not said
+    assert run(tmp_path / "b.jsonl", dip, said, probe_alarm_checks=1)[0].alarm_step == 3
+    fall = {1: [-1.9] * 4, 2: [-4.0] * 4, 3: [-5.7] * 4}
+    mon, _ = run(tmp_path / "c.jsonl", fall, said)
+    assert mon.alarm_step == 2 and "on 2 consecutive re-checks" in said[-1]
 
 
 def test_no_probe_no_alarm_and_bad_thresholds_are_refused(tmp_path):
@@ -93,7 +106,7 @@ def test_the_report_marks_the_alarm(tmp_path):
     from po_plugins.report import load_trace, summarize, write_report
 
     falls = {1: [0.0] * 4, 2: [-0.5] * 4, 3: [-2.0] * 4, 4: [-2.5] * 4}
-    run(tmp_path / "run" / "po_band.jsonl", falls, [])
+    run(tmp_path / "run" / "po_band.jsonl", falls, [], probe_alarm_checks=1)
     trace = load_trace(tmp_path / "run")
     assert summarize(trace)["alarm_step"] == 3
     page = write_report({"dpo": trace}, tmp_path / "report").read_text()
