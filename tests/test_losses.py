@@ -205,7 +205,7 @@ def test_ddro_tangent_continuation_is_continuous_with_the_right_slope():
 
 
 def test_incentives_match_the_rc_papers_table():
-    """arXiv 2604.18239 Table 1 (papers.md §1.2), written for token-averaged z: with one-token responses
+    """arXiv 2604.18239 Table 1 (docs/losses.md, incentives), written for token-averaged z: with one-token responses
     (|y| = 1) the summed and averaged log-probs coincide, so the table applies verbatim."""
     from po_plugins import incentives
 

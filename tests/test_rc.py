@@ -1,4 +1,4 @@
-"""Reward calibration against its invariants and the authors' update rule (papers.md §1.5)."""
+"""Reward calibration against its invariants and the authors' update rule (docs/losses.md, "Reward calibration")."""
 
 import json
 import math
