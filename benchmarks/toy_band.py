@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/toy_band.py [--quick] [--out docs] [--workers 2]
 
-Issue 6, experiment 1 (docs/monitor.md, docs/results_toy.md). On many random one-layer softmax toys (po_plugins.toy: fixed
-contexts, trainable unembedding W, plain gradient descent, exact head score statistics) this measures
+Issue 6, experiment 1 (docs/monitor.md, docs/results_toy.md). On many random one-layer softmax toys
+(po_plugins.toy: fixed contexts, trainable unembedding W, plain gradient descent, exact head score statistics)
+this measures
 
   (a) sign accuracy: at every step, the band's gradient-flow prediction (po_plugins.band.predicted_signs on the
       effective incentives) against the realised sign of Δz_w and Δz_l after one discrete step, and
