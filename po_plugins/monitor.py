@@ -115,6 +115,9 @@ class BandMonitor:
         self.alarm_hint = alarm_hint
         self.alarm_streak = 0  # consecutive re-checks with the probe's chosen at or below the threshold
         self.alarm_step = None  # the step the measured-displacement alarm fired (once a run)
+        self.alert_step = None  # the step the out-of-band alert was printed (this process)
+        self.tally = {"steps": 0, "verdicts": 0, "in_band": 0, "edges": {}, "probe_w": None, "probe_l": None,
+                      "probe_step": None}  # for the end-of-run summary (this process's steps)
         self._resumed = False  # load_state_dict was called: the trace continues (else a fresh run replaces it)
         self._truncated = False
 
@@ -327,9 +330,40 @@ class BandMonitor:
         msg = alert_message(self.out_streak, self.alert_steps, rec, self.hint)
         if msg:
             self.log(msg)
+            self.alert_step = rec["step"]
+        self._tally(rec)
         if self.is_rank_0():
             self._write(rec)
         return {f"po/{k}": rec[k] for k in LOG_KEYS if rec.get(k) is not None}
+
+    def _tally(self, rec: dict) -> None:
+        t = self.tally
+        t["steps"] += 1
+        if rec.get("in_band") is not None:
+            t["verdicts"] += 1
+            t["in_band"] += int(bool(rec["in_band"]))
+        if rec.get("edge"):
+            t["edges"][rec["edge"]] = t["edges"].get(rec["edge"], 0) + 1
+        if rec.get("probe_delta_z_w") is not None:
+            t.update(probe_w=rec["probe_delta_z_w"], probe_l=rec.get("probe_delta_z_l"), probe_step=rec["step"])
+
+    def summary(self) -> str:
+        """The one line a run ends with (every host prints it, rank 0): steps in band, the edge crossed most, the
+        alert and the alarm with their steps, the probe pairs' chosen and rejected change since the start, where the
+        trace is and the report command (docs/monitor.md, "End of run")."""
+        t = self.tally
+        band = (f"in band {t['in_band']}/{t['verdicts']} steps" if t["verdicts"] else "no band verdict")
+        if t["edges"]:
+            edge, n = max(t["edges"].items(), key=lambda kv: kv[1])
+            band += f", {edge} edge crossed most ({n} steps)"
+        alert = f"alert at step {self.alert_step}" if self.alert_step is not None else "no alert"
+        alarm = (f"displacement alarm at step {self.alarm_step}" if self.alarm_step is not None
+                 else "no displacement alarm")
+        probe = ("" if t["probe_w"] is None else
+                 f"; probe pairs since the start (step {t['probe_step']}): chosen {t['probe_w']:+.3g}, rejected "
+                 f"{t['probe_l']:+.3g} nats")
+        return (f"[po_plugins] end of run ({self.loss.name}, {t['steps']} steps): {band}; {alert}; {alarm}{probe}; "
+                f"trace {self.path}; report: po-plugins report {os.path.dirname(os.path.abspath(self.path))}")
 
     def _write(self, rec: dict) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)

@@ -160,6 +160,11 @@ class Plugin:
         """Close the optimizer step: the band record (rank 0's JSONL), the alert; returns {'po/<key>': value}."""
         return self.monitor.end_step(global_step) if self.monitor is not None else {}
 
+    def finish(self) -> None:
+        """At the end of training: the monitor's one-line summary, printed the host's way (rank 0)."""
+        if self.monitor is not None:
+            self.adapter.po_print(self.monitor.summary())
+
     # ---- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return plugin_state(self.loss, self.monitor)

@@ -80,7 +80,8 @@ class TrainerPlugin:
 
 class PluginCallback(TrainerCallback):
     """Closes each optimizer step for the monitor (its po/* scalars join the host's own metrics, averaged per log,
-    then into every report_to backend) and writes the plugin state into every checkpoint folder."""
+    then into every report_to backend), writes the plugin state into every checkpoint folder and prints the run's
+    summary when training ends."""
 
     def __init__(self, trainer: TrainerPlugin):
         self.trainer = trainer
@@ -89,6 +90,9 @@ class PluginCallback(TrainerCallback):
         t = self.trainer
         for k, v in t.po.end_step(state.global_step).items():
             t._po_step_metrics()[k].append(v)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.po.finish()
 
     def on_save(self, args, state, control, **kwargs):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR

@@ -444,6 +444,11 @@ def _trainer_class():
             return self.po.tokens_from_logits(h, lg, y, rows, input_ids.shape[0], B, scale, cap,
                                               float(getattr(self.model, "temperature", 1.0) or 1.0))
 
+        def fit(self, *a, **kw):
+            out = super().fit(*a, **kw)
+            self.po.finish()  # the run's one-line summary
+            return out
+
         def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
             logs_dict = dict(logs_dict or {})
             client_states = dict(client_states or {})

@@ -458,3 +458,9 @@ def test_a_text_margin_is_refused_while_the_data_loads(assets, lf, tmp_path):
     (data / "dataset_info.json").write_text(json.dumps({"pairs_text": info}))
     msg = _error(lf, assets, tmp_path, pref_loss="madpo", dataset="pairs_text", dataset_dir=str(data))
     assert "row 2 of dataset 'pairs_text.json' has a non-numeric value 'n/a' in 'rm_margin'" in msg, msg
+
+
+def test_the_run_ends_with_the_summary_line(assets, lf, tmp_path, capsys):
+    lf.run_inprocess(lf.base_config(assets, tmp_path / "s", pref_loss="rc_dpo", max_steps=2, po_recheck_every=1))
+    lines = [x for x in capsys.readouterr().out.splitlines() if "[po_plugins] end of run" in x]
+    assert len(lines) == 1 and "rc_dpo, 2 steps" in lines[0] and "po-plugins report" in lines[0], lines
