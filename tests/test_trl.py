@@ -222,29 +222,7 @@ def test_resume_reproduces_alpha_and_weights(model_dir, tmp_path):
     assert [r["alpha"] for r in trace(tmp_path / "fresh")] != [r["alpha"] for r in a[3:]]
 
 
-def nearest_alpha_counts(recs, margin, tol=1e-4):
-    """rc_target nearest, one micro-batch per step: α = 1 exactly where the step's own log r (the trace's calibrated
-    log r − 2 log α) lies inside its band shrunk by `margin` of the half-width, and where the band is undefined;
-    elsewhere α²r is on the nearest edge of that shrunk band. Returns (steps in band, steps moved)."""
-    inside = moved = 0
-    for r in recs:
-        a = r["alpha"]
-        if r["band_lower"] is None or r["log_r"] is None:
-            assert a == 1.0, r
-            continue
-        half = (1 - margin) * (r["band_upper"] - r["band_lower"]) / 2
-        lo, hi = r["log_r_star"] - half, r["log_r_star"] + half
-        own = r["log_r"] - 2 * math.log(a)
-        if lo + tol < own < hi - tol:
-            assert a == 1.0, r
-            inside += 1
-        elif not lo - tol <= own <= hi + tol:
-            assert a != 1.0 and min(abs(r["log_r"] - lo), abs(r["log_r"] - hi)) < tol and r["in_band"] == 1.0, r
-            moved += 1
-    return inside, moved
-
-
-def test_nearest_target_is_one_in_band_and_resumes(model_dir, tmp_path):
+def test_nearest_target_is_one_in_band_and_resumes(model_dir, tmp_path, nearest_alpha_counts):
     """po_hparams rc_target nearest: α is exactly 1 on the steps whose micro-batch was inside its band (shrunk to its
     inner tenth by rc_margin 0.9), on the shrunk band's nearest edge otherwise; resuming repeats α, the weights and
     the calibrator's EMAs, which nearest keeps updating."""
