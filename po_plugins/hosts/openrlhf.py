@@ -273,7 +273,6 @@ def _trainer_class():
             run = RunInfo(self.strategy.accumulated_gradient, self.strategy.world_size, self.args.ckpt.output_dir,
                           lambda n: f"--loss {n}", nll_flag="--model.nll_loss_coef 0.1")
             self.po = Plugin(build(po.loss, **po.hparams), vars(po), self, run, nll_coef=coef if self._po_nll else 0.0)
-            self.po_loss, self.po_monitor = self.po.loss, self.po.monitor
             self.loss_fn = HostLoss(self)
             self._po_extra = {}
             self._po_head_cache = None
@@ -299,7 +298,7 @@ def _trainer_class():
             self._po_interrupt = int(interrupt) if interrupt else None
             self.po_print(self.po.banner(
                 "chunked LM head (--po.fused_head)" if self._po_fused else "",
-                "reference-free: reference forward skipped" if self.po_loss.reference_free
+                "reference-free: reference forward skipped" if self.po.loss.reference_free
                 else "reference log-probs read from the dataset: reference forward skipped"
                 if getattr(po, "ref_logp_keys", None) else ""))
 
@@ -335,7 +334,7 @@ def _trainer_class():
             if model is self.ref_model and refs and all(r is not None for r in refs):
                 ref = torch.tensor(refs, dtype=torch.float32, device=chosen_ids.device)
                 return ref[:, 0], ref[:, 1], [], ref.new_zeros(())
-            if model is self.ref_model and self.po_loss.reference_free:
+            if model is self.ref_model and self.po.loss.reference_free:
                 z = torch.zeros(chosen_ids.shape[0], device=chosen_ids.device)
                 return z, z, [], z.sum()
             is_policy = model is self.model
@@ -478,7 +477,7 @@ class HostLoss:
         per_sample, cr, rr = t.po.loss_step(b, training, ex.get("inputs"), ex.get("tokens") if training else None)
         loss = per_sample.mean()
         if t._po_nll:  # OpenRLHF logs the preference loss and adds the NLL term's value itself
-            loss = loss - t.po_loss.hparams["nll_coef"] * (-chosen.detach().float()
+            loss = loss - t.po.loss.hparams["nll_coef"] * (-chosen.detach().float()
                                                              / ex["chosen_tokens"].clamp(min=1)).mean()
         return loss, cr, rr
 
