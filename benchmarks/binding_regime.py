@@ -22,6 +22,10 @@ with a gold reward, not by construction, then trains through the real command an
   log-likelihood of 16 held-out pairs.
 * Training set: `train_pairs` of the gold-labelled pairs, drawn at random (seed 0) from all of them, whichever
   version the gold chose; test pairs likewise from the held-out prompts' pairs.
+* Token split (issue 21, item 1): each held-out response's Δ log π is split into the tokens the two responses share
+  at their start (equal token ids after the prompt: equal contexts, so the same change in both) and the rest.
+* Variants: `--losses rc_dpo+shared_prefix=detach+rc_target=nearest` adds `--po.shared_prefix detach
+  --po.rc_target nearest` to that run (and to its folder's name).
 * Training: dpo, rc_dpo, simpo, rc_simpo through po_plugins.cli.train_dpo (real OpenRLHF, ZeRO-2, bf16, monitor on),
   one epoch, micro-batch 4, batch 8, learning rate 5e-5 and the objectives' default β/γ: experiment 2's rate, chosen
   there on validation pairs; nothing is tuned on this experiment's test pairs. Seeds 42, 43, ... (batch order).
@@ -313,7 +317,9 @@ def main(argv=None) -> int:
     runs42 = {}
     for seed in range(42, 42 + args.seeds):  # seed by seed: an interrupted study keeps whole seeds
         for loss in losses:
-            run = train(loss, cfg["lr"], model_dir, train_file, out, cfg, seed=seed)
+            name, *opts = loss.split("+")
+            run = train(name, cfg["lr"], model_dir, train_file, out, cfg, seed=seed,
+                        extra=dict(o.split("=", 1) for o in opts))
             res_file = run / "result.json"
             if not res_file.exists():
                 res = {**metrics(loss, sequence_logps(run, pairs["test"], model_dir), ref["test"]),
@@ -326,7 +332,9 @@ def main(argv=None) -> int:
             print(f"[binding_regime] {run.name}: {json.dumps(results[loss][-1])}", flush=True)
 
     keys = ["in_band_frac", "dz_w", "dz_l", "chosen_up_frac", "acc_implicit", "acc_own", "own_gold", "own_tokens"]
-    summary = {loss: {k: strict(mean_ci([r[k] for r in rs])) for k in keys} for loss, rs in results.items()}
+    split_keys = ["dz_w_shared", "dz_w_rest", "dz_l_rest"]
+    summary = {loss: {k: strict(mean_ci([r[k] for r in rs])) for k in keys + split_keys if all(k in r for r in rs)}
+               for loss, rs in results.items()}
     plot_pairs = [p for p in (("dpo", "rc_dpo"), ("simpo", "rc_simpo")) if all(x in runs42 for x in p)]
     img_root = Path(args.docs) if args.docs else out
     png = img_root / "img" / f"binding_regime{'_quick' if args.quick else ''}.png"
@@ -341,6 +349,12 @@ def main(argv=None) -> int:
         cells = [(f"{s[k][0]:+.2f}" if k in ("dz_w", "dz_l", "own_gold", "own_tokens") else f"{s[k][0]:.2f}")
                  + (f" ± {s[k][1]:.2f}" if s[k][1] is not None else "") for k in keys]
         print(f"| {loss} | " + " | ".join(cells) + " |")
+    print("\n| loss | Δ log π(y_w) | shared start (both responses) | y_w's rest | y_l's rest |")
+    print("|---|---|---|---|---|")
+    for loss, s in summary.items():
+        if all(k in s for k in split_keys):
+            print(f"| {loss} | " + " | ".join(f"{s[k][0]:+.2f}" + (f" ± {s[k][1]:.2f}" if s[k][1] is not None else "")
+                                              for k in ["dz_w"] + split_keys) + " |")
     print()
     headline = {"mode": "quick" if args.quick else "full",
                 "model": "tiny" if args.quick else "SmolLM2-135M-Instruct", "seeds": args.seeds,
@@ -350,7 +364,9 @@ def main(argv=None) -> int:
                                         for s, rows in (("labelled", labelled["train"]), ("train", pairs["train"]),
                                                         ("test", pairs["test"]))},
                 "geometry": geo, "initial_own": {k: initial[k] for k in ("gold", "tokens")},
-                "summary": summary, "per_seed": {loss: [{k: r[k] for k in keys} for r in rs]
+                "shared_tokens": statistics.fmean(r.get("shared_tokens", 0) for rs in results.values() for r in rs)
+                if results else None,
+                "summary": summary, "per_seed": {loss: [{k: r[k] for k in keys + split_keys if k in r} for r in rs]
                                                  for loss, rs in results.items()},
                 "png": str(png) if plot_pairs else None, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(headline))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -90,8 +91,13 @@ def make_pairs(snippets: list[dict], cfg: dict, seed: int = 0) -> dict[str, list
 
 
 # ---- training through the real CLI --------------------------------------------------------------------------
-def train(loss: str, lr: float, model: Path, data: Path, out: Path, cfg: dict, seed: int = 42) -> Path:
-    run_dir = out / "runs" / (f"{loss}_lr{lr:g}" + (f"_seed{seed}" if seed != 42 else ""))
+def train(loss: str, lr: float, model: Path, data: Path, out: Path, cfg: dict, seed: int = 42,
+          extra: dict | None = None) -> Path:
+    """One run of po_plugins.cli.train_dpo; `extra`: more plugin options ({"shared_prefix": "detach"} adds
+    `--po.shared_prefix detach` and `+shared_prefix=detach` to the run's folder name)."""
+    extra = extra or {}
+    tag = "".join(f"+{k}={v}" for k, v in extra.items())
+    run_dir = out / "runs" / (f"{loss}{tag}_lr{lr:g}" + (f"_seed{seed}" if seed != 42 else ""))
     if (run_dir / "po_band.jsonl").exists() and (run_dir / "config.json").exists():
         return run_dir  # finished before: keep it (delete the folder to re-run)
     args = ["--loss", loss, "--po.monitor", "--model.model_name_or_path", model, "--data.dataset", data,
@@ -104,6 +110,8 @@ def train(loss: str, lr: float, model: Path, data: Path, out: Path, cfg: dict, s
             "--logger.logging_steps", "1"]
     if "simpo" in loss:  # reference-free: stored initial-model log-probs only give the monitor its log-ratios
         args += ["--po.ref_logp_keys", "ref_chosen_logp,ref_rejected_logp"]
+    for k, v in extra.items():
+        args += [f"--po.{k}", v]
     t0 = time.time()
     run_checked("po_plugins.cli.train_dpo", args, out, out / "logs" / f"{run_dir.name}.log", threads=cpu_threads())
     print(f"[displacement] trained {run_dir.name} in {time.time() - t0:.0f} s", flush=True)
@@ -113,7 +121,10 @@ def train(loss: str, lr: float, model: Path, data: Path, out: Path, cfg: dict, s
 # ---- evaluation: summed response log-likelihoods in plain torch ---------------------------------------------
 def sequence_logps(model_dir: Path, rows: list[dict], tokenizer_dir: Path, batch: int = 16,
                    dtype: str = "float32") -> dict[str, list]:
-    """Summed log-probs and token counts of every chosen and rejected response given the chat prompt."""
+    """Summed log-probs and token counts of every chosen and rejected response given the chat prompt; and the
+    token split: `shared_w` / `shared_l` sum the log-probs of the tokens the two responses share at their start
+    (equal token ids right after the prompt, so equal contexts: the two sums are equal up to padding's rounding),
+    `shared_len` counts them; the rest of each response is `w - shared_w`, `l - shared_l`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,15 +132,21 @@ def sequence_logps(model_dir: Path, rows: list[dict], tokenizer_dir: Path, batch
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype),
                                                  attn_implementation="eager").eval()
-    seqs = []
+    seqs, shared = [], []
     for r in rows:
         prompt = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        pair = []
         for key in ("chosen", "rejected"):
             full = tok.apply_chat_template(r["prompt"] + r[key], tokenize=False)
             ids = tok(full.rstrip("\n"), add_special_tokens=False)["input_ids"]
             seqs.append((ids, len(p_ids)))
-    logps, lens = [], []
+            pair.append(ids[len(p_ids):])
+        k = 0
+        while k < min(map(len, pair)) and pair[0][k] == pair[1][k]:
+            k += 1
+        shared += [k, k]
+    logps, lens, shared_lp = [], [], []
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with torch.no_grad():
         for i in range(0, len(seqs), batch):
@@ -146,7 +163,12 @@ def sequence_logps(model_dir: Path, rows: list[dict], tokenizer_dir: Path, batch
             lp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None]).squeeze(-1)
             logps += (lp * mask).sum(-1).tolist()
             lens += mask.sum(-1).tolist()
-    return {"w": logps[0::2], "l": logps[1::2], "len_w": lens[0::2], "len_l": lens[1::2]}
+            smask = torch.zeros_like(mask)
+            for j, (_, p) in enumerate(chunk):
+                smask[j, p - 1: p - 1 + shared[i + j]] = 1
+            shared_lp += (lp * smask).sum(-1).tolist()
+    return {"w": logps[0::2], "l": logps[1::2], "len_w": lens[0::2], "len_l": lens[1::2],
+            "shared_w": shared_lp[0::2], "shared_l": shared_lp[1::2], "shared_len": shared[0::2]}
 
 
 def metrics(loss: str, pol: dict, ref: dict) -> dict:
@@ -159,8 +181,16 @@ def metrics(loss: str, pol: dict, ref: dict) -> dict:
     else:
         own = implicit
     (mw, cw), (ml, cl) = mean_ci(dw), mean_ci(dl)
+    split = {}
+    if "shared_w" in pol and "shared_w" in ref:  # the token split: shared start of the two responses, the rest
+        sw = [pol["shared_w"][i] - ref["shared_w"][i] for i in range(n)]
+        sl = [pol["shared_l"][i] - ref["shared_l"][i] for i in range(n)]
+        split = {"dz_w_shared": statistics.fmean(sw), "dz_w_rest": statistics.fmean(dw[i] - sw[i] for i in range(n)),
+                 "dz_l_shared": statistics.fmean(sl), "dz_l_rest": statistics.fmean(dl[i] - sl[i] for i in range(n)),
+                 "shared_tokens": statistics.fmean(pol["shared_len"]),
+                 "shared_pairs_frac": sum(k > 0 for k in pol["shared_len"]) / n}
     return {"dz_w": mw, "dz_w_ci": cw, "dz_l": ml, "dz_l_ci": cl, "chosen_up_frac": sum(d > 0 for d in dw) / n,
-            "acc_implicit": implicit, "acc_own": own, "n": n}
+            "acc_implicit": implicit, "acc_own": own, "n": n, **split}
 
 
 def trace_summary(run_dir: Path) -> dict:

@@ -49,6 +49,13 @@ def test_binding_regime_quick(tmp_path):
         s = head["summary"][loss]
         assert 0.0 <= s["in_band_frac"][0] <= 1.0 and 0.0 <= s["acc_implicit"][0] <= 1.0
         assert s["own_tokens"][0] > 0 and s["dz_w"][1] is None  # one seed: no interval
+        # the token split (issue 21, item 1): shared start + rest = the whole change; the shared start has the same
+        # context in both responses, so it moves the same in both
+        r = json.loads(next((out / "runs").glob(f"{loss}_lr*/result.json")).read_text())
+        assert r["shared_tokens"] > 0 and r["shared_pairs_frac"] == 1.0
+        assert abs(r["dz_w_shared"] + r["dz_w_rest"] - r["dz_w"]) < 1e-6 * max(1.0, abs(r["dz_w"]))
+        assert abs(r["dz_l_shared"] + r["dz_l_rest"] - r["dz_l"]) < 1e-6 * max(1.0, abs(r["dz_l"]))
+        assert abs(r["dz_w_shared"] - r["dz_l_shared"]) < 1e-3 * max(1.0, abs(r["dz_w_shared"]))
     assert Path(head["png"]).exists()
     full = geo["full_model"]
     assert full["batches"] == 4 and all(-1 <= b["full_rho"] <= 1 for b in full["per_batch"])
