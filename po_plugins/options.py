@@ -35,6 +35,9 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
                                       "(docs/monitor.md, 'Alarm'; needs recheck_every > 0)"),
     "probe_alarm_checks": (int, 2, "consecutive re-checks the probe's fall must hold before the alarm fires"),
     "weight_key": (str, None, "dataset column of per-row loss weights (each pair's loss times its weight)"),
+    "shared_prefix": (str, "keep", "'detach': the tokens a pair's two responses share at their start enter the loss "
+                                   "with a stopped gradient (same loss value; the pair no longer pushes its shared "
+                                   "text; docs/losses.md, 'Shared prefix'); 'keep': as the paper"),
 }
 # the hosts (their key, as users name them) and how each spells a plugin option
 HOSTS = {"openrlhf": "OpenRLHF", "trl": "TRL", "llamafactory": "LLaMA-Factory"}
@@ -81,6 +84,9 @@ def check_options(values: dict[str, Any], spell=lambda k: f"--po.{k}") -> None:
     nats = values.get("probe_alarm_nats")
     if nats is not None and (isinstance(nats, bool) or not isinstance(nats, (int, float)) or not nats <= 0):
         raise OptionError(f"{spell('probe_alarm_nats')} must be a number <= 0 (a fall, in nats per pair), got {nats!r}")
+    sp = values.get("shared_prefix", "keep")
+    if sp not in ("keep", "detach"):
+        raise OptionError(f"{spell('shared_prefix')} takes 'keep' or 'detach', got {sp!r}")
     mm = values.get("missing_margin", "error")
     if mm not in ("error", "unit"):
         raise OptionError(f"{spell('missing_margin')} takes 'error' or 'unit', got {mm!r}")

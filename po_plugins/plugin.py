@@ -28,6 +28,7 @@ from .errors import DataError, OptionError, PluginStateError
 from .losses import PairBatch, PairLoss, with_chosen_nll
 from .monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
 from .options import OPTIONS
+from .prefix import shared_prefix_mask
 from .scores import ScoreStats, Tokens, score_stats_flat, score_stats_head, tokens_of
 
 
@@ -82,6 +83,7 @@ class Plugin:
         self.every = max(1, int(self.options["score_every"]))
         self.micro = 0
         self.last_scores: ScoreStats | None = None
+        self.detach_shared = self.options["shared_prefix"] == "detach"
 
     def _alarm_hint(self, run) -> str:
         """What to try when the chosen responses are measured falling, in the host's terms: the other side of the
@@ -101,6 +103,15 @@ class Plugin:
             return False
         self.micro += 1
         return (self.micro - 1) % self.every == 0
+
+    def shared(self, input_ids, attention_mask, response_mask, n_pairs: int, training: bool):
+        """--po.shared_prefix detach, on a training forward: [2B, L] bool of the response tokens each pair's two rows
+        share at their start (token indexing: `po_plugins.prefix.shared_prefix_mask`); None otherwise. The host
+        stops those tokens' gradient (`prefix.detach_shared`) and leaves them out of the head statistics, so RC and
+        the band describe the gradient taken (docs/monitor.md, "Shared prefix")."""
+        if not (self.detach_shared and training):
+            return None
+        return shared_prefix_mask(input_ids, attention_mask, response_mask, n_pairs)
 
     def step_acc(self, vocab: int, dim: int, device) -> torch.Tensor | None:
         """The monitor's step accumulator for this micro-batch's vocabulary pass (None: the step makes its own)."""
@@ -177,7 +188,8 @@ class Plugin:
     def banner(self, *notes: str) -> str:
         """The one line a run starts with: the objective, the monitor, and the host's notes."""
         return "; ".join([f"[po_plugins] loss {self.loss!r}", f"monitor {'on' if self.monitor else 'off'}",
-                          *(n for n in notes if n)])
+                          *(["shared response prefixes detached (--po.shared_prefix detach)"] if self.detach_shared
+                            else []), *(n for n in notes if n)])
 
 
 def row_number(value, row: int, column: str, where: str, flag: str) -> float | None:

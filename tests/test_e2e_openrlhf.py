@@ -455,3 +455,56 @@ def test_packed_sequences_end_to_end(assets, tmp_path):
     mu, mp = trace(tmp_path / "m_unpacked"), trace(tmp_path / "m_packed")
     assert [r["w_mean"] for r in mp] == pytest.approx([r["w_mean"] for r in mu], rel=1e-6)
     assert mp[0]["loss"] == pytest.approx(mp[0]["w_mean"] * math.log(2), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def shared_assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("tiny_shared"), n_train=8, n_eval=4, kind="shared")
+
+
+def test_shared_prefix_detach_through_the_real_command(shared_assets, tmp_path):
+    """--po.shared_prefix detach on pairs whose rejected response continues the chosen one: DPO trains the same
+    weights as without it (its shared-text gradient cancels), SimPO does not; RC-SimPO's detached statistics are the
+    same through the chunked head (--po.fused_head) as through the logits; an interrupted and resumed run repeats
+    α and the weights."""
+    def args(out, loss, *extra, stage=0):
+        return ["--loss", loss, "--po.monitor", *flags(shared_assets, out, stage=stage, micro=4, batch=4, epochs=2,
+                                                        extra=list(extra))]
+
+    # Adam's eps at 1: the update follows the gradient's size (with the default 1e-8 a parameter that only shared
+    # text reaches, such as an embedding row, moves by the learning rate on keep's rounding-level gradient)
+    sgd_like = ["--adam.eps", "1", "--adam.lr", "1"]
+    for loss in ("dpo", "simpo"):
+        run(args(tmp_path / f"{loss}_keep", loss, *sgd_like), tmp_path)
+        res = run(args(tmp_path / f"{loss}_det", loss, "--po.shared_prefix", "detach", *sgd_like), tmp_path)
+        assert "shared response prefixes detached" in res.stdout + res.stderr
+        a, b = weights(tmp_path / f"{loss}_keep"), weights(tmp_path / f"{loss}_det")
+        init = weights(shared_assets["model"])
+        moved = max(float((a[k].float() - init[k].float()).abs().max()) for k in a)
+        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a) / moved
+        if loss == "dpo":  # bf16 weights: the summation order's rounding, a fraction of the largest move
+            assert diff < 0.02, diff
+        else:
+            assert diff > 0.1, diff
+    # the band of the differing tokens: a detached run's scores are not the whole responses'
+    assert trace(tmp_path / "simpo_det")[0]["sw_norm"] != pytest.approx(trace(tmp_path / "simpo_keep")[0]["sw_norm"],
+                                                                        rel=1e-3)
+
+    def resumable(out, *extra):
+        return args(out, "rc_simpo", "--po.shared_prefix", "detach", "--ckpt.save_steps", "2", "--ckpt.path",
+                    Path(out) / "ckpt", "--ckpt.load_enable", *extra, stage=2)
+
+    run(resumable(tmp_path / "full"), tmp_path)
+    run(resumable(tmp_path / "fused", "--po.fused_head"), tmp_path)
+    res = run(resumable(tmp_path / "part"), tmp_path, env_extra={"PO_PLUGINS_INTERRUPT_AT_STEP": "2"}, check=False)
+    assert res.returncode != 0 and "stopping" in res.stdout + res.stderr
+    run(resumable(tmp_path / "part"), tmp_path)
+    full, part, fused = trace(tmp_path / "full"), trace(tmp_path / "part"), trace(tmp_path / "fused")
+    assert [r["step"] for r in part] == [1, 2, 3, 4]
+    assert [r["alpha"] for r in part] == [r["alpha"] for r in full]
+    for r, f in zip(full, fused):  # the same model at step 1; later steps follow bf16 trajectories a little apart
+        for k in ("sw_norm", "rho", "log_r_star", "alpha"):
+            assert f[k] == pytest.approx(r[k], rel=2e-3 if r["step"] == 1 else 3e-2, abs=1e-6), (k, r["step"])
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    for k in a:
+        assert (a[k] == b[k]).all(), k

@@ -398,7 +398,8 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
                             nll_coef=float(self.ftx_gamma) if self.ftx_gamma > 1e-6 else 0.0, nll_flag="pref_ftx: 0.1")
         self._po_armed = False
         self._po_captured = None
-        if po.need_scores:
+        self._po_shared_logits = None
+        if po.need_scores or po.detach_shared:
             self._po_head().register_forward_hook(self._po_hook)
         self.po_print(po.banner(f"pref_loss: {finetuning_args.pref_loss}",
                                 "reference-free: no reference forward" if loss.reference_free else ""))
@@ -435,18 +436,28 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         return head
 
     def _po_hook(self, module, inputs, output):
+        mask = self._po_shared_logits
+        if mask is not None and output.requires_grad:
+            # --po.shared_prefix detach: the head output's gradient is zero at the positions that predict a shared
+            # token; each position's logits feed that token's log-prob only, so this is the token's stopped gradient
+            if tuple(output.shape[:2]) != tuple(mask.shape):
+                raise OptionError(f"po_shared_prefix: the LM head's output {tuple(output.shape)} is not laid out "
+                                  f"like the batch {tuple(mask.shape)} (packed rows?); use po_shared_prefix: keep")
+            output.register_hook(lambda g: g.masked_fill(mask[..., None].to(g.device), 0))
         if self._po_armed:
             self._po_captured = (inputs[0].detach(), output.detach())
 
     def _po_step_metrics(self) -> dict:
         return self._stored_metrics["train"]
 
-    def _po_scores(self, batch, labels, n_pairs):
+    def _po_scores(self, batch, labels, n_pairs, shared=None):
         """This micro-batch's response tokens (the head's input and raw output from the hook) and, where needed,
-        its own head statistics."""
+        its own head statistics (`shared`: the detached shared tokens, token indexing, left out)."""
         hidden, logits = self._po_captured
         self._po_captured = None
         mask = labels[:, 1:] != -100
+        if shared is not None:
+            mask = mask & ~shared[:, 1:]
         h, lg, y, rows = response_positions(hidden, logits, batch["input_ids"], batch["attention_mask"], mask)
         scale, cap = head_transform(self._po_unwrapped().config)
         return self.po.tokens_from_logits(h, final_logits(lg, scale, cap), y, rows, labels.shape[0], n_pairs, scale,
@@ -464,10 +475,14 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         training = train_eval == "train" and torch.is_grad_enabled()
         po = self.po
         self._po_armed = capture = po.scoring(training)
+        shared = po.shared(batch["input_ids"], batch["attention_mask"], labels != -100, labels.shape[0] // 2, training)
+        if shared is not None:  # the head output at position t predicts token t + 1
+            self._po_shared_logits = torch.cat([shared[:, 1:], shared[:, :1] & False], 1)
         try:
             out = self.concatenated_forward(model, dict(batch))
         finally:
             self._po_armed = False
+            self._po_shared_logits = None
         zw, zl = out["chosen_logps"], out["rejected_logps"]
         B = zw.shape[0]
         counts = (labels[:, 1:] != -100).sum(-1)
@@ -479,7 +494,7 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         stats = tokens = None
         if training and po.need_scores:
             if capture and self._po_captured is not None:
-                tokens = self._po_scores(batch, labels, B)
+                tokens = self._po_scores(batch, labels, B, shared)
             stats = po.stats_for(tokens)
         margins = po.margins_or_unit(extras.get("po_margin"), zw)  # an evaluation set without margins: weight 1
         weights = extras.get("po_weight")

@@ -22,6 +22,7 @@ from ..errors import DataError, HostError, OptionError, PluginStateError  # noqa
 from ..head import chunked_logprobs, head_transform
 from ..losses import PairBatch, build
 from ..plugin import Plugin, require_margins, row_number
+from ..prefix import detach_shared
 from ..scores import response_positions
 from . import gathered, head_spec
 from .base import HostSpec, RunInfo, Seam, installed_version
@@ -348,9 +349,13 @@ def _trainer_class():
                 mask[:source_len] = False
             loss_masks = loss_masks[:, 1:]
             B = chosen_ids.shape[0]
+            # --po.shared_prefix detach: the response tokens both rows of a pair share at their start (label indexing)
+            shared = self.po.shared(input_ids, att_masks, torch.cat([loss_masks[:, :1] & False, loss_masks], 1), B,
+                                    is_policy and torch.is_grad_enabled())
+            shared = None if shared is None else shared[:, 1:]
             if self._po_fused:
                 sums, output = self._po_fused_forward(model, input_ids, att_masks, loss_masks, B,
-                                                      is_policy and self._po_capture)
+                                                      is_policy and self._po_capture, shared)
                 self._po_capture = False
             else:
                 try:
@@ -358,7 +363,7 @@ def _trainer_class():
                                               return_logprobs=True, ring_attn_group=self.strategy.ring_attn_group)
                 finally:
                     self._po_capture = False
-                sums = (log_probs * loss_masks).sum(-1)
+                sums = (detach_shared(log_probs, shared) * loss_masks).sum(-1)
             counts = loss_masks.sum(-1)
             means = sums / counts.clamp(min=1)
             if is_policy:
@@ -371,8 +376,9 @@ def _trainer_class():
                 if capture:
                     if self._po_fused and self._po_fused_tokens is not None:
                         tokens, self._po_fused_tokens = self._po_fused_tokens, None
-                    elif self._po_head_cache is not None:
-                        tokens = self._po_scores(input_ids, att_masks, loss_masks, output["logits"], B)
+                    elif self._po_head_cache is not None:  # shared tokens carry no gradient: not in the scores
+                        tokens = self._po_scores(input_ids, att_masks, loss_masks if shared is None
+                                                 else loss_masks & ~shared, output["logits"], B)
                     else:
                         tokens = None
                     extra["tokens"] = tokens
@@ -384,7 +390,7 @@ def _trainer_class():
 
         _po_fused_tokens = None
 
-        def _po_fused_forward(self, actor, input_ids, att_masks, loss_masks, B, want_scores):
+        def _po_fused_forward(self, actor, input_ids, att_masks, loss_masks, B, want_scores, shared=None):
             """--po.fused_head: the backbone through the engine's own forward (the head swapped for a pass-through,
             so the engine returns the head's input), then log-probs of the response tokens only, by the chunked
             head (po_plugins.head): never the [N, T, V] logits. Padded or packed, as the Actor lays them out."""
@@ -421,8 +427,12 @@ def _trainer_class():
             h, _, y, rows = response_positions(hidden, None, input_ids, att_masks, loss_masks)
             lp, lse = chunked_logprobs(head, h, y, int(self.args.po.head_chunk) or None, scale, cap, temperature,
                                        return_lse=True)
-            sums = torch.zeros(input_ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+            flat = None if shared is None else shared[loss_masks.bool()]  # response_positions' order
+            sums = torch.zeros(input_ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(
+                0, rows, detach_shared(lp, flat))
             if want_scores:
+                if flat is not None:  # shared tokens carry no gradient: not in the scores
+                    h, y, rows, lse = h[~flat], y[~flat], rows[~flat], lse[~flat]
                 bias = getattr(head, "bias", None)
                 with gathered(head.weight, bias) if self.po.micro_stats else contextlib.nullcontext():
                     self._po_fused_tokens = self.po.tokens_from_head(

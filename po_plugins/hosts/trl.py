@@ -29,6 +29,7 @@ from ..head import head_transform
 from ..losses import PairBatch, accepted_hparams, build, names
 from ..options import OPTIONS, OptionError, check_loss, check_options, options_for
 from ..plugin import require_margins, row_number
+from ..prefix import detach_shared
 from ..scores import Tokens
 from . import HostError  # noqa: F401  (re-exported)
 from .base import HostSpec, Seam, installed_version
@@ -308,7 +309,24 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
             self._po_capture = False
         seq_len = shift.size(1)
         per_token = outputs.log_probs[:, -seq_len:]
-        return per_token.sum(dim=1), shift.sum(dim=1), outputs, model_kwargs, labels
+        # --po.shared_prefix detach: the completion tokens both rows of a pair share at their start, label indexing
+        self._po_shared = shared = self._po_shared_of(inputs, completion_mask,
+                                                      torch.is_grad_enabled() and self.model.training)
+        return detach_shared(per_token, shared).sum(dim=1), shift.sum(dim=1), outputs, model_kwargs, labels
+
+    _po_shared = None
+
+    def _po_shared_of(self, inputs, completion_mask, training: bool):
+        ids = inputs["input_ids"]
+        if not (self.po.detach_shared and training):
+            return None
+        if ids.shape[0] % 2:
+            raise OptionError("po_shared_prefix='detach' needs chosen and rejected rows in one padded batch "
+                              "(padding_free is not supported with it): drop one of them")
+        att = inputs.get("attention_mask")
+        shared = self.po.shared(ids, torch.ones_like(ids) if att is None else att, completion_mask,
+                                ids.shape[0] // 2, True)
+        return shared[:, 1:]
 
     def _po_ref_logps(self, model_kwargs, labels, seq_len):
         kw = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
@@ -328,7 +346,10 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         self._po_hidden = None
         lab = labels[:, 1:]
         hid = hidden[:, :-1][:, -lab.shape[1]:]
-        pos = (lab != -100).nonzero(as_tuple=False)
+        keep = lab != -100
+        if self._po_shared is not None:  # shared tokens carry no gradient: not in the scores
+            keep = keep & ~self._po_shared
+        pos = keep.nonzero(as_tuple=False)
         base = self._po_unwrapped()
         head = base.get_output_embeddings()
         scale, cap = head_transform(base.config)

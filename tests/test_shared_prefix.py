@@ -1,0 +1,148 @@
+"""--po.shared_prefix detach (issue 21, item 2): which tokens are shared, the loss value unchanged bit for bit, DPO's
+gradient unchanged, SimPO's shared tokens without gradient, and the detached band statistics against autograd."""
+
+import pytest
+import torch
+
+from po_plugins.errors import OptionError
+from po_plugins.losses import PairBatch, build
+from po_plugins.options import check_options
+from po_plugins.prefix import detach_shared, shared_prefix_mask
+from po_plugins.scores import score_stats_flat
+
+
+def _mask(rows_w, rows_l, prompt_lens, left=False, pad=0):
+    """Padded [2B, L] ids / attention / response masks from token lists (prompt first)."""
+    rows = rows_w + rows_l
+    lens = list(prompt_lens) * 2
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), pad)
+    att = torch.zeros(len(rows), L, dtype=torch.long)
+    resp = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, (r, p) in enumerate(zip(rows, lens)):
+        off = L - len(r) if left else 0
+        ids[i, off:off + len(r)] = torch.tensor(r)
+        att[i, off:off + len(r)] = 1
+        resp[i, off + p:off + len(r)] = True
+    return ids, att, resp
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_shared_tokens_are_the_common_start_of_the_responses(left):
+    w = [[5, 6, 10, 11, 12, 2], [5, 10, 11, 2], [7, 8, 9, 2], [5, 6, 20, 2]]
+    lo = [[5, 6, 10, 11, 2], [5, 10, 11, 2], [7, 8, 1, 2], [5, 7, 20, 2]]
+    plens = [2, 1, 3, 2]
+    ids, att, resp = _mask(w, lo, plens, left=left)
+    m = shared_prefix_mask(ids, att, resp, 4)
+    got = [ids[i][m[i]].tolist() for i in range(8)]
+    # pair 0: responses 10 11 12 2 / 10 11 2 share 10 11; pair 1: identical responses share every token;
+    # pair 2: the prompt is 7 8 9 / 7 8 1 (differs) so nothing is shared though both responses are "2";
+    # pair 3: the prompts differ (5 6 / 5 7): the identical response token 20 has another context, not shared
+    assert got == [[10, 11], [10, 11, 2], [], [], [10, 11], [10, 11, 2], [], []]
+    # empty prompt: the responses are compared from their first token
+    ids, att, resp = _mask([[3, 4, 5]], [[3, 4, 6, 7]], [0], left=left)
+    assert ids[shared_prefix_mask(ids, att, resp, 1)].tolist() == [3, 4, 3, 4]
+    with pytest.raises(ValueError, match="2 × 3 rows"):
+        shared_prefix_mask(ids, att, resp, 3)
+
+
+def test_the_option_takes_keep_or_detach():
+    check_options({"shared_prefix": "detach"})
+    with pytest.raises(OptionError, match="--po.shared_prefix takes 'keep' or 'detach'"):
+        check_options({"shared_prefix": "drop"})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from po_plugins.tiny import make_model, shared_pair_rows
+
+    d = make_model(tmp_path_factory.mktemp("m"), hidden_size=32, layers=2, heads=4)
+    tok = AutoTokenizer.from_pretrained(str(d))
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    rows = shared_pair_rows(6, seed=1)
+    enc = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    w = [p + tok(" " + r["chosen"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+         for p, r in zip(enc, rows)]
+    lo = [p + tok(" " + r["rejected"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+          for p, r in zip(enc, rows)]
+    ids, att, resp = _mask(w, lo, [len(p) for p in enc], pad=tok.pad_token_id or 0)
+    return model, ids, att, resp
+
+
+def _token_logps(model, ids, att):
+    """Per-token log-probs [2B, L-1] (label indexing) and the head's input at every position."""
+    cache = {}
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: cache.__setitem__("h", i[0].detach()))
+    try:
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+    finally:
+        hook.remove()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return lp, logits, cache["h"][:, :-1]
+
+
+def _loss_and_grads(model, name, ids, att, resp, detach, **hp):
+    model.zero_grad(set_to_none=True)
+    B = ids.shape[0] // 2
+    lp, _, _ = _token_logps(model, ids, att)
+    lp.retain_grad()
+    lab = resp[:, 1:]
+    shared = shared_prefix_mask(ids, att, resp, B)[:, 1:] if detach else None
+    z = (detach_shared(lp, shared) * lab).sum(-1)
+    n = lab.sum(-1)
+    g = torch.Generator().manual_seed(0)
+    ref = -20 + torch.randn(2 * B, generator=g)
+    loss = build(name, **hp)(PairBatch(z[:B], z[B:], ref[:B], ref[B:], n[:B], n[B:])).mean()
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}, lp.grad, shared
+
+
+def test_detach_keeps_the_loss_and_dpo_gradient_and_zeroes_simpos_shared_tokens(tiny):
+    model, ids, att, resp = tiny
+    shared = shared_prefix_mask(ids, att, resp, ids.shape[0] // 2)[:, 1:]
+    assert shared.sum() > 0 and (resp[:, 1:] & ~shared).sum() > 0
+    # DPO (r = 1 per pair): the shared text's gradient cancels between the two rows; detaching it changes nothing
+    l_keep, g_keep, _, _ = _loss_and_grads(model, "dpo", ids, att, resp, False, beta=0.1)
+    l_det, g_det, _, _ = _loss_and_grads(model, "dpo", ids, att, resp, True, beta=0.1)
+    assert torch.equal(l_keep, l_det)
+    for k in g_keep:
+        torch.testing.assert_close(g_det[k], g_keep[k], rtol=1e-4, atol=1e-7)
+    # SimPO (r = |y_l|/|y_w| < 1 on these pairs): the shared tokens get no gradient under detach, some under keep
+    l_keep, g_keep, lp_keep, _ = _loss_and_grads(model, "simpo", ids, att, resp, False)
+    l_det, g_det, lp_det, _ = _loss_and_grads(model, "simpo", ids, att, resp, True)
+    assert torch.equal(l_keep, l_det)
+    assert (lp_det[shared] == 0).all() and (lp_keep[shared].abs() > 1e-6).all()
+    assert (lp_det[~shared] == lp_keep[~shared]).all()  # the differing tokens' gradient is unchanged
+    assert max(float((g_det[k] - g_keep[k]).abs().max()) for k in g_keep) > 1e-4
+
+
+def test_detached_band_statistics_equal_autograd_of_the_differing_tokens(tiny):
+    """Under detach the vectors that push are the differing tokens' head scores (U_w, U_l): the statistics the plugin
+    computes from the positions left after removing the shared ones equal autograd of the mean over pairs of each
+    side's differing-token log-likelihood with respect to the head weight."""
+    model, ids, att, resp = tiny
+    B = ids.shape[0] // 2
+    model.zero_grad(set_to_none=True)
+    lp, logits, h = _token_logps(model, ids, att)
+    shared = shared_prefix_mask(ids, att, resp, B)[:, 1:]
+    rest = resp[:, 1:] & ~shared
+    t = (lp * rest).sum(-1)
+    W = model.lm_head.weight
+    (uw,) = torch.autograd.grad(t[:B].mean(), [W], retain_graph=True)
+    (ul,) = torch.autograd.grad(t[B:].mean(), [W])
+    pos = rest.nonzero(as_tuple=False)
+    is_chosen = torch.arange(2 * B) < B
+    for method in ("vocab", "gram"):
+        st = score_stats_flat(h[pos[:, 0], pos[:, 1]], logits.detach()[pos[:, 0], pos[:, 1]],
+                              ids[:, 1:][pos[:, 0], pos[:, 1]], pos[:, 0], is_chosen, method=method)
+        torch.testing.assert_close(st.sw_norm, uw.norm(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(st.sl_norm, ul.norm(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(st.sw_dot_sl, (uw * ul).sum(), rtol=1e-5, atol=1e-7)
+    # and they differ from the whole responses' (the shared start is most of each chosen response here)
+    full = resp[:, 1:].nonzero(as_tuple=False)
+    whole = score_stats_flat(h[full[:, 0], full[:, 1]], logits.detach()[full[:, 0], full[:, 1]],
+                             ids[:, 1:][full[:, 0], full[:, 1]], full[:, 0], is_chosen)
+    assert abs(float(whole.sw_norm) - float(uw.norm())) > 1e-3 * float(uw.norm())
