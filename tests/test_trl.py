@@ -489,3 +489,45 @@ def test_score_every_reuses_the_last_statistics(model_dir, tmp_path, monkeypatch
     assert len(calls) == 3
     rec = trace(tmp_path / "s")
     assert len(rec) == 3 and all(r["sw_norm"] > 0 for r in rec)
+
+
+def test_shared_prefix_detach_keeps_dpo_and_resumes(model_dir, tmp_path):
+    """po_shared_prefix='detach' on pairs whose rejected response continues the chosen one: the same losses and, for
+    DPO, the same weights as 'keep' (its shared-text gradient cancels); SimPO's weights differ; resuming a detached
+    RC-SimPO run repeats α and the weights."""
+    import shutil
+
+    from po_plugins.tiny import shared_pair_rows
+
+    data = dataset(shared_pair_rows(8, seed=2))
+    sgd_like = dict(adam_epsilon=1.0, learning_rate=1.0)  # Adam's step follows the gradient's size (see OpenRLHF's)
+    for loss in ("dpo", "simpo"):
+        keep = make_trainer(model_dir, tmp_path / f"{loss}_k", loss, data=data, ref=loss == "dpo", **sgd_like)
+        keep.train()
+        det = make_trainer(model_dir, tmp_path / f"{loss}_d", loss, data=data, ref=loss == "dpo",
+                           po_shared_prefix="detach", **sgd_like)
+        det.train()
+        assert det.po.detach_shared and not keep.po.detach_shared
+        torch.testing.assert_close(losses(det)[:1], losses(keep)[:1], **LOSS_TOL)
+        sa, sb = keep.model.state_dict(), det.model.state_dict()
+        gap = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+        if loss == "dpo":
+            assert gap < 1e-5, gap
+        else:
+            assert gap > 1e-3, gap
+
+    def trainer(out):
+        return make_trainer(model_dir, out, "rc_simpo", data=data, ref=False, po_shared_prefix="detach",
+                            gradient_accumulation_steps=1, max_steps=4, save_strategy="steps", save_steps=2)
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    (tmp_path / "part").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "part" / "checkpoint-2")
+    part = trainer(tmp_path / "part")
+    part.train(resume_from_checkpoint=True)
+    a, b = trace(tmp_path / "full"), trace(tmp_path / "part")
+    assert [r["alpha"] for r in b] == [r["alpha"] for r in a[2:]]
+    sa, sb = full.model.state_dict(), part.model.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k

@@ -113,6 +113,7 @@ class PoDPOConfig(DPOConfig):
     po_weight_key: str | None = _po_field("weight_key")
     po_probe_alarm_nats: float = _po_field("probe_alarm_nats")
     po_probe_alarm_checks: int = _po_field("probe_alarm_checks")
+    po_shared_prefix: str = _po_field("shared_prefix")
     # TRL's β; unset, a po_loss trains with its paper's default (as on every host), TRL's own loss_type with 0.1
     beta: float | None = field(default=None, metadata={
         "help": "β of the loss (default 0.1 for TRL's loss_type; with po_loss, the objective's own default)"})

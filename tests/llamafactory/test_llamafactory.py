@@ -147,6 +147,43 @@ def test_nearest_target_is_one_in_band_and_resumes(assets, lf, tmp_path, nearest
     assert [r["alpha"] for r in again] == [r["alpha"] for r in recs[3:]]
 
 
+def test_shared_prefix_detach_keeps_dpo_and_resumes(assets, lf, tmp_path):
+    """po_shared_prefix: detach on pairs whose rejected response continues the chosen one: the same first loss and,
+    for DPO, the same weights as keep (its shared-text gradient cancels); SimPO's weights differ (its incentive ratio
+    |y_l|/|y_w| is below 1 on these pairs); resuming a detached RC-SimPO run repeats α."""
+    from po_plugins.tiny import shared_pair_rows
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "shared.json").write_text(json.dumps([{"instruction": r["prompt"], "input": "", "chosen": r["chosen"],
+                                                   "rejected": r["rejected"]} for r in shared_pair_rows(8, seed=2)]))
+    cols = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}
+    (data / "dataset_info.json").write_text(json.dumps({"shared": {"file_name": "shared.json", "ranking": True,
+                                                                   "columns": cols}}))
+    sgd_like = dict(adam_epsilon=1.0, learning_rate=1.0, max_steps=3, dataset="shared", dataset_dir=str(data))
+    for loss in ("sigmoid", "simpo"):
+        w = {}
+        for mode in ("keep", "detach"):
+            out = tmp_path / f"{loss}_{mode}"
+            lf.run_inprocess(lf.base_config(assets, out, pref_loss=loss, po_shared_prefix=mode, save_strategy="no",
+                                            **sgd_like))
+            w[mode] = (lf.weights(out), [r["loss"] for r in lf.trainer_log(out) if "loss" in r])
+        (a, la), (b, lb) = w["keep"], w["detach"]
+        assert la[0] == pytest.approx(lb[0], rel=1e-6)
+        gap = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        assert (gap < 1e-5) if loss == "sigmoid" else (gap > 1e-3), (loss, gap)
+    out = tmp_path / "full"
+    cfg = lf.base_config(assets, out, pref_loss="rc_simpo", po_shared_prefix="detach", max_steps=4,
+                         save_strategy="steps", save_steps=2, dataset="shared", dataset_dir=str(data))
+    lf.run_inprocess(cfg)
+    recs = lf.band(out)
+    lf.run_inprocess({**cfg, "output_dir": str(tmp_path / "resumed"),
+                      "resume_from_checkpoint": str(out / "checkpoint-2")})
+    again = lf.band(tmp_path / "resumed")
+    assert [r["step"] for r in again] == [3, 4]
+    assert [r["alpha"] for r in again] == [r["alpha"] for r in recs[2:]]
+
+
 def test_report_to_backends_get_scalars(assets, lf, tmp_path):
     """The po/* scalars are in the logs every report_to backend receives (Trainer.log's on_log)."""
     from transformers import TrainerCallback
@@ -348,7 +385,7 @@ def test_yaml_accepts_exactly_the_llamafactory_options():
     from po_plugins.hosts.llamafactory import split_args
     from po_plugins.options import HOSTS, OPTIONS, OptionError, options_for
 
-    value = {"missing_margin": "unit", "ref_logp_keys": "a,b"}
+    value = {"missing_margin": "unit", "ref_logp_keys": "a,b", "shared_prefix": "detach"}
     for key, (kind, _d, _h) in OPTIONS.items():
         raw = value.get(key, True if kind is bool else 2 if kind is int else -2.0 if kind is float else "col")
         if key in options_for("llamafactory"):
