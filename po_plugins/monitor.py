@@ -35,19 +35,20 @@ from .objective import PairBatch, PairLoss
 from .scores import HeadSpec, ScoreStats, Tokens, partial_lse, step_score_sums
 
 SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "alpha", "loss", "w_sum", "w_capped", "micro_scored",
-            "micro_in_band")
+            "micro_in_band", "shared_tok", "resp_tok")
 RECHECK_KEYS = ("chosen_up_frac", "rejected_down_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w",
                 "probe_delta_z_l", "probe_chosen_down_frac")
 # keys every host's JSONL record has (one test list for all hosts)
 JSONL_KEYS = ("step", "loss_name", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "log_r", "log_r_star", "rho",
               "band_lower", "band_upper", "slack", "in_band", "pred_sign_w", "pred_sign_l", "edge", "sw_norm",
               "sl_norm", "sw_dot_sl", "score_pairs", "micro_in_band_frac", "alpha", "loss", "alpha_rank_spread",
-              *RECHECK_KEYS, "probe_alarm")
-# null on some steps by definition: no positive mean incentive (log r), ρ ≤ 0 (no edges), in band (no edge crossed)
-MAYBE_NULL = ("log_r", "band_lower", "band_upper", "slack", "edge", "micro_in_band_frac")
+              *RECHECK_KEYS, "probe_alarm", "shared_frac")
+# null on some steps by definition: no positive mean incentive (log r), ρ ≤ 0 (no edges), in band (no edge crossed);
+# shared_frac where the host reported no response tokens (Plugin.shared not called)
+MAYBE_NULL = ("log_r", "band_lower", "band_upper", "slack", "edge", "micro_in_band_frac", "shared_frac")
 LOG_KEYS = ("z_w", "z_l", "log_r", "log_r_star", "rho", "band_lower", "band_upper", "slack", "in_band", "alpha",
             "chosen_up_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w", "probe_delta_z_l",
-            "probe_chosen_down_frac", "probe_alarm", "w_mean",
+            "probe_chosen_down_frac", "probe_alarm", "shared_frac", "w_mean",
             "w_min", "w_max", "w_capped_frac")
 
 
@@ -90,7 +91,7 @@ class BandMonitor:
                  rescore: Callable | None = None, log: Callable[[str], None] = print,
                  is_rank_0: Callable[[], bool] = lambda: True, head: Callable | None = None, score_chunk: int = 4096,
                  hint: str | None = None, step_acc: bool = False, probe_alarm_nats: float = -1.0,
-                 alarm_hint: str = "", probe_alarm_checks: int = 2):
+                 alarm_hint: str = "", probe_alarm_checks: int = 2, shared_hint: str = ""):
         self.loss = loss
         self.path = path
         self.alert_steps = int(alert_steps)
@@ -113,13 +114,21 @@ class BandMonitor:
         self.probe_alarm_nats = float(probe_alarm_nats)
         self.probe_alarm_checks = max(1, int(probe_alarm_checks))
         self.alarm_hint = alarm_hint
+        self.shared_hint = shared_hint  # how to detach shared response starts ("" when they are detached already)
+        self._shared = (0.0, 0.0)  # (shared, response) tokens of the coming micro-batch (note_shared)
         self.alarm_streak = 0  # consecutive re-checks with the probe's chosen at or below the threshold
         self.alarm_step = None  # the step the measured-displacement alarm fired (once a run)
         self.alert_step = None  # the step the out-of-band alert was printed (this process)
+        # for the end-of-run summary (this process's steps)
         self.tally = {"steps": 0, "verdicts": 0, "in_band": 0, "edges": {}, "probe_w": None, "probe_l": None,
-                      "probe_step": None}  # for the end-of-run summary (this process's steps)
+                      "probe_step": None, "shared_tok": 0.0, "resp_tok": 0.0}
         self._resumed = False  # load_state_dict was called: the trace continues (else a fresh run replaces it)
         self._truncated = False
+
+    def note_shared(self, shared: float, total: float) -> None:
+        """The coming training micro-batch's response tokens that its pairs share at their start, and all its response
+        tokens (Plugin.shared): the step's `shared_frac`."""
+        self._shared = (float(shared), float(total))
 
     def add_micro(self, b: PairBatch, per_sample: torch.Tensor, recheck_inputs=None,
                   tokens: Tokens | None = None) -> None:
@@ -147,7 +156,8 @@ class BandMonitor:
         # kept on the device: no host sync per micro-batch; reduced once per optimizer step
         sums = torch.stack([n, zw.sum(), zl.sum(), (zw - refw).sum(), (zl - refl).sum(), d_w.double().sum().to(n),
                             d_l.double().sum().to(n), n * alpha, per_sample.detach().double().sum(), w.sum(), capped,
-                            scored, inside])
+                            scored, inside, *(n * 0 + x for x in self._shared)])
+        self._shared = (0.0, 0.0)
         maxes = torch.stack([w.max(), -w.min()])
         self.acc = (sums, maxes) if self.acc is None else (self.acc[0] + sums, torch.maximum(self.acc[1], maxes))
         if tokens is not None:
@@ -288,8 +298,20 @@ class BandMonitor:
                  f"{self.probe_alarm_nats:g} on {self.alarm_streak} consecutive re-checks"
                  + (f"; {down:.0%} of the pairs fell" if down is not None else "")
                  + "): the chosen responses are being displaced"
+                 + self._shared_note(", which any incentive ratio below 1 pushes down in both; try {hint} first")
                  + (f"; try {self.alarm_hint}" if self.alarm_hint else ""))
         return 1
+
+    def _shared_note(self, then: str) -> str:
+        """'; N% of the response tokens so far are text a pair's two responses start with' + `then` (formatted with
+        the host's spelling of the detach option), when that share is at least 5% and shared starts are not
+        detached; else ''."""
+        t = self.tally
+        frac = t["shared_tok"] / t["resp_tok"] if t["resp_tok"] else 0.0
+        if frac < 0.05 or not self.shared_hint:
+            return ""
+        return (f"; {frac:.0%} of the response tokens so far are text a pair's two responses start with"
+                + then.format(hint=self.shared_hint))
 
     def end_step(self, global_step: int) -> dict:
         """Close the optimizer step: the JSONL record (rank 0), the alert, and {'po/<key>': value} for the logs."""
@@ -320,6 +342,9 @@ class BandMonitor:
         rec["alpha"] = s["alpha"] / n
         rec["loss"] = s["loss"] / n
         rec["alpha_rank_spread"] = self._alpha_spread()
+        rec["shared_frac"] = s["shared_tok"] / s["resp_tok"] if s["resp_tok"] else None
+        self.tally["shared_tok"] += s["shared_tok"]
+        self.tally["resp_tok"] += s["resp_tok"]
         rec.update(self._recheck(global_step))
         rec["probe_alarm"] = self._alarm(rec)
         if "margins" in self.loss.needs:
@@ -362,8 +387,10 @@ class BandMonitor:
         probe = ("" if t["probe_w"] is None else
                  f"; probe pairs since the start (step {t['probe_step']}): chosen {t['probe_w']:+.3g}, rejected "
                  f"{t['probe_l']:+.3g} nats")
-        return (f"[po_plugins] end of run ({self.loss.name}, {t['steps']} steps): {band}; {alert}; {alarm}{probe}; "
-                f"trace {self.path}; report: po-plugins report {os.path.dirname(os.path.abspath(self.path))}")
+        shared = self._shared_note(" (with r < 1 pushed down in both responses; {hint} stops that)")
+        return (f"[po_plugins] end of run ({self.loss.name}, {t['steps']} steps): {band}; {alert}; {alarm}{probe}"
+                f"{shared}; trace {self.path}; report: po-plugins report "
+                f"{os.path.dirname(os.path.abspath(self.path))}")
 
     def _write(self, rec: dict) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)

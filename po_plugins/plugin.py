@@ -77,7 +77,9 @@ class Plugin:
                                                                            run.world_size),
                                        probe_alarm_nats=float(self.options["probe_alarm_nats"]),
                                        probe_alarm_checks=int(self.options["probe_alarm_checks"]),
-                                       alarm_hint=self._alarm_hint(run))
+                                       alarm_hint=self._alarm_hint(run),
+                                       shared_hint="" if self.options["shared_prefix"] == "detach"
+                                       else run.spell_option("shared_prefix", "detach"))
         self.need_scores = self.monitor is not None
         self.micro_stats = micro_stats_needed(self.calibrating, run.accumulation, run.world_size)
         self.every = max(1, int(self.options["score_every"]))
@@ -108,10 +110,14 @@ class Plugin:
         """--po.shared_prefix detach, on a training forward: [2B, L] bool of the response tokens each pair's two rows
         share at their start (token indexing: `po_plugins.prefix.shared_prefix_mask`); None otherwise. The host
         stops those tokens' gradient (`prefix.detach_shared`) and leaves them out of the head statistics, so RC and
-        the band describe the gradient taken (docs/monitor.md, "Shared prefix")."""
-        if not (self.detach_shared and training):
+        the band describe the gradient taken (docs/monitor.md, "Shared prefix"). With the monitor on, the counts
+        go to the step's `shared_frac` either way."""
+        if not training or not (self.detach_shared or self.monitor is not None):
             return None
-        return shared_prefix_mask(input_ids, attention_mask, response_mask, n_pairs)
+        mask = shared_prefix_mask(input_ids, attention_mask, response_mask, n_pairs)
+        if self.monitor is not None:  # the step's shared_frac (also under keep: what the band cannot see)
+            self.monitor.note_shared(int(mask.sum()), int(response_mask.bool().sum()))
+        return mask if self.detach_shared else None
 
     def step_acc(self, vocab: int, dim: int, device) -> torch.Tensor | None:
         """The monitor's step accumulator for this micro-batch's vocabulary pass (None: the step makes its own)."""

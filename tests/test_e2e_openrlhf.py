@@ -486,7 +486,10 @@ def test_shared_prefix_detach_through_the_real_command(shared_assets, tmp_path):
             assert diff < 0.02, diff
         else:
             assert diff > 0.1, diff
-    # the band of the differing tokens: a detached run's scores are not the whole responses'
+    # the band of the differing tokens: a detached run's scores are not the whole responses'; the shared share of the
+    # response tokens is the same number under both
+    keep0, det0 = trace(tmp_path / "simpo_keep")[0], trace(tmp_path / "simpo_det")[0]
+    assert 0.2 < keep0["shared_frac"] < 0.6 and det0["shared_frac"] == keep0["shared_frac"]
     assert trace(tmp_path / "simpo_det")[0]["sw_norm"] != pytest.approx(trace(tmp_path / "simpo_keep")[0]["sw_norm"],
                                                                         rel=1e-3)
 

@@ -146,3 +146,54 @@ def test_detached_band_statistics_equal_autograd_of_the_differing_tokens(tiny):
     whole = score_stats_flat(h[full[:, 0], full[:, 1]], logits.detach()[full[:, 0], full[:, 1]],
                              ids[:, 1:][full[:, 0], full[:, 1]], full[:, 0], is_chosen)
     assert abs(float(whole.sw_norm) - float(uw.norm())) > 1e-3 * float(uw.norm())
+
+
+class _Host:
+    """The least a host provides for these checks (hosts.base.HostAdapter)."""
+
+    def __init__(self):
+        self.printed = []
+
+    def po_head_spec(self):  # pragma: no cover
+        raise AssertionError("not used")
+
+    def po_rescore(self, inputs):  # pragma: no cover
+        raise AssertionError("not used")
+
+    def po_print(self, msg):
+        self.printed.append(msg)
+
+    def po_is_rank_0(self):
+        return True
+
+
+@pytest.mark.parametrize("mode", ["keep", "detach"])
+def test_shared_frac_is_the_steps_shared_share_of_response_tokens(tmp_path, mode):
+    """`shared_frac` is the step's shared response-start tokens over all its response tokens (a ratio of sums over
+    its micro-batches, so the split into micro-batches does not change it); under keep the end-of-run line says how
+    to detach them, under detach it does not; Plugin.shared returns the mask only under detach."""
+    from po_plugins.hosts.base import RunInfo
+    from po_plugins.plugin import Plugin
+
+    host = _Host()
+    po = Plugin(build("simpo"), {"monitor": True, "recheck_every": 0, "shared_prefix": mode}, host,
+                RunInfo(2, 1, str(tmp_path), lambda n: f"--loss {n}"))
+    micro = [([[1, 7, 8, 9, 2], [1, 7, 2]], [1, 1]),  # pair 0: responses 7 8 9 2 / 7 2 share 7; pair 1 as below
+             ([[1, 5, 2], [1, 5, 2]], [1, 1])]  # identical responses: both tokens shared
+    counts = []
+    for rows, plens in micro:
+        ids, att, resp = _mask([rows[0]], [rows[1]], plens[:1])
+        got = po.shared(ids, att, resp, 1, training=True)
+        assert (got is not None) == (mode == "detach")
+        counts.append((int(shared_prefix_mask(ids, att, resp, 1).sum()), int(resp.sum())))
+        z = torch.tensor([-3.0, -2.0], requires_grad=True)
+        po.loss_step(PairBatch(z[:1], z[1:], torch.zeros(1), torch.zeros(1), torch.tensor([4]), torch.tensor([2])),
+                     True)
+    rec = po.end_step(1)
+    assert counts == [(2, 6), (4, 4)]
+    assert rec["po/shared_frac"] == pytest.approx(6 / 10)
+    assert po.shared(ids, att, resp, 1, training=False) is None  # evaluation and re-scores: nothing
+    po.finish()
+    assert ("--po.shared_prefix detach stops that" in host.printed[-1]) == (mode == "keep"), host.printed[-1]
+    assert "60% of the response tokens so far are text a pair's two responses start with" in host.printed[-1] \
+        or mode == "detach"

@@ -114,11 +114,20 @@ class HostAdapter(Protocol):
 @dataclass
 class RunInfo:
     """What the Plugin needs to know of the host's run: the accumulation window, the world size, where the trace
-    goes by default, how the user spells a loss to suggest (`spell_loss("rc_dpo")` -> "--loss rc_dpo") and the
-    host's chosen-NLL setting ("" where it has none)."""
+    goes by default, how the user spells a loss to suggest (`spell_loss("rc_dpo")` -> "--loss rc_dpo") and an option
+    (`spell_option("shared_prefix", "detach")`), and the host's chosen-NLL setting ("" where it has none)."""
 
     accumulation: int
     world_size: int
     output_dir: str
     spell_loss: Callable[[str], str]
     nll_flag: str = ""
+    spell_option: Callable[[str, str], str] = None  # (key, value) -> the user's spelling; default --po.<key> <value>
+
+    def __post_init__(self):
+        if self.spell_option is None:
+            self.spell_option = _po_flag
+
+
+def _po_flag(key: str, value) -> str:
+    return f"--po.{key} {value}"

@@ -45,11 +45,12 @@ class TrainerPlugin:
     def po_is_rank_0(self) -> bool:
         return self.args.process_index == 0
 
-    def _po_start(self, loss, options: dict, spell_loss, nll_coef: float = 0.0, nll_flag: str = "") -> Plugin:
+    def _po_start(self, loss, options: dict, spell_loss, nll_coef: float = 0.0, nll_flag: str = "",
+                  spell_option=None) -> Plugin:
         """The Plugin of this run (its monitor writes `<output_dir>/po_band.jsonl` by default); the step end and the
         state ride on the Trainer's own callbacks."""
         run = RunInfo(self.args.gradient_accumulation_steps, self.args.world_size, self.args.output_dir, spell_loss,
-                      nll_flag)
+                      nll_flag, spell_option)
         self.po = Plugin(loss, options, self, run, nll_coef=nll_coef)
         self.add_callback(PluginCallback(self))
         return self.po

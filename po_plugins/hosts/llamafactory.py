@@ -395,7 +395,8 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
                                                                 "po_weight": (ROW_COLUMNS["weight"], 1.0)})
         # pref_ftx: + γ·NLL of the chosen response, folded into the objective (RPO's form)
         po = self._po_start(loss, cfg.options, lambda n: f"pref_loss: {n}",
-                            nll_coef=float(self.ftx_gamma) if self.ftx_gamma > 1e-6 else 0.0, nll_flag="pref_ftx: 0.1")
+                            nll_coef=float(self.ftx_gamma) if self.ftx_gamma > 1e-6 else 0.0, nll_flag="pref_ftx: 0.1",
+                            spell_option=lambda k, v: f"po_{k}: {v}")
         self._po_armed = False
         self._po_captured = None
         self._po_shared_logits = None

@@ -227,7 +227,8 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         if carried:
             self.data_collator = RowExtras(self.data_collator, carried)
         po = self._po_start(loss, args.po_options(), lambda n: f"po_loss='{n}' (--loss {n} with "
-                                                                 "po_plugins.cli.trl_dpo)")
+                                                                 "po_plugins.cli.trl_dpo)",
+                            spell_option=lambda k, v: f"po_{k}='{v}' (--po.{k} {v} with po_plugins.cli.trl_dpo)")
         self._po_capture = False
         self._po_hidden = None
         self._po_said = set()
