@@ -466,7 +466,7 @@ def test_shared_prefix_detach_through_the_real_command(shared_assets, tmp_path):
     """--po.shared_prefix detach on pairs whose rejected response continues the chosen one: DPO trains the same
     weights as without it (its shared-text gradient cancels), SimPO does not; RC-SimPO's detached statistics are the
     same through the chunked head (--po.fused_head) as through the logits; an interrupted and resumed run repeats
-    α and the weights."""
+    α and the weights; packed sequences (--ds.packing_samples) detach the same tokens."""
     def args(out, loss, *extra, stage=0):
         return ["--loss", loss, "--po.monitor", *flags(shared_assets, out, stage=stage, micro=4, batch=4, epochs=2,
                                                         extra=list(extra))]
@@ -499,10 +499,14 @@ def test_shared_prefix_detach_through_the_real_command(shared_assets, tmp_path):
 
     run(resumable(tmp_path / "full"), tmp_path)
     run(resumable(tmp_path / "fused", "--po.fused_head"), tmp_path)
+    run(resumable(tmp_path / "packed", "--ds.packing_samples", "--ds.attn_implementation", "sdpa"), tmp_path)
     res = run(resumable(tmp_path / "part"), tmp_path, env_extra={"PO_PLUGINS_INTERRUPT_AT_STEP": "2"}, check=False)
     assert res.returncode != 0 and "stopping" in res.stdout + res.stderr
     run(resumable(tmp_path / "part"), tmp_path)
     full, part, fused = trace(tmp_path / "full"), trace(tmp_path / "part"), trace(tmp_path / "fused")
+    packed = trace(tmp_path / "packed")
+    for k in ("z_w", "z_l", "sw_norm", "sl_norm", "sw_dot_sl", "alpha", "shared_frac"):  # rows compared before packing
+        assert packed[0][k] == pytest.approx(full[0][k], rel=2e-3), k
     assert [r["step"] for r in part] == [1, 2, 3, 4]
     assert [r["alpha"] for r in part] == [r["alpha"] for r in full]
     for r, f in zip(full, fused):  # the same model at step 1; later steps follow bf16 trajectories a little apart
