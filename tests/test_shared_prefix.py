@@ -197,3 +197,27 @@ def test_shared_frac_is_the_steps_shared_share_of_response_tokens(tmp_path, mode
     assert ("--po.shared_prefix detach stops that" in host.printed[-1]) == (mode == "keep"), host.printed[-1]
     assert "60% of the response tokens so far are text a pair's two responses start with" in host.printed[-1] \
         or mode == "detach"
+
+
+def test_demo_token_split_benchmark_quick(tmp_path):
+    """benchmarks/shared_prefix_demo.py --quick (the demo's real command, one seed): the split adds up to each
+    response's change, the shared start has the same log-prob in both responses, and a detach variant runs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "shared_prefix_demo.py"
+    res = subprocess.run([sys.executable, str(bench), "--quick", "--seeds", "1", "--out", str(tmp_path / "o"),
+                          "--losses", "dpo,simpo+shared_prefix=detach"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    head = json.loads(res.stdout.strip().splitlines()[-1])
+    for loss in ("dpo", "simpo+shared_prefix=detach"):
+        r = head["per_seed"][loss][0]
+        assert r["shared_tokens"] > 3 and r["n"] == 16
+        assert r["dz_shared"] + r["dz_w_rest"] == pytest.approx(r["dz_w"], abs=1e-9)
+        assert r["dz_shared"] + r["dz_l_rest"] == pytest.approx(r["dz_l"], abs=1e-9)
+    init = json.loads((tmp_path / "o" / "seed0" / "initial.json").read_text())
+    assert all(abs(x["shared"] - x["shared_l"]) < 1e-6 for x in init)
+    assert "shared response prefixes detached" in (tmp_path / "o" / "seed0" / "simpo+shared_prefix=detach"
+                                                   / "simpo.log").read_text()
