@@ -418,12 +418,28 @@ class BetaDPO(PairLoss):
         gen_state = self.gen.get_state()
         keep_idx = torch.multinomial(p, k, replacement=False, generator=self.gen)
         if self.update_state:
+            self._used = (self.m0, self.sigma, gen_state)  # the state this step used: `diagnostics` replays it
             self.m0, self.sigma, self.beta_batch = m0, sigma, beta_b
         else:
             self.gen.set_state(gen_state)
         keep = torch.zeros_like(delta)
         keep[keep_idx.to(delta.device)] = m.numel() / k
         return -keep * logsig(beta_b * delta)
+
+    def diagnostics(self, b):
+        """The incentives of the training forward that just ran on `b`: its running statistics and keep-set are
+        replayed from before that forward's update (the monitor calls this after the loss), then restored."""
+        used = getattr(self, "_used", None)
+        if used is None:
+            return super().diagnostics(b)
+        now = (self.m0, self.sigma, self.gen.get_state())
+        self.m0, self.sigma = used[0], used[1]
+        self.gen.set_state(used[2])
+        try:
+            return super().diagnostics(b)
+        finally:
+            self.m0, self.sigma = now[0], now[1]
+            self.gen.set_state(now[2])
 
     def state_dict(self):
         return {"m0": self.m0, "sigma": self.sigma, "gen": self.gen.get_state()}

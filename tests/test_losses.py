@@ -306,3 +306,21 @@ def test_with_chosen_nll_leaves_its_argument_unchanged():
     assert list(folded.hparams) == [*hp, "nll_coef"] and folded.hparams["nll_coef"] == 0.5
     assert folded.ema_decay == 0.9 and folded.name == "rc_dpo" and folded.base.base is rc.base
     assert with_chosen_nll(rc, 0.0) is rc
+
+
+def test_beta_dpo_diagnostics_after_its_forward_are_that_forwards_incentives():
+    """The monitor asks for the incentives after the training forward has updated β-DPO's running statistics and
+    drawn its keep-set: they must be that forward's (its β_b, its kept pairs: autograd of what was trained), not
+    those of another draw at updated statistics; and asking changes no state."""
+    loss = build("beta_dpo", seed=3)
+    for step in range(3):
+        b = _diag_batch()
+        b.policy_chosen.grad = b.policy_rejected.grad = None
+        per_sample = loss(b)
+        gw, gl = torch.autograd.grad(per_sample.sum(), [b.policy_chosen, b.policy_rejected])
+        state = repr(loss.state_dict())
+        diag = loss.diagnostics(b)
+        torch.testing.assert_close(diag.d_w, -gw.float(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(diag.d_l, gl.float(), rtol=1e-6, atol=1e-7)
+        assert repr(loss.state_dict()) == state
+        assert int((diag.d_w == 0).sum()) == 6 - max(1, int(0.8 * 6))  # the pairs that forward dropped
