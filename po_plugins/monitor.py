@@ -190,7 +190,8 @@ class BandMonitor:
         toks, self.tokens = self.tokens, []
         dev = self.last_z[0].device
         acc = self._step_acc
-        unaccumulated = acc is None or not all(t.in_acc for t in toks)
+        # a rank that scored nothing this step has nothing outside the accumulator
+        unaccumulated = bool(toks) and (acc is None or not all(t.in_acc for t in toks))
         counts = all_reduce(torch.tensor([float(len(toks)), float(sum(t.pairs for t in toks)), float(unaccumulated)],
                                          dtype=torch.float64, device=dev), "sum").cpu()
         n_micro, n_pairs = int(counts[0]), int(counts[1])
@@ -198,12 +199,17 @@ class BandMonitor:
             self._step_acc, self.step_acc_on = None, False
         if n_micro == 0:
             return None, 0
-        if n_micro == 1 and toks and toks[0].stats is not None:  # one micro-batch is the step: its own statistics
+        # one micro-batch on one process is the step: its own statistics (on several processes the rank that scored
+        # it would skip the collectives below that the others enter)
+        if n_micro == 1 and world_size() == 1 and toks and toks[0].stats is not None:
             if acc is not None:
                 acc.zero_()
             return toks[0].stats, n_pairs
         if counts[2] == 0:  # every scored micro-batch on every rank added its score matrices to the accumulator
-            total = all_reduce(acc, "sum")
+            if acc is None:  # this rank scored nothing yet: its share is zeros of the accumulator's shape
+                with self.head() as spec:
+                    acc = self.step_acc(spec.weight.shape[0], spec.weight.shape[1], dev)
+            total = all_reduce(acc, "sum", inplace=True)  # zeroed below: no copy
             sw, sl, n = total[0].reshape(-1), total[1].reshape(-1), float(max(n_pairs, 1))
             out = ScoreStats(sw.norm().double() / n, sl.norm().double() / n, torch.dot(sw, sl).double() / n ** 2)
             acc.zero_()

@@ -313,7 +313,7 @@ def test_beta_dpo_diagnostics_after_its_forward_are_that_forwards_incentives():
     drawn its keep-set: they must be that forward's (its β_b, its kept pairs: autograd of what was trained), not
     those of another draw at updated statistics; and asking changes no state."""
     loss = build("beta_dpo", seed=3)
-    for step in range(3):
+    for _ in range(3):
         b = _diag_batch()
         b.policy_chosen.grad = b.policy_rejected.grad = None
         per_sample = loss(b)

@@ -154,7 +154,7 @@ def test_step_band_gram_and_vocab_paths_and_vocabulary_slices_agree():
     torch.testing.assert_close(sliced, full, rtol=1e-4, atol=1e-7)
 
 
-def _two_rank_worker(r, port, path, out, step_acc=False):
+def _two_rank_worker(r, port, path, out, step_acc=False, alone=False):
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -164,6 +164,12 @@ def _two_rank_worker(r, port, path, out, step_acc=False):
         loss = build("dpo", beta=0.5)
         mon = BandMonitor(loss, path, recheck_every=0, head=lambda: contextlib.nullcontext(spec),
                           is_rank_0=lambda: r == 0, step_acc=step_acc)
+        if alone:  # rank 0 scores the step's one scored micro-batch (all 8 pairs, its own statistics); rank 1 none
+            pb, tok = micro_inputs(W, b, h, y, mask, spec, torch.arange(8))
+            tok = with_micro_stats(mon, tok, spec) if r == 0 else None
+            loss_step(loss, pb, mon, training=True, tokens=tok)
+            mon.end_step(1)
+            return
         mine = [0, 1, 2] if r == 0 else [3, 4, 5, 6, 7]  # unequal shares: variable-size gathers
         for rows in ([mine[:2], mine[2:]] if r == 0 else [mine[:1], mine[1:3], mine[3:]]):
             pb, tok = micro_inputs(W, b, h, y, mask, spec, torch.tensor(rows))
@@ -174,6 +180,29 @@ def _two_rank_worker(r, port, path, out, step_acc=False):
         del problem
     finally:
         torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("step_acc", [False, True])
+def test_one_scored_micro_batch_on_one_of_two_processes(tmp_path, step_acc):
+    """The step's only scored micro-batch lives on rank 0 (rank 1 scored none): both ranks take the same path through
+    the collectives (no deadlock) and the record's statistics are that micro-batch's."""
+    import subprocess
+    import sys
+
+    from po_plugins.tiny import free_port
+
+    path, port = str(tmp_path / "alone" / "po_band.jsonl"), free_port()
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('tm', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "m._two_rank_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], None, sys.argv[5] == '1', True)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, __file__, str(r), str(port), path, str(int(step_acc))])
+             for r in (0, 1)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    two = json.loads(open(path).read().splitlines()[1])
+    one = run_monitor(tmp_path, build("dpo", beta=0.5), head_problem(bias=True), 8, "one")
+    for k in ("sw_norm", "sl_norm", "sw_dot_sl", "rho"):
+        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-7), k
+    assert two["score_pairs"] == 8
 
 
 @pytest.mark.parametrize("step_acc", [False, True])
