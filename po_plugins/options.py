@@ -21,7 +21,8 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
                                "each time; 0: never)"),
     "jsonl": (str, None, "band trace path (default <output dir>/po_band.jsonl)"),
     "score_chunk": (int, 4096, "vocabulary chunk of the head score statistics"),
-    "score_every": (int, 1, "head score statistics on every k-th micro-batch (RC reuses them in between; the "
+    "score_every": (int, 1, "head score statistics on every k-th micro-batch (RC reuses them in between, counting "
+                                 "each scored micro-batch once in its score EMAs; the "
                                  "step's band covers the scored micro-batches)"),
     "margin_key": (str, None, "dataset column with reward-model margins (madpo); never 'margin' on OpenRLHF"),
     "missing_margin": (str, "error", "rows without a margin: 'error' or 'unit' (weight 1)"),

@@ -29,7 +29,7 @@ from .losses import PairBatch, PairLoss, with_chosen_nll
 from .monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
 from .options import OPTIONS
 from .prefix import shared_prefix_mask
-from .scores import ScoreStats, Tokens, score_stats_flat, score_stats_head, tokens_of
+from .scores import ReusedStats, ScoreStats, Tokens, score_stats_flat, score_stats_head, tokens_of
 
 
 def micro_stats_needed(calibrating: bool, accumulation: int, world_size: int) -> bool:
@@ -155,10 +155,11 @@ class Plugin:
 
     def stats_for(self, tokens: Tokens | None) -> ScoreStats | None:
         """The head statistics the objective sees on this training micro-batch: its own when it was scored, else
-        those of the last scored micro-batch."""
+        those of the last scored micro-batch (as `ReusedStats`: RC's score EMAs count each scored micro-batch once)."""
         if tokens is not None and tokens.stats is not None:
             self.last_scores = tokens.stats
-        return self.last_scores
+            return tokens.stats
+        return None if self.last_scores is None else ReusedStats(*self.last_scores)
 
     def loss_step(self, b: PairBatch, training: bool, recheck_inputs=None, tokens: Tokens | None = None):
         """(per-sample losses [B], detached chosen and rejected implicit rewards [B]) of `b`; on training

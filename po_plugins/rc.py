@@ -42,6 +42,7 @@ import torch
 from ._dist import all_reduce, world_size
 from .band import band_stats
 from .objective import Diagnostics, PairBatch, PairLoss, incentives
+from .scores import ReusedStats
 
 RC_DEFAULTS = {"ema_decay": 0.98, "eps": 1e-12, "clamp_to_band": False, "rc_target": "center", "rc_margin": 0.1,
                "rc_ema_init": "zero"}
@@ -156,7 +157,8 @@ class RewardCalibrated(PairLoss):
         if mdw > 0 and mdl > 0 and math.isfinite(mdw) and math.isfinite(mdl):
             self._step("dw", math.log(max(mdw, eps)))
             self._step("dl", math.log(max(mdl, eps)))
-        if sw > 0 and sl > 0 and math.isfinite(sw) and math.isfinite(sl):
+        fresh = not isinstance(st, ReusedStats)  # an earlier micro-batch's statistics (score_every): counted once
+        if fresh and sw > 0 and sl > 0 and math.isfinite(sw) and math.isfinite(sl):
             self._step("sw", math.log(max(sw, eps)))
             self._step("sl", math.log(max(sl, eps)))
         self.calls += 1

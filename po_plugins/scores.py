@@ -23,6 +23,13 @@ class ScoreStats(NamedTuple):
     sw_dot_sl: torch.Tensor
 
 
+class ReusedStats(ScoreStats):
+    """The statistics of an earlier micro-batch, given to one that was not scored (`--po.score_every` k > 1): RC
+    calibrates with them but does not count them again in its score EMAs."""
+
+    __slots__ = ()
+
+
 @torch.no_grad()
 def head_score_stats(
     hidden: torch.Tensor,  # [N, T, d]   inputs of the LM head

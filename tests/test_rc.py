@@ -491,3 +491,41 @@ def test_bad_settings_are_one_value_error_naming_the_choices(hp, msg):
     (key, val), = hp.items()
     with pytest.raises(OptionError, match=msg if val != "wide" else "takes a number"):
         parse_plugin_flags("openrlhf", ["--loss", "rc_dpo", f"--po.{key}", str(val)])
+
+
+def test_reused_statistics_are_not_counted_again_in_the_score_emas(tmp_path):
+    """--po.score_every k: a micro-batch that was not scored gets the last scored one's statistics (ReusedStats); RC
+    calibrates with them but its score EMAs count each scored micro-batch once, while its incentive EMAs count every
+    micro-batch."""
+    from po_plugins.hosts.base import RunInfo
+    from po_plugins.plugin import Plugin
+    from po_plugins.scores import ReusedStats, ScoreStats, tokens_of
+
+    class Host:
+        def po_head_spec(self):  # pragma: no cover
+            raise AssertionError
+
+        po_rescore = po_head_spec
+
+        def po_print(self, msg):
+            pass
+
+        def po_is_rank_0(self):
+            return True
+
+    po = Plugin(build("rc_dpo"), {"score_every": 3, "recheck_every": 0}, Host(),
+                RunInfo(1, 1, str(tmp_path), lambda n: f"--loss {n}"))
+    g = torch.Generator().manual_seed(0)
+    scored = 0
+    for i in range(7):
+        fresh = po.scoring(True)
+        scored += fresh
+        st = ScoreStats(torch.tensor(1.0 + i), torch.tensor(2.0 + i), torch.tensor(0.5))
+        tok = tokens_of(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), torch.arange(2), 1, stats=st) \
+            if fresh else None
+        stats = po.stats_for(tok)
+        assert isinstance(stats, ReusedStats) != fresh
+        z = torch.randn(2, generator=g, requires_grad=True)
+        po.loss_step(PairBatch(z[:1], z[1:], torch.zeros(1), torch.zeros(1), score_stats=stats), True, None, tok)
+        po.end_step(i + 1)
+    assert scored == 3 and po.loss.ema_n["sw"] == 3 and po.loss.ema_n["sl"] == 3 and po.loss.ema_n["dw"] == 7

@@ -487,6 +487,7 @@ def test_score_every_reuses_the_last_statistics(model_dir, tmp_path, monkeypatch
     tr = make_trainer(model_dir, tmp_path / "s", "rc_dpo", po_score_every=2, max_steps=3)  # 6 micro-batches
     tr.train()
     assert len(calls) == 3
+    assert tr.po.loss.ema_n["sw"] == 3 and tr.po.loss.ema_n["dw"] == 6  # each scored micro-batch counted once
     rec = trace(tmp_path / "s")
     assert len(rec) == 3 and all(r["sw_norm"] > 0 for r in rec)
 
