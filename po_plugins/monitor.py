@@ -319,6 +319,15 @@ class BandMonitor:
         return (f"; {frac:.0%} of the response tokens so far are text a pair's two responses start with"
                 + then.format(hint=self.shared_hint))
 
+    def close_scores(self) -> None:
+        """Before the optimizer step (every rank, at the step's boundary): the step's head statistics, computed while
+        the head still holds the weights its forwards used (the token pass rebuilds logits from the head weight and
+        pairs them with the forwards' hidden states and log-normalisers); `end_step` then uses them."""
+        if self.acc is not None and self._closed is None:
+            self._closed = self._step_scores()
+
+    _closed = None
+
     def end_step(self, global_step: int) -> dict:
         """Close the optimizer step: the JSONL record (rank 0), the alert, and {'po/<key>': value} for the logs."""
         if self.acc is None:
@@ -329,7 +338,8 @@ class BandMonitor:
         rec = {"step": int(global_step), "loss_name": self.loss.name}
         for k in ("z_w", "z_l", "r_w", "r_l", "d_w", "d_l"):
             rec[k] = s[k] / n
-        st, scored = self._step_scores()
+        # the statistics closed before the optimizer step where the host calls it (every host here), else now
+        (st, scored), self._closed = self._closed or self._step_scores(), None
         if st is None:
             rec.update(dict.fromkeys(("log_r", "log_r_star", "rho", "band_lower", "band_upper", "slack", "in_band",
                                       "pred_sign_w", "pred_sign_l", "edge", "sw_norm", "sl_norm", "sw_dot_sl")))

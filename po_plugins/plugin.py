@@ -1,12 +1,13 @@
 """The host-neutral plugin object: everything po_plugins does inside a host's DPO step, written once for every host.
 
-A host adapter (`po_plugins/hosts/<host>.py`) builds one `Plugin` when its trainer starts and calls it at five
+A host adapter (`po_plugins/hosts/<host>.py`) builds one `Plugin` when its trainer starts and calls it at six
 points of the host's step (docs/architecture.md):
 
     plugin = Plugin(loss, options, adapter, RunInfo(accumulation, world_size, output_dir, spell_loss))
     scoring = plugin.scoring(training)            # per micro-batch: score this one? (the score_every cadence)
     tokens = plugin.tokens_from_head(...)         # ... if so, its response tokens and, where needed, its statistics
     per_sample, cr, rr = plugin.loss_step(batch, training, inputs, tokens)   # the objective, and the monitor fed
+    plugin.before_optimizer_step()                # at the step's boundary, before the weights change
     logs.update(plugin.end_step(global_step))     # per optimizer step: the band record and the po/* scalars
     state = plugin.state_dict(); plugin.load_state_dict(state, where)        # with the host's checkpoints
 
@@ -174,6 +175,12 @@ class Plugin:
         return margins
 
     # ---- per optimizer step ---------------------------------------------------------------------------------
+    def before_optimizer_step(self) -> None:
+        """At the step's boundary, before the optimizer changes the weights (every rank): the monitor closes the
+        step's head statistics at the weights the step's forwards used."""
+        if self.monitor is not None:
+            self.monitor.close_scores()
+
     def end_step(self, global_step: int) -> dict:
         """Close the optimizer step: the band record (rank 0's JSONL), the alert; returns {'po/<key>': value}."""
         return self.monitor.end_step(global_step) if self.monitor is not None else {}

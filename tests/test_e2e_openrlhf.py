@@ -182,6 +182,19 @@ def test_step_band_does_not_depend_on_micro_batch_size_or_processes(assets, tmp_
         assert r["in_band"] == ref["in_band"], name
 
 
+def test_step_band_is_taken_at_the_weights_the_step_used(assets, tmp_path):
+    """With accumulation the monitor's token pass rebuilds the logits from the head weight: it runs before the
+    optimizer step (Plugin.before_optimizer_step), so even a step that changes the head a lot (learning rate 0.5)
+    gives the first record of one micro-batch of 4 pairs (its own statistics, at the initial weights)."""
+    runs = {}
+    for name, micro in (("m4", 4), ("m2", 2)):
+        run(["--loss", "dpo", "--po.monitor", *flags(assets, tmp_path / name, micro=micro, batch=4,
+                                                     extra=["--adam.lr", "0.5"])], tmp_path)
+        runs[name] = trace(tmp_path / name)[0]
+    for k in ("sw_norm", "sl_norm", "sw_dot_sl", "rho"):
+        assert runs["m2"][k] == pytest.approx(runs["m4"][k], rel=2e-2, abs=1e-3), (k, runs["m2"][k], runs["m4"][k])
+
+
 def test_nll_term_is_folded_and_the_step_equals_stock(assets, tmp_path):
     """--model.nll_loss_coef with a plugin objective: the NLL term is inside the objective (incentives, RC, band), and
     OpenRLHF's losses, logs and weights stay the stock step's."""

@@ -532,3 +532,17 @@ def test_shared_prefix_detach_keeps_dpo_and_resumes(model_dir, tmp_path):
     sa, sb = full.model.state_dict(), part.model.state_dict()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def test_step_band_is_taken_at_the_weights_the_step_used(model_dir, tmp_path):
+    """With accumulation the monitor's token pass runs on_pre_optimizer_step, before the weights change: with a
+    learning rate that moves the head a lot, the first step's record equals that of one micro-batch of the same 4
+    pairs (its own statistics)."""
+    recs = {}
+    for name, per_device, acc in (("one", 4, 1), ("two", 2, 2)):
+        tr = make_trainer(model_dir, tmp_path / name, "dpo", po_monitor=True, per_device_train_batch_size=per_device,
+                          gradient_accumulation_steps=acc, max_steps=1, learning_rate=0.5)
+        tr.train()
+        recs[name] = trace(tmp_path / name)[0]
+    for k in ("sw_norm", "sl_norm", "sw_dot_sl", "rho"):
+        assert recs["two"][k] == pytest.approx(recs["one"][k], rel=1e-4, abs=1e-6), k

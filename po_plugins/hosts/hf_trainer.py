@@ -87,6 +87,9 @@ class PluginCallback(TrainerCallback):
     def __init__(self, trainer: TrainerPlugin):
         self.trainer = trainer
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.po.before_optimizer_step()
+
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
         for k, v in t.po.end_step(state.global_step).items():

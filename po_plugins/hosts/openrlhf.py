@@ -35,11 +35,13 @@ SPEC = HostSpec("OpenRLHF", "openrlhf", "openrlhf", "0.10.2", "0.12", "dotted fl
     Seam("openrlhf.trainer.dpo_trainer", "DPOTrainer",
          ("fit", "concatenated_forward", "concatenated_inputs", "_get_batch_logps", "save_logs_and_checkpoints",
           "evaluate"),
-         ("self.loss_fn(", "self.concatenated_forward(", "self.save_logs_and_checkpoints(", "prompt_id_lens = data")),
+         ("self.loss_fn(", "self.concatenated_forward(", "self.save_logs_and_checkpoints(", "prompt_id_lens = data",
+          "self.strategy.optimizer_step(")),
     Seam("openrlhf.trainer.dpo_trainer", "DPOLoss"),
     Seam("openrlhf.datasets", "RewardDataset", ("process_data", "__getitem__", "collate_fn")),
     Seam("openrlhf.utils.config", "hierarchize"),
-    Seam("openrlhf.utils.deepspeed.deepspeed", "DeepspeedStrategy", ("load_ckpt", "save_ckpt", "all_reduce")),
+    Seam("openrlhf.utils.deepspeed.deepspeed", "DeepspeedStrategy", ("load_ckpt", "save_ckpt", "all_reduce",
+                                                                     "optimizer_step")),
     # score_margins' OpenRLHF reward-model backend scores pairs through the stock RM trainer's forward
     Seam("openrlhf.trainer.rm_trainer", "RewardModelTrainer", ("concatenated_forward", "concatenated_inputs")),
 ))
@@ -275,6 +277,16 @@ def _trainer_class():
                           lambda n: f"--loss {n}", nll_flag="--model.nll_loss_coef 0.1")
             self.po = Plugin(build(po.loss, **po.hparams), vars(po), self, run, nll_coef=coef if self._po_nll else 0.0)
             self.loss_fn = HostLoss(self)
+            if self.po.monitor is not None:  # the step's statistics before the weights change (Plugin contract)
+                step = self.strategy.optimizer_step
+
+                def optimizer_step(optimizer, model, scheduler, *a, **kw):
+                    engine = getattr(model, "model", model)
+                    if model is self.model and engine.is_gradient_accumulation_boundary():
+                        self.po.before_optimizer_step()
+                    return step(optimizer, model, scheduler, *a, **kw)
+
+                self.strategy.optimizer_step = optimizer_step
             self._po_extra = {}
             self._po_head_cache = None
             head = _lm_head(self.model)
