@@ -91,7 +91,7 @@ class BandMonitor:
                  rescore: Callable | None = None, log: Callable[[str], None] = print,
                  is_rank_0: Callable[[], bool] = lambda: True, head: Callable | None = None, score_chunk: int = 4096,
                  hint: str | None = None, step_acc: bool = False, probe_alarm_nats: float = -1.0,
-                 alarm_hint: str = "", probe_alarm_checks: int = 2, shared_hint: str = ""):
+                 alarm_hint: str = "", probe_alarm_checks: int = 2, shared_hint: str = "", meta: dict | None = None):
         self.loss = loss
         self.path = path
         self.alert_steps = int(alert_steps)
@@ -115,6 +115,7 @@ class BandMonitor:
         self.probe_alarm_checks = max(1, int(probe_alarm_checks))
         self.alarm_hint = alarm_hint
         self.shared_hint = shared_hint  # how to detach shared response starts ("" when they are detached already)
+        self.meta = dict(meta or {})  # the host's lines for the trace header (band_params, tied_embeddings)
         self._shared = (0.0, 0.0)  # (shared, response) tokens of the coming micro-batch (note_shared)
         self.alarm_streak = 0  # consecutive re-checks with the probe's chosen at or below the threshold
         self.alarm_step = None  # the step the measured-displacement alarm fired (once a run)
@@ -422,7 +423,7 @@ class BandMonitor:
                             continue
                         if "meta" not in obj and obj.get("step", 0) < rec["step"]:
                             keep.append(line if line.endswith("\n") else line + "\n")
-            meta = {"loss": self.loss.name, "hparams": _jsonable(self.loss.hparams)}
+            meta = {"loss": self.loss.name, "hparams": _jsonable(self.loss.hparams), **self.meta}
             with open(self.path, "w") as f:
                 f.write(json.dumps({"meta": meta}, allow_nan=False) + "\n")
                 f.writelines(keep)

@@ -68,6 +68,9 @@ class Plugin:
         self.calibrating = "score_stats" in self.loss.needs  # reward calibration feeds on the head statistics
         self.adapter, self.run = adapter, run
         self.monitor: BandMonitor | None = None
+        # what the band's scores are the gradient of (hosts.band_params; an adapter without it: the head's weight)
+        scope = getattr(adapter, "po_band_params", None)
+        self.scope = scope() if scope is not None and (self.options["monitor"] or self.calibrating) else {}
         if self.options["monitor"] or self.calibrating:
             path = self.options["jsonl"] or os.path.join(run.output_dir, "po_band.jsonl")
             hint = "" if self.calibrating else f"; consider {run.spell_loss('rc_' + self.loss.name)}"
@@ -80,7 +83,7 @@ class Plugin:
                                        probe_alarm_checks=int(self.options["probe_alarm_checks"]),
                                        alarm_hint=self._alarm_hint(run),
                                        shared_hint="" if self.options["shared_prefix"] == "detach"
-                                       else run.spell_option("shared_prefix", "detach"))
+                                       else run.spell_option("shared_prefix", "detach"), meta=self.scope)
         self.need_scores = self.monitor is not None
         self.micro_stats = micro_stats_needed(self.calibrating, run.accumulation, run.world_size)
         self.every = max(1, int(self.options["score_every"]))
@@ -201,9 +204,12 @@ class Plugin:
     # ---- messages ---------------------------------------------------------------------------------------------
     def banner(self, *notes: str) -> str:
         """The one line a run starts with: the objective, the monitor, and the host's notes."""
-        return "; ".join([f"[po_plugins] loss {self.loss!r}", f"monitor {'on' if self.monitor else 'off'}",
-                          *(["shared response prefixes detached (--po.shared_prefix detach)"] if self.detach_shared
-                            else []), *(n for n in notes if n)])
+        tied = ("band scope: the LM head's use of its weight (tied to the input embedding, whose gradient share "
+                "the band leaves out: docs/monitor.md, 'Scope')") if self.scope.get("tied_embeddings") else ""
+        detach = (f"shared response prefixes detached ({self.run.spell_option('shared_prefix', 'detach')})"
+                  if self.detach_shared else "")
+        parts = [f"[po_plugins] loss {self.loss!r}", f"monitor {'on' if self.monitor else 'off'}", tied, detach, *notes]
+        return "; ".join(p for p in parts if p)
 
 
 def row_number(value, row: int, column: str, where: str, flag: str) -> float | None:

@@ -546,3 +546,17 @@ def test_step_band_is_taken_at_the_weights_the_step_used(model_dir, tmp_path):
         recs[name] = trace(tmp_path / name)[0]
     for k in ("sw_norm", "sl_norm", "sw_dot_sl", "rho"):
         assert recs["two"][k] == pytest.approx(recs["one"][k], rel=1e-4, abs=1e-6), k
+
+
+def test_a_tied_head_is_named_in_the_trace_header_and_the_start_line(tmp_path, capsys):
+    """Tied input and output embeddings: the band covers the head's use of the weight only; the trace's header
+    (`band_params`, `tied_embeddings`) and the start line say so; an untied model's header says false."""
+    tied_dir = make_model(tmp_path / "tied", tie_word_embeddings=True)
+    for d, tied in ((tied_dir, True), (make_model(tmp_path / "untied"), False)):
+        out = tmp_path / f"o_{tied}"
+        tr = make_trainer(d, out, "rc_dpo", max_steps=1)
+        tr.train()
+        meta = json.loads(Path(out, "po_band.jsonl").read_text().splitlines()[0])["meta"]
+        assert meta["tied_embeddings"] is tied and meta["band_params"].startswith("lm_head.weight")
+        assert meta["lora_head"] is False
+        assert ("band scope: the LM head's use of its weight (tied" in tr.po.banner()) is tied

@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..plugin import Plugin
-from . import head_spec
+from . import band_params, head_spec
 from .base import RunInfo
 
 STATE_FILE = "po_plugins_state_rank{}.pt"
@@ -59,6 +59,11 @@ class TrainerPlugin:
         m = self.accelerator.unwrap_model(self.model)
         base = m.get_base_model() if hasattr(m, "get_base_model") else m
         return head_spec(base, base.get_output_embeddings())
+
+    def po_band_params(self) -> dict:
+        m = self.accelerator.unwrap_model(self.model)
+        base = m.get_base_model() if hasattr(m, "get_base_model") else m
+        return band_params(base, base.get_output_embeddings())
 
     def train(self, resume_from_checkpoint=None, *a, **kw):
         path = resume_from_checkpoint

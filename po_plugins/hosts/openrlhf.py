@@ -24,7 +24,7 @@ from ..losses import PairBatch, build
 from ..plugin import Plugin, require_margins, row_number
 from ..prefix import detach_shared
 from ..scores import response_positions
-from . import gathered, head_spec
+from . import band_params, effective_head_weight, gathered, head_spec, lora_params
 from .base import HostSpec, RunInfo, Seam, installed_version
 from .base import check_host as check_spec
 
@@ -326,6 +326,10 @@ def _trainer_class():
             base, head, _ = _head_of(self.model.model)
             return head_spec(base, head, float(getattr(self.model, "temperature", 1.0) or 1.0))
 
+        def po_band_params(self) -> dict:
+            base, head, _ = _head_of(self.model.model)
+            return band_params(base, head)
+
         def po_rescore(self, inputs):
             saved = self._po_extra
             zw, zl, _, _ = self.concatenated_forward(self.model, *inputs)
@@ -446,9 +450,11 @@ def _trainer_class():
                 if flat is not None:  # shared tokens carry no gradient: not in the scores
                     h, y, rows, lse = h[~flat], y[~flat], rows[~flat], lse[~flat]
                 bias = getattr(head, "bias", None)
-                with gathered(head.weight, bias) if self.po.micro_stats else contextlib.nullcontext():
+                with gathered(head.weight, bias, *lora_params(head)) if self.po.micro_stats else \
+                        contextlib.nullcontext():
                     self._po_fused_tokens = self.po.tokens_from_head(
-                        h, y, rows, input_ids.shape[0], B, head.weight, bias, scale, cap, temperature, lse=lse,
+                        h, y, rows, input_ids.shape[0], B, effective_head_weight(head) if self.po.micro_stats
+                        else head.weight, bias, scale, cap, temperature, lse=lse,
                         # at most ~2^22 statistics entries a vocabulary chunk, however many response tokens
                         chunk=max(64, min(int(self.args.po.score_chunk), (1 << 22) // max(1, h.shape[0]))),
                         head_dtype=head.weight.dtype)  # the head's own product and the chunked head's normalisers

@@ -17,7 +17,6 @@ With `po_loss=None` and no monitor, margin or weight column, PoDPOTrainer is TRL
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ from ..options import OPTIONS, OptionError, check_loss, check_options, options_f
 from ..plugin import require_margins, row_number
 from ..prefix import detach_shared
 from ..scores import Tokens
-from . import HostError  # noqa: F401  (re-exported)
+from . import HostError, effective_head_weight, gathered, lora_params  # noqa: F401  (HostError: re-exported)
 from .base import HostSpec, Seam, installed_version
 from .base import check_host as check_spec
 from .hf_trainer import RowExtras, TrainerPlugin, columns
@@ -357,9 +356,11 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         scale, cap = head_transform(base.config)
         h, y, rows = hid[pos[:, 0], pos[:, 1]], lab[pos[:, 0], pos[:, 1]], pos[:, 0]
         bias = getattr(head, "bias", None)
-        gather = maybe_gather_lm_head_ctx(head.weight, bias) if self.po.micro_stats else contextlib.nullcontext()
-        with gather:
+        if not self.po.micro_stats:
             return self.po.tokens_from_head(h, y, rows, lab.shape[0], n_pairs, head.weight, bias, scale, cap)
+        with maybe_gather_lm_head_ctx(head.weight, bias), gathered(*lora_params(head)):
+            return self.po.tokens_from_head(h, y, rows, lab.shape[0], n_pairs, effective_head_weight(head), bias,
+                                            scale, cap)
 
     def po_rescore(self, inputs):
         zs, _, _, _, _ = self._po_logps(self.model, inputs)
