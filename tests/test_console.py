@@ -30,6 +30,7 @@ HELP = {
     "generate": (["--model", "--n_samples", "--output"], None),
     "label-pairs": (["--input", "--output", "--reward", "--pairing"], None),
     "madpo": (["--config", "--dry_run", "--force"], None),
+    "diagnose": (["--model", "--data", "--loss", "--apply_chat_template"], None),
     "report": (["--out", "--labels", "--smooth"], None),
     "demo": (["--out", "--seed", "--losses"], None),
 }

@@ -46,6 +46,8 @@ COMMANDS: dict[str, Command] = {
                            "pairs"),
     "madpo": Command("po_plugins.cli.madpo", "the MADPO pipeline from one YAML: reward model, margins, "
                      "margin-adaptive DPO"),
+    "diagnose": Command("po_plugins.cli.diagnose", "check a preference dataset before training: the band at the "
+                        "initial model, shared response starts, a recommendation"),
     "report": Command("po_plugins.cli.report", "plot the band monitor traces (po_band.jsonl) of runs as PNGs and "
                       "index.html"),
     "demo": Command("po_plugins.demo", "tiny offline OpenRLHF DPO vs RC-DPO run and its band report (make demo)"),
