@@ -36,9 +36,10 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
                                       "(docs/monitor.md, 'Alarm'; needs recheck_every > 0)"),
     "probe_alarm_checks": (int, 2, "consecutive re-checks the probe's fall must hold before the alarm fires"),
     "weight_key": (str, None, "dataset column of per-row loss weights (each pair's loss times its weight)"),
-    "shared_prefix": (str, "keep", "'detach': the tokens a pair's two responses share at their start enter the loss "
-                                   "with a stopped gradient (same loss value; the pair no longer pushes its shared "
-                                   "text; docs/losses.md, 'Shared prefix'); 'keep': as the paper"),
+    "shared_prefix": (str, "keep", "the tokens a pair's two responses share at their start: 'keep' (as the paper), "
+                                   "'detach' (a stopped gradient: same loss value, the pair no longer pushes its "
+                                   "shared text) or 'guard' (their gradient only when it does not lower the shared "
+                                   "text); docs/losses.md, 'Shared prefix'"),
 }
 # the hosts (their key, as users name them) and how each spells a plugin option
 HOSTS = {"openrlhf": "OpenRLHF", "trl": "TRL", "llamafactory": "LLaMA-Factory"}
@@ -86,8 +87,8 @@ def check_options(values: dict[str, Any], spell=lambda k: f"--po.{k}") -> None:
     if nats is not None and (isinstance(nats, bool) or not isinstance(nats, (int, float)) or not nats <= 0):
         raise OptionError(f"{spell('probe_alarm_nats')} must be a number <= 0 (a fall, in nats per pair), got {nats!r}")
     sp = values.get("shared_prefix", "keep")
-    if sp not in ("keep", "detach"):
-        raise OptionError(f"{spell('shared_prefix')} takes 'keep' or 'detach', got {sp!r}")
+    if sp not in ("keep", "detach", "guard"):
+        raise OptionError(f"{spell('shared_prefix')} takes 'keep', 'detach' or 'guard', got {sp!r}")
     mm = values.get("missing_margin", "error")
     if mm not in ("error", "unit"):
         raise OptionError(f"{spell('missing_margin')} takes 'error' or 'unit', got {mm!r}")

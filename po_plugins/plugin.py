@@ -29,7 +29,7 @@ from .errors import DataError, OptionError, PluginStateError
 from .losses import PairBatch, PairLoss, with_chosen_nll
 from .monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
 from .options import OPTIONS
-from .prefix import shared_prefix_mask
+from .prefix import detach_shared, guard_shared, shared_prefix_mask
 from .scores import ReusedStats, ScoreStats, Tokens, score_stats_flat, score_stats_head, tokens_of
 
 
@@ -89,7 +89,11 @@ class Plugin:
         self.every = max(1, int(self.options["score_every"]))
         self.micro = 0
         self.last_scores: ScoreStats | None = None
-        self.detach_shared = self.options["shared_prefix"] == "detach"
+        # --po.shared_prefix: keep (the paper's), detach (shared starts never carry gradient; the statistics are the
+        # differing tokens'), guard (each pair's shared start keeps its gradient unless the pair would lower it)
+        self.shared_mode = self.options["shared_prefix"]
+        self.detach_shared = self.shared_mode in ("detach", "guard")  # the host detaches, `guard_sums` gives back
+        self.stats_without_shared = self.shared_mode == "detach"
 
     def _alarm_hint(self, run) -> str:
         """What to try when the chosen responses are measured falling, in the host's terms: the other side of the
@@ -122,6 +126,18 @@ class Plugin:
         if self.monitor is not None:  # the step's shared_frac (also under keep: what the band cannot see)
             self.monitor.note_shared(int(mask.sum()), int(response_mask.bool().sum()))
         return mask if self.detach_shared else None
+
+    def guard_sums(self, shared_sums):
+        """What the host adds to its sums (shared tokens detached) for `guard`: zero in value, the shared start's
+        gradient back for the pairs that would not lower it (`prefix.guard_shared`); 0 for the other modes."""
+        return guard_shared(shared_sums) if self.shared_mode == "guard" else 0.0
+
+    def sum_logps(self, per_token, mask, shared):
+        """[N] summed response log-probs of a padded layout (per_token and mask [N, T]; `shared` from `shared`,
+        shifted to the same indexing, or None): the stock sum's value bit for bit, the gradient of the shared mode."""
+        if shared is None:
+            return (per_token * mask).sum(-1)
+        return (detach_shared(per_token, shared) * mask).sum(-1) + self.guard_sums((per_token * shared).sum(-1))
 
     def step_acc(self, vocab: int, dim: int, device) -> torch.Tensor | None:
         """The monitor's step accumulator for this micro-batch's vocabulary pass (None: the step makes its own)."""
@@ -206,8 +222,8 @@ class Plugin:
         """The one line a run starts with: the objective, the monitor, and the host's notes."""
         tied = ("band scope: the LM head's use of its weight (tied to the input embedding, whose gradient share "
                 "the band leaves out: docs/monitor.md, 'Scope')") if self.scope.get("tied_embeddings") else ""
-        detach = (f"shared response prefixes detached ({self.run.spell_option('shared_prefix', 'detach')})"
-                  if self.detach_shared else "")
+        detach = (f"shared response prefixes: {self.shared_mode} "
+                  f"({self.run.spell_option('shared_prefix', self.shared_mode)})" if self.detach_shared else "")
         parts = [f"[po_plugins] loss {self.loss!r}", f"monitor {'on' if self.monitor else 'off'}", tied, detach, *notes]
         return "; ".join(p for p in parts if p)
 

@@ -63,6 +63,34 @@ def detach_shared(per_token: torch.Tensor, shared: torch.Tensor | None) -> torch
     return torch.where(shared.to(per_token.device), per_token.detach(), per_token)
 
 
+class _OneSided(torch.autograd.Function):
+    """Identity on the shared sums [2B] (chosen rows, then rejected rows); in the backward, a pair's two gradients
+    are zeroed when their sum is positive, i.e. when a descent step would lower the pair's shared text."""
+
+    @staticmethod
+    def forward(ctx, p):
+        return p.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        n = g.shape[0] // 2
+        down = (g[:n] + g[n:]) > 0  # ∂L/∂p of the pair's shared text: positive, so descent lowers it
+        return g * (~down).repeat(2).to(g.dtype)
+
+
+def guard_shared(shared_sums: torch.Tensor) -> torch.Tensor:
+    """--po.shared_prefix guard: the term to add to sums whose shared tokens were detached (`detach_shared`). Its value
+    is exactly 0; its gradient gives each pair's shared tokens back their gradient unless the pair's net push on its
+    shared text, −d_w + d_l (RC's α, weights and NLL terms included, as the backward sees them), would lower it.
+
+    Args:
+        shared_sums: [2B] summed log-probs of each row's shared tokens (chosen rows, then rejected rows), with grad.
+
+    Returns:
+        [2B], zeros in value."""
+    return _OneSided.apply(shared_sums) - shared_sums.detach()
+
+
 def shared_counts(shared: torch.Tensor, n_pairs: int) -> torch.Tensor:
     """[B] shared tokens per pair (from a mask of `shared_prefix_mask`'s form, either indexing)."""
     return shared[:n_pairs].sum(-1)

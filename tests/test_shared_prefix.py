@@ -7,7 +7,7 @@ import torch
 from po_plugins.errors import OptionError
 from po_plugins.losses import PairBatch, build
 from po_plugins.options import check_options
-from po_plugins.prefix import detach_shared, shared_prefix_mask
+from po_plugins.prefix import detach_shared, guard_shared, shared_prefix_mask
 from po_plugins.scores import score_stats_flat
 
 
@@ -46,9 +46,10 @@ def test_shared_tokens_are_the_common_start_of_the_responses(left):
         shared_prefix_mask(ids, att, resp, 3)
 
 
-def test_the_option_takes_keep_or_detach():
+def test_the_option_takes_keep_detach_or_guard():
+    check_options({"shared_prefix": "guard"})
     check_options({"shared_prefix": "detach"})
-    with pytest.raises(OptionError, match="--po.shared_prefix takes 'keep' or 'detach'"):
+    with pytest.raises(OptionError, match="--po.shared_prefix takes 'keep', 'detach' or 'guard'"):
         check_options({"shared_prefix": "drop"})
 
 
@@ -85,6 +86,7 @@ def _token_logps(model, ids, att):
 
 
 def _loss_and_grads(model, name, ids, att, resp, detach, **hp):
+    """detach: False (keep), True or "detach", or "guard"."""
     model.zero_grad(set_to_none=True)
     B = ids.shape[0] // 2
     lp, _, _ = _token_logps(model, ids, att)
@@ -92,6 +94,8 @@ def _loss_and_grads(model, name, ids, att, resp, detach, **hp):
     lab = resp[:, 1:]
     shared = shared_prefix_mask(ids, att, resp, B)[:, 1:] if detach else None
     z = (detach_shared(lp, shared) * lab).sum(-1)
+    if detach == "guard":
+        z = z + guard_shared((lp * shared).sum(-1))
     n = lab.sum(-1)
     g = torch.Generator().manual_seed(0)
     ref = -20 + torch.randn(2 * B, generator=g)
@@ -219,5 +223,41 @@ def test_demo_token_split_benchmark_quick(tmp_path):
         assert r["dz_shared"] + r["dz_l_rest"] == pytest.approx(r["dz_l"], abs=1e-9)
     init = json.loads((tmp_path / "o" / "seed0" / "initial.json").read_text())
     assert all(abs(x["shared"] - x["shared_l"]) < 1e-6 for x in init)
-    assert "shared response prefixes detached" in (tmp_path / "o" / "seed0" / "simpo+shared_prefix=detach"
+    assert "shared response prefixes: detach" in (tmp_path / "o" / "seed0" / "simpo+shared_prefix=detach"
                                                    / "simpo.log").read_text()
+
+
+def _swap(ids, att, resp):
+    """The same pairs with chosen and rejected exchanged (rows B.. first)."""
+    B = ids.shape[0] // 2
+    order = torch.cat([torch.arange(B, 2 * B), torch.arange(B)])
+    return ids[order], att[order], resp[order]
+
+
+def test_guard_keeps_the_shared_push_up_and_drops_the_push_down(tiny):
+    """guard: the loss value bit for bit; SimPO with the chosen response the shorter (ratio |y_l|/|y_w| > 1, the pair
+    pushes its shared text up) trains exactly as keep; with the chosen response the longer (ratio < 1, the pair
+    pushes it down) exactly as detach; DPO (ratio 1) as keep."""
+    model, ids, att, resp = tiny
+    for data, like in (((ids, att, resp), False), (_swap(ids, att, resp), True)):
+        l_ref, g_ref, lp_ref, _ = _loss_and_grads(model, "simpo", *data, like)
+        l_g, g_g, lp_g, _ = _loss_and_grads(model, "simpo", *data, "guard")
+        assert torch.equal(l_g, l_ref)
+        assert torch.equal(lp_g, lp_ref)  # the per-token gradients: the same numbers, shared tokens included
+        for k in g_ref:
+            torch.testing.assert_close(g_g[k], g_ref[k], rtol=1e-6, atol=1e-9)
+    l_k, g_k, _, _ = _loss_and_grads(model, "dpo", ids, att, resp, False, beta=0.1)
+    l_g, g_g, _, _ = _loss_and_grads(model, "dpo", ids, att, resp, "guard", beta=0.1)
+    assert torch.equal(l_k, l_g)
+    for k in g_k:
+        torch.testing.assert_close(g_g[k], g_k[k], rtol=1e-4, atol=1e-7)
+
+
+def test_guard_decides_per_pair_from_the_backwards_own_gradient():
+    """Each pair on its own: the shared sums keep their gradient when the pair's net push −d_w + d_l on them is
+    ≤ 0 and lose it when it is > 0; the value added is exactly zero."""
+    p = torch.tensor([-3.0, -2.0, -3.0, -2.0], requires_grad=True)  # pair 0: rows 0, 2; pair 1: rows 1, 3
+    out = guard_shared(p)
+    assert torch.equal(out, torch.zeros(4))
+    (g,) = torch.autograd.grad((out * torch.tensor([-2.0, -1.0, 1.0, 3.0])).sum(), [p])
+    assert g.tolist() == [-2.0, 0.0, 1.0, 0.0]  # pair 0: −2 + 1 < 0 kept; pair 1: −1 + 3 > 0 dropped

@@ -560,3 +560,22 @@ def test_a_tied_head_is_named_in_the_trace_header_and_the_start_line(tmp_path, c
         assert meta["tied_embeddings"] is tied and meta["band_params"].startswith("lm_head.weight")
         assert meta["lora_head"] is False
         assert ("band scope: the LM head's use of its weight (tied" in tr.po.banner()) is tied
+
+
+def test_shared_prefix_guard_is_keep_or_detach_by_the_pairs_push(model_dir, tmp_path):
+    """po_shared_prefix='guard' with SimPO: where the chosen response is the rejected one's start (the pair pushes
+    its shared text up) the weights are keep's; with chosen and rejected exchanged (pushed down) detach's."""
+    from po_plugins.tiny import shared_pair_rows
+
+    rows_up = shared_pair_rows(8, seed=2)
+    rows_down = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows_up]
+    sgd_like = dict(adam_epsilon=1.0, learning_rate=1.0, max_steps=2)
+    for rs, like in ((rows_up, "keep"), (rows_down, "detach")):
+        w = {}
+        for mode in (like, "guard"):
+            tr = make_trainer(model_dir, tmp_path / f"{like}_{mode}", "simpo", data=dataset(rs), ref=False,
+                              po_shared_prefix=mode, **sgd_like)
+            tr.train()
+            w[mode] = tr.model.state_dict()
+        gap = max(float((w[like][k] - w["guard"][k]).abs().max()) for k in w[like])
+        assert gap < 1e-6, (like, gap)

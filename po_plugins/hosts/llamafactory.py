@@ -372,6 +372,18 @@ class PoLogCallback(LogCallback):
         return super()._write_log(output_dir, {**logs, **extra})
 
 
+def _guard_logit_grad(g, mask, nxt):
+    """po_shared_prefix: guard at the head's output: a shared position's gradient at its label's logit is the row's
+    ∂L/∂z times (1 − p) (the same p in both rows of a pair), so the pair's summed label gradient over its shared
+    positions has the sign of −d_w + d_l; where it is positive (a descent step would lower the shared text) both
+    rows' shared positions get no gradient, as `prefix.guard_shared` does with the sums."""
+    n = g.shape[0] // 2
+    at_label = g.gather(-1, nxt[..., None]).squeeze(-1).float()
+    per_row = (at_label * mask).sum(-1)
+    down = (per_row[:n] + per_row[n:]) > 0
+    return g.masked_fill((mask & down.repeat(2)[:, None])[..., None], 0)
+
+
 # ---- the trainer ------------------------------------------------------------------------------------------------
 class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
     """LLaMA-Factory's CustomDPOTrainer with a po_plugins objective, the band monitor, per-row margins / weights and
@@ -444,7 +456,11 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
             if tuple(output.shape[:2]) != tuple(mask.shape):
                 raise OptionError(f"po_shared_prefix: the LM head's output {tuple(output.shape)} is not laid out "
                                   f"like the batch {tuple(mask.shape)} (packed rows?); use po_shared_prefix: keep")
-            output.register_hook(lambda g: g.masked_fill(mask[..., None].to(g.device), 0))
+            if self.po.shared_mode == "guard":
+                nxt = self._po_next_tokens
+                output.register_hook(lambda g: _guard_logit_grad(g, mask.to(g.device), nxt.to(g.device)))
+            else:
+                output.register_hook(lambda g: g.masked_fill(mask[..., None].to(g.device), 0))
         if self._po_armed:
             self._po_captured = (inputs[0].detach(), output.detach())
 
@@ -457,7 +473,7 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         hidden, logits = self._po_captured
         self._po_captured = None
         mask = labels[:, 1:] != -100
-        if shared is not None:
+        if shared is not None and self.po.stats_without_shared:
             mask = mask & ~shared[:, 1:]
         h, lg, y, rows = response_positions(hidden, logits, batch["input_ids"], batch["attention_mask"], mask)
         scale, cap = head_transform(self._po_unwrapped().config)
@@ -479,6 +495,8 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         shared = po.shared(batch["input_ids"], batch["attention_mask"], labels != -100, labels.shape[0] // 2, training)
         if shared is not None:  # the head output at position t predicts token t + 1
             self._po_shared_logits = torch.cat([shared[:, 1:], shared[:, :1] & False], 1)
+            ids = batch["input_ids"]
+            self._po_next_tokens = torch.cat([ids[:, 1:], ids[:, :1]], 1)
         try:
             out = self.concatenated_forward(model, dict(batch))
         finally:

@@ -379,7 +379,7 @@ def _trainer_class():
                                               return_logprobs=True, ring_attn_group=self.strategy.ring_attn_group)
                 finally:
                     self._po_capture = False
-                sums = (detach_shared(log_probs, shared) * loss_masks).sum(-1)
+                sums = self.po.sum_logps(log_probs, loss_masks, shared)
             counts = loss_masks.sum(-1)
             means = sums / counts.clamp(min=1)
             if is_policy:
@@ -393,8 +393,9 @@ def _trainer_class():
                     if self._po_fused and self._po_fused_tokens is not None:
                         tokens, self._po_fused_tokens = self._po_fused_tokens, None
                     elif self._po_head_cache is not None:  # shared tokens carry no gradient: not in the scores
-                        tokens = self._po_scores(input_ids, att_masks, loss_masks if shared is None
-                                                 else loss_masks & ~shared, output["logits"], B)
+                        tokens = self._po_scores(input_ids, att_masks, loss_masks if shared is None or not
+                                                 self.po.stats_without_shared else loss_masks & ~shared,
+                                                 output["logits"], B)
                     else:
                         tokens = None
                     extra["tokens"] = tokens
@@ -444,10 +445,12 @@ def _trainer_class():
             lp, lse = chunked_logprobs(head, h, y, int(self.args.po.head_chunk) or None, scale, cap, temperature,
                                        return_lse=True)
             flat = None if shared is None else shared[loss_masks.bool()]  # response_positions' order
-            sums = torch.zeros(input_ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(
-                0, rows, detach_shared(lp, flat))
+            zeros = torch.zeros(input_ids.shape[0], dtype=lp.dtype, device=lp.device)
+            sums = zeros.index_add(0, rows, detach_shared(lp, flat))
+            if flat is not None:  # guard: the shared start's gradient back where the pair would not lower it
+                sums = sums + self.po.guard_sums(zeros.index_add(0, rows, lp * flat))
             if want_scores:
-                if flat is not None:  # shared tokens carry no gradient: not in the scores
+                if flat is not None and self.po.stats_without_shared:  # detach: not in the scores
                     h, y, rows, lse = h[~flat], y[~flat], rows[~flat], lse[~flat]
                 bias = getattr(head, "bias", None)
                 with gathered(head.weight, bias, *lora_params(head)) if self.po.micro_stats else \

@@ -313,7 +313,9 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         # --po.shared_prefix detach: the completion tokens both rows of a pair share at their start, label indexing
         self._po_shared = shared = self._po_shared_of(inputs, completion_mask,
                                                       torch.is_grad_enabled() and self.model.training)
-        return detach_shared(per_token, shared).sum(dim=1), shift.sum(dim=1), outputs, model_kwargs, labels
+        sums = per_token.sum(dim=1) if shared is None else (
+            detach_shared(per_token, shared).sum(dim=1) + self.po.guard_sums((per_token * shared).sum(dim=1)))
+        return sums, shift.sum(dim=1), outputs, model_kwargs, labels
 
     _po_shared = None
 
@@ -348,7 +350,7 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
         lab = labels[:, 1:]
         hid = hidden[:, :-1][:, -lab.shape[1]:]
         keep = lab != -100
-        if self._po_shared is not None:  # shared tokens carry no gradient: not in the scores
+        if self._po_shared is not None and self.po.stats_without_shared:  # detach: not in the scores
             keep = keep & ~self._po_shared
         pos = keep.nonzero(as_tuple=False)
         base = self._po_unwrapped()

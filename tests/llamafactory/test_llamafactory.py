@@ -184,6 +184,31 @@ def test_shared_prefix_detach_keeps_dpo_and_resumes(assets, lf, tmp_path):
     assert [r["alpha"] for r in again] == [r["alpha"] for r in recs[2:]]
 
 
+def test_shared_prefix_guard_is_keep_or_detach_by_the_pairs_push(assets, lf, tmp_path):
+    """po_shared_prefix: guard with SimPO (the head output's gradient gated per pair): where the chosen response is
+    the rejected one's start the weights are keep's, with the two exchanged detach's."""
+    from po_plugins.tiny import shared_pair_rows
+
+    rows_up = shared_pair_rows(8, seed=2)
+    cols = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}
+    for name, rows, like in (("up", rows_up, "keep"), ("down", [{**r, "chosen": r["rejected"],
+                                                               "rejected": r["chosen"]} for r in rows_up], "detach")):
+        data = tmp_path / name
+        data.mkdir()
+        (data / "d.json").write_text(json.dumps([{"instruction": r["prompt"], "input": "", "chosen": r["chosen"],
+                                                   "rejected": r["rejected"]} for r in rows]))
+        (data / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json", "ranking": True,
+                                                                  "columns": cols}}))
+        w = {}
+        for mode in (like, "guard"):
+            out = tmp_path / f"{name}_{mode}"
+            lf.run_inprocess(lf.base_config(assets, out, pref_loss="simpo", po_shared_prefix=mode, dataset="d",
+                                            dataset_dir=str(data), adam_epsilon=1.0, learning_rate=1.0, max_steps=2))
+            w[mode] = lf.weights(out)
+        gap = max(float((w[like][k].float() - w["guard"][k].float()).abs().max()) for k in w[like])
+        assert gap < 1e-6, (name, gap)
+
+
 def test_report_to_backends_get_scalars(assets, lf, tmp_path):
     """The po/* scalars are in the logs every report_to backend receives (Trainer.log's on_log)."""
     from transformers import TrainerCallback
