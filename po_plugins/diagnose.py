@@ -121,11 +121,12 @@ def recommend(loss_name: str, shared_frac: float, whole_in: float, ratio_below_o
     moves_ratio = loss_name.startswith("rc_") or ratio_below_one
     if shared_frac >= 0.05 and moves_ratio:
         return (f"{shared_frac:.0%} of the response text is shared starts and {loss_name}'s incentive ratio is not 1: "
-                "train with --po.shared_prefix detach (it keeps the loss, stops the pair pushing its shared text down; "
-                "docs/choosing.md)")
+                "train with --po.shared_prefix guard (a pair's shared start keeps its gradient where the pair pushes "
+                "it up, loses it where it would push it down; docs/choosing.md)")
     if shared_frac >= 0.05:
         return (f"{shared_frac:.0%} of the response text is shared starts; {loss_name} (ratio 1) does not push it, "
-                f"but rc_{base} would: with rc_{base} add --po.shared_prefix detach (docs/choosing.md)")
+                f"rc_{base} and length-normalised objectives would: with those add --po.shared_prefix guard "
+                "(docs/choosing.md)")
     if whole_in < 0.5 and not loss_name.startswith("rc_"):
         return (f"{loss_name} is out of band in most batches at the initial model: watch the monitor's alarm; "
                 f"rc_{base} calibrates the ratio (docs/choosing.md)")

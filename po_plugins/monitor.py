@@ -114,7 +114,7 @@ class BandMonitor:
         self.probe_alarm_nats = float(probe_alarm_nats)
         self.probe_alarm_checks = max(1, int(probe_alarm_checks))
         self.alarm_hint = alarm_hint
-        self.shared_hint = shared_hint  # how to detach shared response starts ("" when they are detached already)
+        self.shared_hint = shared_hint  # how to guard shared response starts ("" when a shared_prefix mode is on)
         self.meta = dict(meta or {})  # the host's lines for the trace header (band_params, tied_embeddings)
         self._shared = (0.0, 0.0)  # (shared, response) tokens of the coming micro-batch (note_shared)
         self.alarm_streak = 0  # consecutive re-checks with the probe's chosen at or below the threshold
@@ -404,7 +404,8 @@ class BandMonitor:
         probe = ("" if t["probe_w"] is None else
                  f"; probe pairs since the start (step {t['probe_step']}): chosen {t['probe_w']:+.3g}, rejected "
                  f"{t['probe_l']:+.3g} nats")
-        shared = self._shared_note(" (with r < 1 pushed down in both responses; {hint} stops that)")
+        shared = self._shared_note(" (an incentive ratio below 1 pushes it down in both responses; {hint} stops that "
+                                   "where it would)")
         return (f"[po_plugins] end of run ({self.loss.name}, {t['steps']} steps): {band}; {alert}; {alarm}{probe}"
                 f"{shared}; trace {self.path}; report: po-plugins report "
                 f"{os.path.dirname(os.path.abspath(self.path))}")

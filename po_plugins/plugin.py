@@ -82,8 +82,8 @@ class Plugin:
                                        probe_alarm_nats=float(self.options["probe_alarm_nats"]),
                                        probe_alarm_checks=int(self.options["probe_alarm_checks"]),
                                        alarm_hint=self._alarm_hint(run),
-                                       shared_hint="" if self.options["shared_prefix"] == "detach"
-                                       else run.spell_option("shared_prefix", "detach"), meta=self.scope)
+                                       shared_hint="" if self.options["shared_prefix"] != "keep"
+                                       else run.spell_option("shared_prefix", "guard"), meta=self.scope)
         self.need_scores = self.monitor is not None
         self.micro_stats = micro_stats_needed(self.calibrating, run.accumulation, run.world_size)
         self.every = max(1, int(self.options["score_every"]))

@@ -51,7 +51,7 @@ def test_batch_band_equals_autograd_for_whole_and_differing_tokens(shared):
         assert got["log_r_star"] == pytest.approx(math.log(float(gl.norm() / gw.norm())), abs=1e-4)
     assert rep["batches"][0]["shared_frac"] == pytest.approx(float(sh.sum() / resp[:, 1:].sum()))
     assert rep["batches"][0]["whole"]["rho"] != pytest.approx(rep["batches"][0]["differing"]["rho"], rel=1e-3)
-    assert "--po.shared_prefix detach" in rep["summary"]["recommendation"]
+    assert "--po.shared_prefix guard" in rep["summary"]["recommendation"]
 
 
 def test_bad_input_is_one_line_naming_the_fix(shared, tmp_path):

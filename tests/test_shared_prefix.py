@@ -198,7 +198,7 @@ def test_shared_frac_is_the_steps_shared_share_of_response_tokens(tmp_path, mode
     assert rec["po/shared_frac"] == pytest.approx(6 / 10)
     assert po.shared(ids, att, resp, 1, training=False) is None  # evaluation and re-scores: nothing
     po.finish()
-    assert ("--po.shared_prefix detach stops that" in host.printed[-1]) == (mode == "keep"), host.printed[-1]
+    assert ("--po.shared_prefix guard stops that" in host.printed[-1]) == (mode == "keep"), host.printed[-1]
     assert "60% of the response tokens so far are text a pair's two responses start with" in host.printed[-1] \
         or mode == "detach"
 
