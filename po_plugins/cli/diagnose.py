@@ -19,7 +19,7 @@ from po_plugins.cli._common import run
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="po-plugins diagnose", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face model folder (the policy you will start from)")
-    p.add_argument("--data", required=True, help="preference JSONL (one pair per line)")
+    p.add_argument("--data", "--dataset", dest="data", required=True, help="preference JSONL (one pair per line)")
     p.add_argument("--loss", default="dpo", help="the objective you plan to train (rc_* included; default dpo)")
     p.add_argument("--prompt_key", default="prompt")
     p.add_argument("--chosen_key", default="chosen")
