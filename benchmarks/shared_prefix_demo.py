@@ -36,25 +36,16 @@ def split_logps(model_dir, rows: list[dict], max_len: int = 96) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from po_plugins.demo import token_logps
+
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
                                                  attn_implementation="eager").eval()
 
-    def token_logps(prompt: str, response: str):
-        text = (prompt + response).rstrip("\n")
-        if not text.endswith(tok.eos_token):
-            text += " " + tok.eos_token
-        ids = tok(text, add_special_tokens=False, truncation=True, max_length=max_len).input_ids
-        ids[-1] = tok.eos_token_id
-        n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            lp = torch.log_softmax(model(x).logits[0, :-1].double(), -1).gather(-1, x[0, 1:, None])[:, 0]
-        return ids, n_prompt, lp
-
     out = []
     for r in rows:
-        (iw, pw, lw), (il, pl, ll) = token_logps(r["prompt"], r["chosen"]), token_logps(r["prompt"], r["rejected"])
+        (iw, pw, lw), (il, pl, ll) = (token_logps(model, tok, r["prompt"], r[k], max_len)
+                                      for k in ("chosen", "rejected"))
         k = 0  # shared: equal ids from the first token on, counted after the prompt
         while k < min(len(iw), len(il)) and iw[k] == il[k]:
             k += 1

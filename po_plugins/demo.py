@@ -66,22 +66,29 @@ def response_logps(model_dir, rows: list[dict], max_len: int = 96):
                                                  attn_implementation="eager").eval()
 
     def score(prompt: str, response: str) -> float:
-        text = (prompt + response).rstrip("\n")
-        if not text.endswith(tok.eos_token):
-            text += " " + tok.eos_token
-        ids = tok(text, add_special_tokens=False, truncation=True, max_length=max_len).input_ids
-        ids[-1] = tok.eos_token_id
-        n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(x).logits[0, :-1].double(), -1)
-        tgt = x[0, 1:]
-        lp = logp.gather(-1, tgt[:, None])[:, 0]
+        _, n_prompt, lp = token_logps(model, tok, prompt, response, max_len)
         return float(lp[n_prompt - 1:].sum())
 
     zw = torch.tensor([score(r["prompt"], r["chosen"]) for r in rows], dtype=torch.float64)
     zl = torch.tensor([score(r["prompt"], r["rejected"]) for r in rows], dtype=torch.float64)
     return zw, zl
+
+
+def token_logps(model, tok, prompt: str, response: str, max_len: int = 96):
+    """(token ids, prompt tokens, per-token log-probs [len(ids) − 1] in float64) of `prompt + response` with
+    OpenRLHF's DPO formatting (response + " " + eos, no chat template), no grad; lp[t] is the log-prob of ids[t + 1]."""
+    import torch
+
+    text = (prompt + response).rstrip("\n")
+    if not text.endswith(tok.eos_token):
+        text += " " + tok.eos_token
+    ids = tok(text, add_special_tokens=False, truncation=True, max_length=max_len).input_ids
+    ids[-1] = tok.eos_token_id
+    n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(x).logits[0, :-1].double(), -1).gather(-1, x[0, 1:, None])[:, 0]
+    return ids, n_prompt, lp
 
 
 def read_rows(path) -> list[dict]:

@@ -182,23 +182,32 @@ def _two_rank_worker(r, port, path, out, step_acc=False, alone=False):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("step_acc", [False, True])
-def test_one_scored_micro_batch_on_one_of_two_processes(tmp_path, step_acc):
-    """The step's only scored micro-batch lives on rank 0 (rank 1 scored none): both ranks take the same path through
-    the collectives (no deadlock) and the record's statistics are that micro-batch's."""
+def _two_ranks(path, step_acc, alone=False) -> dict:
+    """Run `_two_rank_worker` as two gloo processes; the first record of rank 0's trace."""
     import subprocess
     import sys
 
     from po_plugins.tiny import free_port
 
-    path, port = str(tmp_path / "alone" / "po_band.jsonl"), free_port()
+    port = free_port()
     code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('tm', sys.argv[1]); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "m._two_rank_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], None, sys.argv[5] == '1', True)")
-    procs = [subprocess.Popen([sys.executable, "-c", code, __file__, str(r), str(port), path, str(int(step_acc))])
-             for r in (0, 1)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    two = json.loads(open(path).read().splitlines()[1])
+            "m._two_rank_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], None, sys.argv[5] == '1', "
+            "sys.argv[6] == '1')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, __file__, str(r), str(port), path, str(int(step_acc)),
+                               str(int(alone))]) for r in (0, 1)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    return json.loads(open(path).read().splitlines()[1])
+
+
+@pytest.mark.parametrize("step_acc", [False, True])
+def test_one_scored_micro_batch_on_one_of_two_processes(tmp_path, step_acc):
+    """The step's only scored micro-batch lives on rank 0 (rank 1 scored none): both ranks take the same path through
+    the collectives (no deadlock) and the record's statistics are that micro-batch's."""
+
+
+    path = str(tmp_path / "alone" / "po_band.jsonl")
+    two = _two_ranks(path, step_acc, alone=True)
     one = run_monitor(tmp_path, build("dpo", beta=0.5), head_problem(bias=True), 8, "one")
     for k in ("sw_norm", "sl_norm", "sw_dot_sl", "rho"):
         assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-7), k
@@ -207,19 +216,9 @@ def test_one_scored_micro_batch_on_one_of_two_processes(tmp_path, step_acc):
 
 @pytest.mark.parametrize("step_acc", [False, True])
 def test_step_band_is_the_same_on_two_processes(tmp_path, step_acc):
-    import subprocess
-    import sys
 
-    from po_plugins.tiny import free_port
 
-    path, port = str(tmp_path / "two" / "po_band.jsonl"), free_port()
-    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('tm', sys.argv[1]); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "m._two_rank_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], None, sys.argv[5] == '1')")
-    procs = [subprocess.Popen([sys.executable, "-c", code, __file__, str(r), str(port), path, str(int(step_acc))])
-             for r in (0, 1)]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    two = json.loads(open(path).read().splitlines()[1])
+    two = _two_ranks(str(tmp_path / "two" / "po_band.jsonl"), step_acc)
     one = run_monitor(tmp_path, build("dpo", beta=0.5), head_problem(bias=True), 8, "one")
     for k in ("z_w", "d_w", "d_l", "log_r", "sw_norm", "sl_norm", "sw_dot_sl", "rho", "slack", "in_band"):
         assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-7), k
