@@ -21,6 +21,7 @@ every key.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -32,12 +33,12 @@ from ._dist import all_gather_rows, all_reduce, rank, world_size
 from .band import alert_message, band_stats
 from .errors import PluginStateError  # noqa: F401  (re-exported)
 from .objective import PairBatch, PairLoss
-from .scores import HeadSpec, ScoreStats, Tokens, partial_lse, step_score_sums
+from .scores import HeadSpec, ScoreStats, Tokens, partial_lse, side_gram, step_score_sums
 
 SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "alpha", "loss", "w_sum", "w_capped", "micro_scored",
             "micro_in_band", "shared_tok", "resp_tok")
 RECHECK_KEYS = ("chosen_up_frac", "rejected_down_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w",
-                "probe_delta_z_l", "probe_chosen_down_frac")
+                "probe_delta_z_l", "probe_chosen_down_frac", "probe_pred_w", "probe_pred_l")
 # keys every host's JSONL record has (one test list for all hosts)
 JSONL_KEYS = ("step", "loss_name", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "log_r", "log_r_star", "rho",
               "band_lower", "band_upper", "slack", "in_band", "pred_sign_w", "pred_sign_l", "edge", "sw_norm",
@@ -48,7 +49,7 @@ JSONL_KEYS = ("step", "loss_name", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "lo
 MAYBE_NULL = ("log_r", "band_lower", "band_upper", "slack", "edge", "micro_in_band_frac", "shared_frac")
 LOG_KEYS = ("z_w", "z_l", "log_r", "log_r_star", "rho", "band_lower", "band_upper", "slack", "in_band", "alpha",
             "chosen_up_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w", "probe_delta_z_l",
-            "probe_chosen_down_frac", "probe_alarm", "shared_frac", "w_mean",
+            "probe_chosen_down_frac", "probe_pred_w", "probe_pred_l", "probe_alarm", "shared_frac", "w_mean",
             "w_min", "w_max", "w_capped_frac")
 
 
@@ -81,7 +82,11 @@ class BandMonitor:
     loss: the objective being trained; the monitor reads it only through `loss.diagnostics(b)` (po_plugins.objective).
     path: JSONL file. alert_steps: warn once after this many consecutive out-of-band steps (0: never).
     recheck_every: every N steps call `rescore(inputs)` -> (z_w, z_l) (no grad) on the step's last micro-batch and
-    on a fixed probe micro-batch (the first one trained on) for per-pair changes on the same pairs (0: never).
+    on the probe pairs (the first micro-batch trained on, or `probe_batches`) for per-pair changes on the same pairs,
+    and, before that step's optimizer step, `rescore(inputs, tokens=True)` -> (z_w, z_l, Tokens) on the probe for
+    `probe_pred_w` / `probe_pred_l` (where the host's rescore takes `tokens`) (0: never).
+    probe_batches: held-out pairs as the host's micro-batch inputs (--po.probe_file); their start is scored before the
+    first optimizer step. None: the probe is the first training micro-batch.
     head: a callable returning a context manager that yields the `HeadSpec` (weight gathered if sharded); every
     rank enters it at the same step. score_chunk: vocabulary chunk. log: the host's rank-aware print.
     is_rank_0: who writes. hint: the alert's suggested fix (None: the calibrated objective's name).
@@ -91,7 +96,8 @@ class BandMonitor:
                  rescore: Callable | None = None, log: Callable[[str], None] = print,
                  is_rank_0: Callable[[], bool] = lambda: True, head: Callable | None = None, score_chunk: int = 4096,
                  hint: str | None = None, step_acc: bool = False, probe_alarm_nats: float = -1.0,
-                 alarm_hint: str = "", probe_alarm_checks: int = 2, shared_hint: str = "", meta: dict | None = None):
+                 alarm_hint: str = "", probe_alarm_checks: int = 2, shared_hint: str = "", meta: dict | None = None,
+                 probe_batches: list | None = None):
         self.loss = loss
         self.path = path
         self.alert_steps = int(alert_steps)
@@ -110,7 +116,11 @@ class BandMonitor:
         self.last_inputs = None
         self.last_z = None
         self.last_alpha = 1.0
-        self.probe = None
+        self.probe = None  # {"batches": [host inputs], "z_w": [P], "z_l": [P]}: the probe pairs and their start
+        self.probe_batches = list(probe_batches) if probe_batches else None  # --po.probe_file, as the host's inputs
+        self.next_step = 1  # the optimizer step being accumulated (the last end_step's + 1)
+        self._pred = None  # this step's probe cross products (close_scores), for probe_pred_w / probe_pred_l
+        self._rescore_tokens = rescore is not None and "tokens" in inspect.signature(rescore).parameters
         self.probe_alarm_nats = float(probe_alarm_nats)
         self.probe_alarm_checks = max(1, int(probe_alarm_checks))
         self.alarm_hint = alarm_hint
@@ -166,8 +176,8 @@ class BandMonitor:
         self.last_alpha = alpha
         self.last_inputs = recheck_inputs
         self.last_z = (zw, zl)
-        if self.probe is None and recheck_inputs is not None and self.recheck_every > 0:
-            self.probe = {"inputs": recheck_inputs, "z_w": zw.clone(), "z_l": zl.clone()}
+        if self.probe is None and self.probe_batches is None and recheck_inputs is not None and self.recheck_every > 0:
+            self.probe = {"batches": [recheck_inputs], "z_w": zw.clone(), "z_l": zl.clone()}
 
     def step_acc(self, vocab: int, dim: int, device) -> torch.Tensor | None:
         """The [2, V, d] fp32 step accumulator a host's per-micro-batch vocabulary pass adds each side's score
@@ -185,28 +195,35 @@ class BandMonitor:
         out.update(w_max=float(maxes[0]), w_min=-float(maxes[1]))
         return out
 
-    def _step_scores(self) -> tuple[ScoreStats | None, int]:
-        """The step's ‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩ (None when no micro-batch of the step was scored) and how many pairs
-        they cover: exact, from the response tokens of every scored micro-batch on every rank."""
+    def _step_scores(self, probe: list[Tokens] | None = None):
+        """(the step's ‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩ (None when no micro-batch of the step was scored), how many pairs they
+        cover, the probe cross products or None): exact, from the response tokens of every scored micro-batch on
+        every rank. `probe`: this rank's probe pairs' response tokens at the step's weights; then the token pass also
+        gives ⟨s_w, s_pw⟩, ⟨s_l, s_pw⟩, ⟨s_w, s_pl⟩, ⟨s_l, s_pl⟩ (s_p: the probe pairs' mean scores)."""
         toks, self.tokens = self.tokens, []
         dev = self.last_z[0].device
         acc = self._step_acc
         # a rank that scored nothing this step has nothing outside the accumulator
         unaccumulated = bool(toks) and (acc is None or not all(t.in_acc for t in toks))
-        counts = all_reduce(torch.tensor([float(len(toks)), float(sum(t.pairs for t in toks)), float(unaccumulated)],
-                                         dtype=torch.float64, device=dev), "sum").cpu()
-        n_micro, n_pairs = int(counts[0]), int(counts[1])
+        probe = probe or []
+        counts = all_reduce(torch.tensor([float(len(toks)), float(sum(t.pairs for t in toks)), float(unaccumulated),
+                                          float(sum(t.pairs for t in probe))], dtype=torch.float64, device=dev),
+                            "sum").cpu()
+        n_micro, n_pairs, n_probe = int(counts[0]), int(counts[1]), int(counts[3])
         if acc is not None and counts[2]:  # a micro-batch passed it by: the token pass from now on
             self._step_acc, self.step_acc_on = None, False
         if n_micro == 0:
-            return None, 0
+            return None, 0, None
+        if n_probe:  # the token pass below, with the probe's tokens: the accumulator's sums are not used this step
+            if acc is not None and not counts[2]:
+                acc.zero_()
         # one micro-batch on one process is the step: its own statistics (on several processes the rank that scored
         # it would skip the collectives below that the others enter)
-        if n_micro == 1 and world_size() == 1 and toks and toks[0].stats is not None:
+        elif n_micro == 1 and world_size() == 1 and toks and toks[0].stats is not None:
             if acc is not None:
                 acc.zero_()
-            return toks[0].stats, n_pairs
-        if counts[2] == 0:  # every scored micro-batch on every rank added its score matrices to the accumulator
+            return toks[0].stats, n_pairs, None
+        elif counts[2] == 0:  # every scored micro-batch on every rank added its score matrices to the accumulator
             if acc is None:  # this rank scored nothing yet: its share is zeros of the accumulator's shape
                 with self.head() as spec:
                     acc = self.step_acc(spec.weight.shape[0], spec.weight.shape[1], dev)
@@ -214,7 +231,7 @@ class BandMonitor:
             sw, sl, n = total[0].reshape(-1), total[1].reshape(-1), float(max(n_pairs, 1))
             out = ScoreStats(sw.norm().double() / n, sl.norm().double() / n, torch.dot(sw, sl).double() / n ** 2)
             acc.zero_()
-            return out, n_pairs
+            return out, n_pairs, None
         if self.head is None or any(t.hidden is None for t in toks):
             raise ValueError("band monitor: the step's head statistics need each scored micro-batch's response "
                              "tokens (Tokens.hidden) and the head (BandMonitor(head=...))")
@@ -222,36 +239,43 @@ class BandMonitor:
         with self.head() as spec:
             spec: HeadSpec
             wdev = spec.weight.device
-            if toks:
-                local = [torch.cat([getattr(t, k).to(wdev) for t in toks]) for k in ("hidden", "labels", "chosen")]
-                have_lse = all(t.lse is not None for t in toks)
-                lse = torch.cat([t.lse.float().to(wdev) for t in toks]) if have_lse else None
+            d = spec.weight.shape[1]
+            groups = [(t, 0) for t in toks] + [(t, 2) for t in probe]  # side = base + (0 chosen, 1 rejected)
+            if groups:
+                hidden = torch.cat([t.hidden.to(wdev) for t, _ in groups])
+                labels = torch.cat([t.labels.to(wdev) for t, _ in groups])
+                side = torch.cat([base + (~t.chosen.to(wdev).bool()).long() for t, base in groups])
+                have_lse = all(t.lse is not None for t, _ in groups)
+                lse = torch.cat([t.lse.float().to(wdev) for t, _ in groups]) if have_lse else None
             else:
-                d = spec.weight.shape[1]
-                local = [torch.zeros(0, d, device=wdev), torch.zeros(0, dtype=torch.long, device=wdev),
-                         torch.zeros(0, dtype=torch.bool, device=wdev)]
+                hidden, labels = torch.zeros(0, d, device=wdev), torch.zeros(0, dtype=torch.long, device=wdev)
+                side = torch.zeros(0, dtype=torch.long, device=wdev)
                 have_lse, lse = True, torch.zeros(0, device=wdev)
             have_lse = bool(all_reduce(torch.tensor([0.0 if have_lse else 1.0], device=dev), "max").item() == 0)
-            hidden, labels, chosen = local
             if ws > 1:
                 hidden = all_gather_rows(hidden.float())
                 labels = all_gather_rows(labels.long())
-                chosen = all_gather_rows(chosen.long()).bool()
+                side = all_gather_rows(side.long())
                 lse = all_gather_rows(lse) if have_lse else None
             elif not have_lse:
                 lse = None
             V = spec.weight.shape[0]
             vocab = (r * V // ws, (r + 1) * V // ws)
             chunk = max(64, min(self.score_chunk, (1 << 22) // max(1, hidden.shape[0])))
-            all_toks = Tokens(hidden, labels, chosen, lse, n_pairs)
+            all_toks = Tokens(hidden, labels, side == 0, lse, n_pairs)
             if lse is None:  # a log-sum-exp over the ranks' vocabulary slices
                 part = partial_lse(all_toks, spec, vocab, chunk)
                 top = all_reduce(part, "max")
                 top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
                 lse = top + all_reduce((part - top).exp(), "sum").log()
                 all_toks = all_toks._replace(lse=lse)
+            if n_probe:
+                scales = [1.0 / max(n_pairs, 1)] * 2 + [1.0 / n_probe] * 2
+                g = all_reduce(side_gram(hidden, labels, side, lse, spec, scales, vocab, chunk).double(), "sum").cpu()
+                stats = ScoreStats(g[0, 0].clamp(min=0).sqrt(), g[1, 1].clamp(min=0).sqrt(), g[0, 1])
+                return stats, n_pairs, tuple(float(g[i, j]) for i, j in ((0, 2), (1, 2), (0, 3), (1, 3)))
             sums = all_reduce(step_score_sums(all_toks, spec, n_pairs, vocab, chunk).double(), "sum").cpu()
-        return ScoreStats(sums[0].clamp(min=0).sqrt(), sums[1].clamp(min=0).sqrt(), sums[2]), n_pairs
+        return ScoreStats(sums[0].clamp(min=0).sqrt(), sums[1].clamp(min=0).sqrt(), sums[2]), n_pairs, None
 
     def _alpha_spread(self) -> float:
         """max − min over ranks of the last micro-batch's α (0 when every rank calibrates identically)."""
@@ -269,7 +293,10 @@ class BandMonitor:
         dev = self.last_z[0].device
         with torch.no_grad():
             zw2, zl2 = self.rescore(self.last_inputs)
-            pw, pl = self.rescore(_to_device(self.probe["inputs"], dev)) if self.probe else (None, None)
+            pw = pl = None
+            if self.probe:
+                pw, pl = (torch.cat(z) for z in zip(*(self.rescore(_to_device(x, dev))[:2]
+                                                       for x in self.probe["batches"])))
         dw, dl = zw2.double() - self.last_z[0].to(zw2.device), zl2.double() - self.last_z[1].to(zl2.device)
         one = torch.tensor(1.0, dtype=torch.float64, device=dw.device)
         vec = [(dw > 0).double().sum(), (dl < 0).double().sum(), one * dw.numel(), dw.sum(), dl.sum()]
@@ -282,7 +309,7 @@ class BandMonitor:
         up, down, n, sdw, sdl, pn, pdw, pdl, pdown = (float(x) for x in all_reduce(torch.stack(vec), "sum").cpu())
         out = {"chosen_up_frac": up / n, "rejected_down_frac": down / n, "step_delta_z_w": sdw / n,
                "step_delta_z_l": sdl / n, "probe_delta_z_w": None, "probe_delta_z_l": None,
-               "probe_chosen_down_frac": None}
+               "probe_chosen_down_frac": None, "probe_pred_w": None, "probe_pred_l": None}
         if pn > 0:
             out.update(probe_delta_z_w=pdw / pn, probe_delta_z_l=pdl / pn, probe_chosen_down_frac=pdown / pn)
         return out
@@ -325,7 +352,28 @@ class BandMonitor:
         the head still holds the weights its forwards used (the token pass rebuilds logits from the head weight and
         pairs them with the forwards' hidden states and log-normalisers); `end_step` then uses them."""
         if self.acc is not None and self._closed is None:
-            self._closed = self._step_scores()
+            if self.probe is None and self.probe_batches and self.rescore is not None:  # at the initial weights
+                with torch.no_grad():
+                    zs = [self.rescore(_to_device(x, self.last_z[0].device))[:2] for x in self.probe_batches]
+                self.probe = {"batches": self.probe_batches, "z_w": torch.cat([z[0] for z in zs]).double(),
+                              "z_l": torch.cat([z[1] for z in zs]).double()}
+            stats, pairs, self._pred = self._step_scores(self._probe_tokens())
+            self._closed = (stats, pairs)
+
+    def _probe_tokens(self) -> list[Tokens] | None:
+        """On a re-check step: the probe pairs' response tokens at the step's weights (the host's re-score with
+        `tokens=True`), for `probe_pred_w` / `probe_pred_l`; None on other steps or where the host cannot give them."""
+        due = self.recheck_every > 0 and self.next_step % self.recheck_every == 0
+        if not (due and self.probe and self._rescore_tokens):
+            return None
+        out = []
+        with torch.no_grad():
+            for x in self.probe["batches"]:
+                got = self.rescore(_to_device(x, self.last_z[0].device), tokens=True)
+                if got[2] is None:
+                    return None
+                out.append(got[2])
+        return out
 
     _closed = None
 
@@ -333,14 +381,16 @@ class BandMonitor:
         """Close the optimizer step: the JSONL record (rank 0), the alert, and {'po/<key>': value} for the logs."""
         if self.acc is None:
             return {}
+        self.close_scores()  # where the host did not call it before the optimizer step (every host here does)
         s = self._reduce(self.acc)
         self.acc = None
         n = s["n"]
         rec = {"step": int(global_step), "loss_name": self.loss.name}
         for k in ("z_w", "z_l", "r_w", "r_l", "d_w", "d_l"):
             rec[k] = s[k] / n
-        # the statistics closed before the optimizer step where the host calls it (every host here), else now
-        (st, scored), self._closed = self._closed or self._step_scores(), None
+        (st, scored), self._closed = self._closed, None
+        pred, self._pred = self._pred, None
+        self.next_step = int(global_step) + 1
         if st is None:
             rec.update(dict.fromkeys(("log_r", "log_r_star", "rho", "band_lower", "band_upper", "slack", "in_band",
                                       "pred_sign_w", "pred_sign_l", "edge", "sw_norm", "sl_norm", "sw_dot_sl")))
@@ -363,6 +413,10 @@ class BandMonitor:
         self.tally["shared_tok"] += s["shared_tok"]
         self.tally["resp_tok"] += s["resp_tok"]
         rec.update(self._recheck(global_step))
+        if pred is not None:  # the step's first-order change of the probe pairs' mean chosen / rejected log-likelihood
+            # per unit learning rate of a gradient step on the head weight: d_w⟨s_w, s_p⟩ − d_l⟨s_l, s_p⟩
+            rec["probe_pred_w"] = rec["d_w"] * pred[0] - rec["d_l"] * pred[1]
+            rec["probe_pred_l"] = rec["d_w"] * pred[2] - rec["d_l"] * pred[3]
         rec["probe_alarm"] = self._alarm(rec)
         if "margins" in self.loss.needs:
             rec.update(w_mean=s["w_sum"] / n, w_min=s["w_min"], w_max=s["w_max"], w_capped_frac=s["w_capped"] / n)
@@ -437,11 +491,14 @@ class BandMonitor:
         if self.probe is not None:
             probe = {k: _to_device(v, "cpu") for k, v in self.probe.items()}
         return {"out_streak": self.out_streak, "probe": probe, "alarm_step": self.alarm_step,
-                "alarm_streak": self.alarm_streak}
+                "alarm_streak": self.alarm_streak, "next_step": self.next_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.out_streak = int(state.get("out_streak", 0))
         self.probe = state.get("probe")
+        if self.probe is not None and "batches" not in self.probe:  # a checkpoint of an earlier version
+            self.probe = {"batches": [self.probe["inputs"]], "z_w": self.probe["z_w"], "z_l": self.probe["z_l"]}
+        self.next_step = int(state.get("next_step", self.next_step))
         self.alarm_step = state.get("alarm_step")
         self.alarm_streak = int(state.get("alarm_streak", 0))
         self._resumed = True

@@ -35,6 +35,9 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
                                       "response) has fallen by this much since the start: measured displacement "
                                       "(docs/monitor.md, 'Alarm'; needs recheck_every > 0)"),
     "probe_alarm_checks": (int, 2, "consecutive re-checks the probe's fall must hold before the alarm fires"),
+    "probe_file": (str, None, "held-out preference JSONL (the training set's columns) the monitor re-scores instead "
+                              "of the first training micro-batch: probe_delta_*, the alarm and probe_pred_* then "
+                              "measure pairs the run never trains on (docs/monitor.md, 'Probe')"),
     "weight_key": (str, None, "dataset column of per-row loss weights (each pair's loss times its weight)"),
     "shared_prefix": (str, "keep", "the tokens a pair's two responses share at their start: 'keep' (as the paper), "
                                    "'detach' (a stopped gradient: same loss value, the pair no longer pushes its "
@@ -47,9 +50,11 @@ SPELL = {"openrlhf": "--po.{}", "trl": "po_{}", "llamafactory": "po_{}"}
 # options that only some hosts honour: the one table of who honours what (every other option: every host).
 # OpenRLHF only: stored reference log-probs (TRL has its own precompute_ref_log_probs, LLaMA-Factory always runs its
 # reference forward) and the chunked head (TRL has its own fused head). TRL and LLaMA-Factory only: a per-row weight
-# column (OpenRLHF's dataset carries the margin column only).
+# column (OpenRLHF's dataset carries the margin column only). OpenRLHF and TRL only: a held-out probe file (tokenized
+# by the trainer's own dataset code; LLaMA-Factory builds its datasets before the trainer, from dataset_info.json).
 HOST_ONLY: dict[str, tuple[str, ...]] = {"ref_logp_keys": ("openrlhf",), "fused_head": ("openrlhf",),
-                                         "head_chunk": ("openrlhf",), "weight_key": ("trl", "llamafactory")}
+                                         "head_chunk": ("openrlhf",), "weight_key": ("trl", "llamafactory"),
+                                         "probe_file": ("openrlhf", "trl")}
 
 
 def options_for(host: str) -> list[str]:
@@ -86,6 +91,9 @@ def check_options(values: dict[str, Any], spell=lambda k: f"--po.{k}") -> None:
     nats = values.get("probe_alarm_nats")
     if nats is not None and (isinstance(nats, bool) or not isinstance(nats, (int, float)) or not nats <= 0):
         raise OptionError(f"{spell('probe_alarm_nats')} must be a number <= 0 (a fall, in nats per pair), got {nats!r}")
+    if values.get("probe_file") and values.get("recheck_every") == 0:
+        raise OptionError(f"{spell('probe_file')} is re-scored every {spell('recheck_every')} steps: set "
+                          f"{spell('recheck_every')} above 0 or drop {spell('probe_file')}")
     sp = values.get("shared_prefix", "keep")
     if sp not in ("keep", "detach", "guard"):
         raise OptionError(f"{spell('shared_prefix')} takes 'keep', 'detach' or 'guard', got {sp!r}")

@@ -19,6 +19,7 @@ here (and in `options.OPTIONS`) and reaches every host.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -83,7 +84,8 @@ class Plugin:
                                        probe_alarm_checks=int(self.options["probe_alarm_checks"]),
                                        alarm_hint=self._alarm_hint(run),
                                        shared_hint="" if self.options["shared_prefix"] != "keep"
-                                       else run.spell_option("shared_prefix", "guard"), meta=self.scope)
+                                       else run.spell_option("shared_prefix", "guard"), meta=self.scope,
+                                       probe_batches=self._probe_batches(adapter))
         self.need_scores = self.monitor is not None
         self.micro_stats = micro_stats_needed(self.calibrating, run.accumulation, run.world_size)
         self.every = max(1, int(self.options["score_every"]))
@@ -94,6 +96,38 @@ class Plugin:
         self.shared_mode = self.options["shared_prefix"]
         self.detach_shared = self.shared_mode in ("detach", "guard")  # the host detaches, `guard_sums` gives back
         self.stats_without_shared = self.shared_mode == "detach"
+
+    def _probe_batches(self, adapter) -> list | None:
+        """--po.probe_file: the held-out pairs the monitor re-scores (probe_delta_*, the alarm, probe_pred_*), as the
+        host's micro-batch inputs (`adapter.po_probe_batches(path)`); None: the first training micro-batch."""
+        path = self.options.get("probe_file")
+        if not path:
+            return None
+        make = getattr(adapter, "po_probe_batches", None)
+        if make is None:
+            raise OptionError(f"{type(adapter).__name__} cannot read a probe file (po_probe_batches): drop the "
+                              "probe_file option")
+        spelled = self.run.spell_option("probe_file", path)
+        if not os.path.isfile(path):
+            raise DataError(f"the probe file {path} does not exist (set by {spelled}): point it at a preference "
+                            "JSONL with the training set's columns", file=path)
+        batches = list(make(path))
+        if not batches:
+            raise DataError(f"the probe file {path} holds no pairs (set by {spelled})", file=path)
+        return batches
+
+    @contextlib.contextmanager
+    def probe_pass(self):
+        """Around a host's re-score of the probe that also returns its response tokens (`rescore(inputs,
+        tokens=True)`): the host captures the head input as on a scored training micro-batch (`scoring` is True),
+        but nothing of it reaches the objective, the cadence or RC (no statistics, `stats_for` None)."""
+        self.probing = True
+        try:
+            yield
+        finally:
+            self.probing = False
+
+    probing = False
 
     def _alarm_hint(self, run) -> str:
         """What to try when the chosen responses are measured falling, in the host's terms: the other side of the
@@ -109,6 +143,8 @@ class Plugin:
     def scoring(self, training: bool) -> bool:
         """Whether the host should capture this training micro-batch's head inputs (`score_every` k: every k-th
         micro-batch; the statistics of the last scored one are reused in between). Call once per policy forward."""
+        if self.probing:
+            return True
         if not (training and self.need_scores):
             return False
         self.micro += 1
@@ -149,7 +185,7 @@ class Plugin:
         log-probs were taken from (labels `y`, sequence index `rows`; rows < n_pairs are chosen), with its own head
         statistics where they are needed (RC, or a step of one micro-batch)."""
         stats, acc = None, None
-        if self.micro_stats:
+        if self.micro_stats and not self.probing:
             is_chosen = torch.arange(n_seqs, device=h.device) < n_pairs
             acc = self.step_acc(logits.shape[-1], h.shape[-1], h.device)
             stats = score_stats_flat(h, logits, y, rows, is_chosen, chunk_size=int(self.options["score_chunk"]),
@@ -163,7 +199,7 @@ class Plugin:
         head's `weight` [V, d] (gathered by the caller under ZeRO-3) and `bias`; `lse` the log-normalisers when the
         host's head computed them, `head_dtype` the dtype of the head's own product."""
         stats, acc = None, None
-        if self.micro_stats:
+        if self.micro_stats and not self.probing:
             dev = weight.device
             is_chosen = torch.arange(n_seqs, device=dev) < n_pairs
             acc = self.step_acc(weight.shape[0], weight.shape[1], dev)
@@ -176,6 +212,8 @@ class Plugin:
     def stats_for(self, tokens: Tokens | None) -> ScoreStats | None:
         """The head statistics the objective sees on this training micro-batch: its own when it was scored, else
         those of the last scored micro-batch (as `ReusedStats`: RC's score EMAs count each scored micro-batch once)."""
+        if self.probing:
+            return None
         if tokens is not None and tokens.stats is not None:
             self.last_scores = tokens.stats
             return tokens.stats

@@ -243,6 +243,43 @@ def step_score_sums(tokens: Tokens, spec: HeadSpec, n_pairs: int, vocab: tuple[i
 
 
 @torch.no_grad()
+def side_gram(hidden: torch.Tensor, labels: torch.Tensor, side: torch.Tensor, lse: torch.Tensor, spec: HeadSpec,
+              scales, vocab: tuple[int, int] | None = None, chunk_size: int = 4096) -> torch.Tensor:
+    """[k, k] inner products ⟨s_i, s_j⟩ over vocabulary rows `vocab` = [a, b) (default: all) of the head-weight scores
+    s_i = scales[i]·Σ_{t: side_t = i} ∇_W log p(y_t | h_t), for k = len(scales) groups of response tokens (e.g. the
+    step's chosen and rejected tokens and a probe's): sums over vocabulary rows, so ranks' slices add up.
+
+    Args:
+        hidden [M, d], labels [M]: response tokens. side [M]: each token's group in [0, k). lse [M]: the final
+            logits' full-vocabulary log-normalisers. spec: the head. scales: k numbers (1/pairs of each group).
+        vocab: the slice [a, b). chunk_size: vocabulary rows per chunk.
+
+    Returns:
+        A [k, k] fp32 tensor (symmetric).
+    """
+    k = len(scales)
+    a0, b0 = vocab if vocab is not None else (0, spec.weight.shape[0])
+    chunk = _head_chunk(hidden, spec)
+    hf, y = hidden.float(), labels.long().to(hidden.device)
+    lse = lse.detach().float().reshape(-1, 1).to(hidden.device)
+    side = side.long().to(hidden.device)
+    groups = [(side == i).nonzero(as_tuple=True)[0] for i in range(k)]
+    scale = torch.tensor([float(x) for x in scales], dtype=torch.float32, device=hidden.device)
+    out = torch.zeros(k, k, dtype=torch.float32, device=hidden.device)
+    for a in range(a0, b0, chunk_size):
+        b = min(a + chunk_size, b0)
+        z, dz = chunk(a, b)
+        g = z.sub_(lse).exp_().neg_()  # (onehot − softmax) ⊙ ∂z/∂u on rows [a, b)
+        hit = ((y >= a) & (y < b)).nonzero(as_tuple=True)[0]
+        g[hit, y[hit] - a] += 1.0
+        if dz is not None:
+            g.mul_(dz)
+        mats = torch.stack([g[i].T @ hf[i] for i in groups]).reshape(k, -1) * scale[:, None]  # [k, (b − a)·d]
+        out += mats @ mats.T
+    return out
+
+
+@torch.no_grad()
 def partial_lse(tokens: Tokens, spec: HeadSpec, vocab: tuple[int, int], chunk_size: int = 4096) -> torch.Tensor:
     """[M] log-sum-exp of the final logits over vocabulary rows [a, b) (combine slices with a log-sum-exp).
 

@@ -536,3 +536,26 @@ def test_shared_prefix_detach_through_the_real_command(shared_assets, tmp_path):
     a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
     for k in a:
         assert (a[k] == b[k]).all(), k
+
+
+def test_probe_file_is_rescored_and_predicted(assets, tmp_path):
+    """--po.probe_file: held-out pairs through OpenRLHF's own dataset code. With the training set's only micro-batch as
+    the probe file, the file's probe gives the same measured changes and the same predictions (probe_pred_w/l, every
+    re-check step) as the default probe (the first training micro-batch); a missing file is one line."""
+    rows = Path(assets["train"]).read_text().splitlines()[:4]
+    data = tmp_path / "four.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    recs = {}
+    for name, extra in (("default", []), ("file", ["--po.probe_file", data])):
+        run(["--loss", "rc_dpo", *flags(assets, tmp_path / name, micro=4, batch=4, epochs=3,
+                                        extra=["--data.dataset", data, "--po.recheck_every", "1", *extra])], tmp_path)
+        recs[name] = trace(tmp_path / name)
+    assert len(recs["file"]) == 3
+    for a, b in zip(recs["default"], recs["file"]):
+        for k in ("probe_delta_z_w", "probe_delta_z_l", "probe_pred_w", "probe_pred_l"):
+            assert a[k] is not None and b[k] is not None and math.isfinite(b[k]), (k, a, b)
+            assert b[k] == pytest.approx(a[k], rel=2e-2, abs=2e-3), (k, a[k], b[k])
+    assert recs["file"][0]["probe_pred_w"] != 0
+    res = run(["--loss", "dpo", "--po.monitor", *flags(assets, tmp_path / "bad", extra=[
+        "--po.probe_file", tmp_path / "nowhere.jsonl"])], tmp_path, check=False)
+    assert res.returncode != 0 and "does not exist (set by --po.probe_file" in res.stderr

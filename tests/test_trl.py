@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from po_plugins.errors import DataError  # noqa: E402
 from po_plugins.losses import names  # noqa: E402
 from po_plugins.monitor import JSONL_KEYS, MAYBE_NULL, RECHECK_KEYS  # noqa: E402
 from po_plugins.tiny import make_model, pair_rows, run_module  # noqa: E402
@@ -579,3 +580,24 @@ def test_shared_prefix_guard_is_keep_or_detach_by_the_pairs_push(model_dir, tmp_
             w[mode] = tr.model.state_dict()
         gap = max(float((w[like][k] - w["guard"][k]).abs().max()) for k in w[like])
         assert gap < 1e-6, (like, gap)
+
+
+def test_probe_file_is_rescored_and_predicted(model_dir, tmp_path):
+    """po_probe_file: held-out pairs through TRL's own dataset preparation and collator. With the training set's only
+    batch as the probe file, the file's probe gives the default probe's (the first training batch) measured changes
+    and predictions on every re-check step; a missing file is one line."""
+    two = rows(2)
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in two))
+    recs = {}
+    for name, extra in (("default", {}), ("file", {"po_probe_file": str(path)})):
+        tr = make_trainer(model_dir, tmp_path / name, "rc_dpo", data=dataset(two), max_steps=3,
+                          gradient_accumulation_steps=1, po_recheck_every=1, **extra)
+        tr.train()
+        recs[name] = trace(tmp_path / name)
+    for a, b in zip(recs["default"], recs["file"]):
+        for k in ("probe_delta_z_w", "probe_delta_z_l", "probe_pred_w", "probe_pred_l"):
+            assert a[k] is not None and b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])
+    assert recs["file"][0]["probe_pred_w"] != 0
+    with pytest.raises(DataError, match=r"the probe file .*nowhere.jsonl does not exist \(set by po_probe_file="):
+        make_trainer(model_dir, tmp_path / "bad", "dpo", po_monitor=True, po_probe_file=str(tmp_path / "nowhere.jsonl"))

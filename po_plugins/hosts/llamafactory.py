@@ -480,9 +480,20 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         return self.po.tokens_from_logits(h, final_logits(lg, scale, cap), y, rows, labels.shape[0], n_pairs, scale,
                                           cap)
 
-    def po_rescore(self, inputs):
-        out = self.concatenated_forward(self.model, dict(inputs))
-        return out["chosen_logps"], out["rejected_logps"]
+    def po_rescore(self, inputs, tokens: bool = False):
+        batch = dict(inputs)
+        if not tokens:
+            out = self.concatenated_forward(self.model, batch)
+            return out["chosen_logps"], out["rejected_logps"]
+        with self.po.probe_pass():  # the head hook captures as on a scored micro-batch
+            self._po_armed = True
+            try:
+                out = self.concatenated_forward(self.model, batch)
+            finally:
+                self._po_armed = False
+            zw = out["chosen_logps"]
+            got = self._po_scores(batch, batch["labels"], zw.shape[0]) if self._po_captured is not None else None
+        return zw, out["rejected_logps"], got
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def get_batch_loss_metrics(self, model, batch, train_eval="train"):

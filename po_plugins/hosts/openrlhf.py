@@ -154,14 +154,19 @@ def _reward_dataset_class():
             if self.ref_keys and len(self.ref_keys) != 2:
                 raise OptionError("--po.ref_logp_keys takes two columns: CHOSEN,REJECTED "
                                  "(e.g. ref_chosen_logp,ref_rejected_logp from score_margins --ref_model)")
-            # OpenRLHF's train_dpo builds the training set first, then the optional --eval.dataset
+            # OpenRLHF's train_dpo builds the training set first, then the optional --eval.dataset; the trainer builds
+            # --po.probe_file's (po_probe_batches)
+            probe = getattr(strategy, "_po_probe_path", None) if is_dpo else None
             built = getattr(strategy, "_po_dpo_datasets", 0) if is_dpo else 0
-            if is_dpo:
+            if is_dpo and not probe:
                 strategy._po_dpo_datasets = built + 1
             eval_path = getattr(getattr(strategy.args, "eval", None), "dataset", None)
             role, path = ("evaluation", eval_path) if built and eval_path else ("training", getattr(data, "dataset",
                                                                                                        None))
             where = f"the {role} dataset ({path})" if path else f"the {role} dataset"
+            if probe:  # re-scored by the policy only: margins and stored reference log-probs play no part
+                role, path, where = "probe", probe, f"the probe file ({probe}, --po.probe_file)"
+                self.margin_key, self.ref_keys = None, ()
             cols = list(getattr(dataset, "column_names", None) or [])
             if cols and self.margin_key and self.margin_key not in cols and role == "evaluation":
                 strategy.print(f"[po_plugins] {where} has no column '{self.margin_key}' (--po.margin_key): it is "
@@ -330,11 +335,41 @@ def _trainer_class():
             base, head, _ = _head_of(self.model.model)
             return band_params(base, head)
 
-        def po_rescore(self, inputs):
+        def po_rescore(self, inputs, tokens: bool = False):
             saved = self._po_extra
-            zw, zl, _, _ = self.concatenated_forward(self.model, *inputs)
-            self._po_extra = saved
-            return zw, zl
+            try:
+                with self.po.probe_pass() if tokens else contextlib.nullcontext():
+                    zw, zl, _, _ = self.concatenated_forward(self.model, *inputs)
+                    got = self._po_extra.get("tokens") if tokens else None
+            finally:
+                self._po_extra = saved
+            return (zw, zl, got) if tokens else (zw, zl)
+
+        def po_probe_batches(self, path: str) -> list:
+            """--po.probe_file: its pairs through OpenRLHF's own dataset code (this run's keys, template and length),
+            in micro-batches of --train.micro_batch_size, as the training loop hands them to concatenated_forward."""
+            from openrlhf.datasets.utils import blending_datasets
+
+            PoRewardDataset = globals().get("PoRewardDataset") or _reward_dataset_class()
+            args = self.args
+            data = blending_datasets(path, None, self.strategy, dataset_split="train")
+            self.strategy._po_probe_path = path
+            try:
+                dataset = PoRewardDataset(data, self.tokenizer, args.data.max_len, self.strategy,
+                                          input_template=args.data.input_template, is_dpo=True)
+            finally:
+                self.strategy._po_probe_path = None
+            if len(dataset) == 0:
+                return []
+            size = int(getattr(args.train, "micro_batch_size", 1) or 1)
+            items = [dataset[i] for i in range(len(dataset))]
+            dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            out = []
+            for i in range(0, len(items), size):
+                c_ids, c_mask, r_ids, r_mask, extra = dataset.collate_fn(items[i:i + size])
+                out.append((c_ids.squeeze(1).to(dev), c_mask.squeeze(1).to(dev), r_ids.squeeze(1).to(dev),
+                            r_mask.squeeze(1).to(dev), extra))
+            return out
 
         def _po_hook(self, module, inputs, output):
             if self._po_capture:
@@ -355,7 +390,8 @@ def _trainer_class():
                 z = torch.zeros(chosen_ids.shape[0], device=chosen_ids.device)
                 return z, z, [], z.sum()
             is_policy = model is self.model
-            capture = is_policy and self.po.need_scores and torch.is_grad_enabled() and self.model.training
+            capture = is_policy and self.po.need_scores and (
+                (torch.is_grad_enabled() and self.model.training) or self.po.probing)  # probing: Plugin.probe_pass
             # --po.score_every k: fresh statistics on every k-th micro-batch, the last ones in between
             self._po_capture = self.po.scoring(capture)
             input_ids, att_masks, lens2 = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask,

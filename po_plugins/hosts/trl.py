@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import DataError
 from ..head import head_transform
 from ..losses import PairBatch, accepted_hparams, build, names
 from ..options import OPTIONS, OptionError, check_loss, check_options, options_for
@@ -112,6 +113,7 @@ class PoDPOConfig(DPOConfig):
     po_weight_key: str | None = _po_field("weight_key")
     po_probe_alarm_nats: float = _po_field("probe_alarm_nats")
     po_probe_alarm_checks: int = _po_field("probe_alarm_checks")
+    po_probe_file: str | None = _po_field("probe_file")
     po_shared_prefix: str = _po_field("shared_prefix")
     # TRL's β; unset, a po_loss trains with its paper's default (as on every host), TRL's own loss_type with 0.1
     beta: float | None = field(default=None, metadata={
@@ -364,9 +366,37 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
             return self.po.tokens_from_head(h, y, rows, lab.shape[0], n_pairs, effective_head_weight(head), bias,
                                             scale, cap)
 
-    def po_rescore(self, inputs):
-        zs, _, _, _, _ = self._po_logps(self.model, inputs)
-        return zs.chunk(2, dim=0)
+    def po_rescore(self, inputs, tokens: bool = False):
+        if not tokens:
+            return self._po_logps(self.model, inputs)[0].chunk(2, dim=0)
+        with self.po.probe_pass():
+            zs, _, _, _, labels = self._po_logps(self.model, inputs, capture=True)
+            got = self._po_scores(labels, zs.shape[0] // 2) if self._po_hidden is not None else None
+        zw, zl = zs.chunk(2, dim=0)
+        return zw, zl, got
+
+    def po_probe_batches(self, path: str) -> list:
+        """po_probe_file: its pairs through TRL's own dataset preparation (this run's processing class and
+        arguments) and collator, in batches of per_device_train_batch_size, on this process's device."""
+        from datasets import load_dataset
+
+        ds = self._prepare_dataset(load_dataset("json", data_files=path, split="train"), self.processing_class,
+                                   self.args, "probe")
+        keep = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids") if c in ds.column_names]
+        for c in ("chosen_ids", "rejected_ids"):
+            if c not in keep:
+                raise DataError(f"the probe file {path} (po_probe_file) did not give '{c}' through TRL's dataset "
+                                f"preparation; its columns are {ds.column_names}: give it the training set's "
+                                "prompt/chosen/rejected columns", file=path, column=c)
+        collate = getattr(self.data_collator, "inner", self.data_collator)
+        size = int(self.args.per_device_train_batch_size)
+        rows = [{c: ds[i][c] for c in keep} for i in range(len(ds))]
+        out = []
+        for i in range(0, len(rows), size):
+            batch = collate(rows[i:i + size])
+            out.append({k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v
+                        for k, v in batch.items()})
+        return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.po is None:
