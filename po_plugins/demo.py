@@ -10,7 +10,9 @@ the rejected continuation. `--loss rc_dpo` trains the same pairs from the same m
 band and keeps the chosen log-likelihood from falling. Both runs are the real `openrlhf.cli.train_dpo` through
 `po_plugins.cli.train_dpo`; then the band report. One line per run: the in-band fraction of the optimizer steps,
 whether the alert fired, and the change of the held-out pairs' summed chosen (and rejected) response log-probs
-between the initial model and the model the run saved (the same pairs scored by both).
+between the initial model and the model the run saved (the same pairs scored by both). That measurement is also
+written to the run directory, `<out>/<loss>/po_heldout.json` (po_plugins.report.write_heldout), where the report
+shows it, labelled "held-out pairs (N pairs)", with the numbers of this line.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def outcome(run_dir: Path, assets: dict, log_text: str) -> dict:
     probe = [r["probe_delta_z_w"] for r in trace if r.get("probe_delta_z_w") is not None]
     alarms = [r["step"] for r in trace if r.get("probe_alarm")]
     return {
+        "eval_pairs": len(rows),
         "steps": len(trace),
         "band_steps": len(verdicts),
         "out_of_band": sum(1 for v in verdicts if not v),
@@ -128,16 +131,30 @@ def outcome(run_dir: Path, assets: dict, log_text: str) -> dict:
     }
 
 
+def save_heldout(run_dir: Path, assets: dict, o: dict) -> Path:
+    """`<run_dir>/po_heldout.json`: the held-out measurement of `outcome` (the numbers `describe` prints), for the
+    report."""
+    from po_plugins.report import write_heldout
+
+    return write_heldout(run_dir, pairs=o["eval_pairs"], delta_z_w=o["eval_delta_z_w"],
+                         delta_z_l=o["eval_delta_z_l"], chosen_down_frac=o["eval_chosen_down_frac"],
+                         measured_by="po_plugins.demo", dataset=str(assets["eval"]),
+                         initial_model=str(assets["model"]), final_model=str(run_dir))
+
+
 def describe(loss: str, o: dict) -> str:
-    probe = "" if o["probe_delta_z_w"] is None else f"; probe batch chosen {o['probe_delta_z_w']:+.2f}"
+    from po_plugins.report import fmt_nats, fmt_share
+
+    probe = ("" if o["probe_delta_z_w"] is None
+             else f"; probe batch (training pairs) chosen {o['probe_delta_z_w']:+.2f}")
     none = "" if o["band_steps"] == o["steps"] else f" ({o['steps'] - o['band_steps']} steps without a verdict)"
     alarm = f"fired at step {o['alarm_step']}" if o["alarm"] else "silent"
     return (f"[demo] {loss:>6}: in band {o['band_steps'] - o['out_of_band']}/{o['band_steps']} steps{none} "
             f"({o['in_band_frac']:.0%}), out-of-band alert {'fired' if o['alert'] else 'silent'}, measured "
             f"displacement alarm {alarm}; held-out chosen "
-            f"log-prob {o['eval_delta_z_w']:+.2f} nats (falls on {o['eval_chosen_down_frac']:.0%} of pairs), "
-            f"rejected {o['eval_delta_z_l']:+.2f}; per-step re-checks: chosen {o['recheck_delta_z_w_sum']:+.2f} "
-            f"in all, down on {o['recheck_chosen_down_steps']} steps" + probe)
+            f"log-prob {fmt_nats(o['eval_delta_z_w'])} nats (falls on {fmt_share(o['eval_chosen_down_frac'])} of "
+            f"{o['eval_pairs']} pairs), rejected {fmt_nats(o['eval_delta_z_l'])}; per-step re-checks: chosen "
+            f"{o['recheck_delta_z_w_sum']:+.2f} in all, down on {o['recheck_chosen_down_steps']} steps" + probe)
 
 
 def run_demo(out, seed: int = 0, pairs: int = DEFAULTS["pairs"], epochs: int = DEFAULTS["epochs"],
@@ -146,6 +163,7 @@ def run_demo(out, seed: int = 0, pairs: int = DEFAULTS["pairs"], epochs: int = D
              kind: str = "shared") -> dict:
     """Build the assets under `out` (pairs of `kind`, po_plugins.tiny.make_pairs), train each loss, print and
     return {loss: outcome(...)}."""
+    from po_plugins.report import HELDOUT_NAME
     from po_plugins.tiny import make_assets
 
     out = Path(out).resolve()
@@ -153,10 +171,12 @@ def run_demo(out, seed: int = 0, pairs: int = DEFAULTS["pairs"], epochs: int = D
     assets = make_assets(out / "assets", n_train=pairs, n_eval=n_eval, seed=seed, kind=kind)
     results, runs = {}, []
     for loss in losses:
+        (out / loss / HELDOUT_NAME).unlink(missing_ok=True)  # a failed run leaves no stale measurement behind
         run_dir = run_cli(loss, assets, out, ["--train.max_epochs", str(epochs)], lr=lr, beta=beta,
                           alert_steps=alert_steps, seed=42 + seed)
         runs.append(run_dir)
         results[loss] = outcome(run_dir, assets, (out / f"{loss}.log").read_text())
+        save_heldout(run_dir, assets, results[loss])
         print(describe(loss, results[loss]), flush=True)
     if report:
         from po_plugins.cli.report import main as report_main

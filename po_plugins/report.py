@@ -9,12 +9,19 @@ Only :func:`write_report` needs matplotlib; it is imported lazily so that :func:
 :func:`summarize` work in a bare install (``pip install po-plugins[report]`` adds it).
 
 Non-finite values (``null``, ``NaN``, ``Infinity``) are tolerated everywhere: they are excluded from
-means and are simply not drawn. An unbounded band (rho <= 0: ``band_lower = -inf``,
-``band_upper = +inf``, ``slack = +inf``) is therefore not shaded at those steps.
+means and are simply not drawn. A band without edges (rho <= 0: ``band_lower``/``band_upper``/``slack`` null, or
+``-inf``/``+inf`` in old traces; every ratio is in band) has no edge to shade: the band plot marks those steps
+(``ρ ≤ 0: no edge, every ratio in band``), and the steps where a mean incentive is <= 0 (no ratio, no band).
+
+Held-out pairs. The trace's re-scored changes (``probe_delta_z_*``) are those of the probe batch, a micro-batch the
+run trained on. A measurement on pairs the run did not train on can sit next to the trace as ``po_heldout.json``
+(:data:`HELDOUT_NAME`, written by :func:`write_heldout`; ``make demo`` writes one per run): the report then shows it,
+labelled "held-out pairs (N pairs)", with the numbers formatted as the demo prints them (:func:`fmt_nats`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
@@ -23,14 +30,19 @@ from pathlib import Path
 from typing import Any
 
 TRACE_NAME = "po_band.jsonl"
+HELDOUT_NAME = "po_heldout.json"
 INSTALL_HINT = "pip install po-plugins[report]"
 
 # name -> (file name, caption). Order is the order in index.html.
 FIGURES: dict[str, tuple[str, str]] = {
     "band": ("band.png", "log r = log(mean d_w / mean d_l) against the disentanglement band "
-                         "[log r* + log rho, log r* - log rho]; crosses mark out-of-band steps."),
-    "likelihood": ("likelihood.png", "Policy log-likelihoods z_w (solid, chosen) and z_l (dashed, "
-                                     "rejected), and their change relative to the first step."),
+                         "[log r* + log ρ, log r* − log ρ]; crosses mark out-of-band steps. Where ρ ≤ 0 the band "
+                         "has no edges (every ratio is in band): hatched columns; grey columns: a mean incentive "
+                         "≤ 0 (no ratio, no band; the verdict is the sign conditions)."),
+    "likelihood": ("likelihood.png", "Policy log-likelihoods z_w (solid, chosen) and z_l (dashed, rejected): batch "
+                                     "means (top); change since the start on the same pairs: the probe batch "
+                                     "(training pairs) re-scored, and stars for the held-out pairs where the run "
+                                     "directory has po_heldout.json (bottom)."),
     "in_band": ("in_band.png", "Running fraction of optimizer steps inside the band."),
     "alpha": ("alpha.png", "Calibration factor alpha (1.0 when not calibrating)."),
     "slack": ("slack.png", "Band slack = distance of log r to the nearer band edge (>= 0 means in band)."),
@@ -46,12 +58,16 @@ class MissingDependencyError(ImportError):
 
 
 class Trace(list):
-    """A list of per-step records (dicts) that also carries the header ``meta`` and the source path."""
+    """A list of per-step records (dicts) that also carries the header ``meta``, the source path, the file's
+    sha256 and the run's held-out measurement (``heldout``: :func:`load_heldout`'s dict, or None)."""
 
-    def __init__(self, records=(), meta: dict | None = None, path: Path | None = None):
+    def __init__(self, records=(), meta: dict | None = None, path: Path | None = None, sha256: str | None = None,
+                 heldout: dict | None = None):
         super().__init__(records)
         self.meta: dict = dict(meta or {})
         self.path: Path | None = path
+        self.sha256: str | None = sha256
+        self.heldout: dict | None = heldout
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,6 +85,7 @@ def load_trace(path: str | Path) -> Trace:
     * An unparsable *last* line (a run that crashed mid-write) is skipped with a warning.
     * An unparsable line anywhere else, or a line that is not a JSON object, raises :class:`TraceError`
       naming the file and the 1-based line number.
+    * ``po_heldout.json`` next to the file, written for this very trace, becomes ``.heldout`` (:func:`load_heldout`).
     """
     p = Path(path)
     if p.is_dir():
@@ -76,8 +93,8 @@ def load_trace(path: str | Path) -> Trace:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
 
-    with open(p, encoding="utf-8", errors="replace") as fh:
-        lines = fh.read().splitlines()
+    raw = p.read_bytes()
+    lines = raw.decode("utf-8", errors="replace").splitlines()
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
 
     records: list[dict] = []
@@ -98,7 +115,90 @@ def load_trace(path: str | Path) -> Trace:
             meta.update(obj["meta"])
             continue
         records.append(obj)
-    return Trace(records, meta=meta, path=p)
+    sha = hashlib.sha256(raw).hexdigest()
+    return Trace(records, meta=meta, path=p, sha256=sha, heldout=load_heldout(p, sha))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Held-out pairs (po_heldout.json)
+# ---------------------------------------------------------------------------------------------------
+
+def fmt_nats(value: float) -> str:
+    """A log-prob change as the demo prints it and the report shows it: signed, two decimals (``-16.80``)."""
+    return f"{value:+.2f}"
+
+
+def fmt_share(value: float) -> str:
+    """A fraction of pairs as the demo prints it and the report shows it (``100%``)."""
+    return f"{value:.0%}"
+
+
+def write_heldout(run_dir: str | Path, *, pairs: int, delta_z_w: float, delta_z_l: float,
+                  chosen_down_frac: float | None = None, **about) -> Path:
+    """Write ``<run_dir>/po_heldout.json``: the mean change of the summed chosen / rejected response log-probs of
+    ``pairs`` held-out pairs (not trained on) between the initial model and the model the run saved, and the
+    fraction of those pairs whose chosen log-prob fell. ``about`` adds descriptive keys (dataset, models, who
+    measured). The record is tied to the run's current ``po_band.jsonl`` by its sha256 (``trace_sha256``), so the
+    report ignores it, with a warning, once a later run has replaced the trace. Returns the path."""
+    run_dir = Path(run_dir)
+    trace = run_dir / TRACE_NAME
+    if not trace.is_file():
+        raise FileNotFoundError(f"{trace}: no such file (the held-out record is tied to the run's trace)")
+    rec = {"pairs": int(pairs), "delta_z_w": float(delta_z_w), "delta_z_l": float(delta_z_l),
+           "chosen_down_frac": None if chosen_down_frac is None else float(chosen_down_frac)}
+    rec = {**about, **rec, "trace_sha256": hashlib.sha256(trace.read_bytes()).hexdigest()}
+    bad = _heldout_problem(rec)
+    if bad:
+        raise ValueError(f"write_heldout: {bad}")
+    out = run_dir / HELDOUT_NAME
+    out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+def _heldout_problem(rec: Any) -> str | None:
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    n = rec.get("pairs")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return f"'pairs' must be a positive integer, got {n!r}"
+    for key in ("delta_z_w", "delta_z_l"):
+        v = rec.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"'{key}' must be a finite number, got {v!r}"
+    f = rec.get("chosen_down_frac")
+    if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0):
+        return f"'chosen_down_frac' must be null or a number in [0, 1], got {f!r}"
+    return None
+
+
+def load_heldout(trace_path: str | Path, trace_sha256: str | None = None) -> dict | None:
+    """The held-out record next to a trace (``po_heldout.json`` in its directory), or None when there is none.
+
+    A record that is not valid, or that was written for another version of the trace (its ``trace_sha256`` differs
+    from ``trace_sha256``, computed from the file when not given), is ignored with a warning.
+    """
+    trace_path = Path(trace_path)
+    p = trace_path.parent / HELDOUT_NAME
+    if not p.is_file():
+        return None
+    try:
+        rec = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        warnings.warn(f"{p}: unreadable held-out record ({exc}): not shown", stacklevel=3)
+        return None
+    bad = _heldout_problem(rec)
+    if bad:
+        warnings.warn(f"{p}: not a held-out record ({bad}): not shown", stacklevel=3)
+        return None
+    if trace_sha256 is None:
+        trace_sha256 = hashlib.sha256(trace_path.read_bytes()).hexdigest()
+    if rec.get("trace_sha256") != trace_sha256:
+        warnings.warn(f"{p}: measured for another {trace_path.name} than the one now in {p.parent} (trace_sha256 "
+                      "differs: the trace changed since, e.g. a later run replaced it): not shown; measure the "
+                      "held-out pairs again",
+                      stacklevel=3)
+        return None
+    return rec
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,6 +367,51 @@ def _plot_lines(ax, runs, key, smooth, *, style="-", label_fmt="{label}", raw_al
     return drew
 
 
+NO_EDGE_LABEL = "ρ ≤ 0: no edge, every ratio in band"
+NO_RATIO_LABEL = "mean incentive ≤ 0: no ratio, no band (verdict from the signs)"
+_RHO_EPS = 1e-12  # po_plugins.band.EPS: the monitor writes edges only where ρ exceeds it
+
+
+def _edgeless(records: list[dict]) -> tuple[list[bool], list[bool]]:
+    """Per step: (the band has no edges because ρ ≤ 0, so every ratio is in band; there is no ratio, a mean incentive
+    being ≤ 0, and the verdict comes from the sign conditions). Steps without a verdict (non-finite values, no
+    statistics) are in neither."""
+    no_edge, no_ratio = [], []
+    for r in records:
+        rho, log_r = _num(r.get("rho")), _num(r.get("log_r"))
+        no_edge.append(rho is not None and rho <= _RHO_EPS and log_r is not None)
+        no_ratio.append(log_r is None and _flag(r.get("in_band")) is not None)
+    return no_edge, no_ratio
+
+
+def _spans(x, mask) -> list[tuple[float, float]]:
+    """Contiguous runs of steps where ``mask`` holds, as (start, end) in step units, half a step either side."""
+    import numpy as np
+
+    idx = np.flatnonzero(np.asarray(mask, dtype=bool))
+    if not idx.size:
+        return []
+    half = 0.5 * (float(np.median(np.abs(np.diff(x)))) if x.size > 1 else 1.0) or 0.5
+    groups = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)
+    return [(float(x[g[0]]) - half, float(x[g[-1]]) + half) for g in groups]
+
+
+def _mark_edgeless(ax, x, records) -> None:
+    """Columns over the steps whose band has no edges to shade, with a legend entry and a short tag on each."""
+    from matplotlib.transforms import blended_transform_factory
+
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    no_edge, no_ratio = _edgeless(records)
+    for mask, label, tag, colour, hatch in ((no_edge, NO_EDGE_LABEL, "ρ ≤ 0", "tab:green", "//"),
+                                            (no_ratio, NO_RATIO_LABEL, "no ratio", "0.5", "..")):
+        spans = _spans(x, mask)
+        for k, (lo, hi) in enumerate(spans):
+            ax.axvspan(lo, hi, facecolor=colour, edgecolor=colour, alpha=0.12, hatch=hatch, lw=0,
+                       label=label if k == 0 else "_nolegend_")
+            if len(spans) <= 8:
+                ax.text((lo + hi) / 2, 0.97, tag, transform=top, ha="center", va="top", fontsize=7, color=colour)
+
+
 def _fig_band(Figure, runs, smooth):
     import numpy as np
 
@@ -290,6 +435,7 @@ def _fig_band(Figure, runs, smooth):
             continue
         ax.fill_between(x, _smooth(lower, smooth), _smooth(upper, smooth), color="tab:green", alpha=0.18,
                         lw=0, label="band (log r* ± log ρ)")
+        _mark_edgeless(ax, x, records)
         ax.plot(x, _smooth(centre, smooth), "--", color="tab:green", lw=1.3, label="centre log r*")
         if smooth > 1:
             ax.plot(x, log_r, color=_colour(i), lw=0.8, alpha=0.3)
@@ -304,12 +450,23 @@ def _fig_band(Figure, runs, smooth):
     return fig
 
 
+def _heldout(records) -> dict | None:
+    return getattr(records, "heldout", None)
+
+
+def heldout_title(runs) -> str:
+    """'held-out pairs (N pairs)' when every run with a held-out record has the same N, else 'held-out pairs'."""
+    counts = {h["pairs"] for h in map(_heldout, runs.values()) if h}
+    return f"held-out pairs ({counts.pop()} pairs)" if len(counts) == 1 else "held-out pairs"
+
+
 def _fig_likelihood(Figure, runs, smooth):
     import numpy as np
     from matplotlib.lines import Line2D
 
     fig = Figure(figsize=(10, 7.5), layout="constrained")
     ax_z, ax_d = fig.subplots(2, 1, sharex=True)
+    title_counts = {h["pairs"] for h in map(_heldout, runs.values()) if h}
     handles = []
     drew = False
     for i, (label, records) in enumerate(runs.items()):
@@ -333,11 +490,28 @@ def _fig_likelihood(Figure, runs, smooth):
         if fired:  # the measured-displacement alarm: where the probe's chosen fell past the threshold
             ax_d.axvline(fired[0], color=c, lw=1.2, ls=":")
             ax_d.annotate("alarm", (fired[0], 0), color=c, fontsize=8, xytext=(3, 4), textcoords="offset points")
+        held = _heldout(records)
+        if held and x.size:  # pairs not trained on: initial model -> the model the run saved, at the last step
+            drew = True
+            end = float(np.nanmax(x))
+            n = "" if len(title_counts) == 1 else f" ({held['pairs']} pairs)"
+            for key, fill in (("delta_z_w", c), ("delta_z_l", "none")):
+                ax_d.plot([end], [held[key]], "*", color=c, mfc=fill, ms=12, mew=1.3)
+                ax_d.annotate(f"held-out {fmt_nats(held[key])}{n}", (end, held[key]), color=c, fontsize=8,
+                              xytext=(7, -3), textcoords="offset points")
     handles += [Line2D([], [], color="k", ls="-", label="chosen z_w"),
                 Line2D([], [], color="k", ls="--", label="rejected z_l")]
     ax_z.set_title("Policy log-likelihoods, batch means (different pairs at every step)", loc="left", fontsize=11)
     ax_z.set_ylabel("z = log π(y|x)")
-    ax_d.set_title("Change on the same pairs (the monitor's probe batch, re-scored)", loc="left", fontsize=11)
+    ax_d.set_title("Change since the start on the same pairs: probe batch (training pairs), re-scored"
+                   + ("\nstars: " + heldout_title(runs) + ", initial → saved model" if title_counts else ""),
+                   loc="left", fontsize=11)
+    if title_counts:
+        ax_d.legend(handles=[Line2D([], [], color="k", ls="-", marker="o", ms=3, label="probe batch (training pairs)"),
+                             Line2D([], [], color="k", ls="none", marker="*", ms=10,
+                                    label=heldout_title(runs) + ": chosen"),
+                             Line2D([], [], color="k", ls="none", marker="*", mfc="none", ms=10,
+                                    label=heldout_title(runs) + ": rejected")], loc="best", fontsize=8)
     ax_d.set_ylabel("z(t) − z(start)")
     ax_d.set_xlabel("optimizer step")
     ax_d.axhline(0, color="0.3", lw=0.8)
@@ -426,6 +600,8 @@ def _fmt(value: Any, kind: str = "num") -> str:
         return str(int(value))
     if kind == "pct":
         return f"{100.0 * value:.1f}%"
+    if kind == "nats":  # a log-prob change, as the demo prints it
+        return fmt_nats(value)
     return f"{value:+.4g}" if kind == "signed" else f"{value:.4g}"
 
 
@@ -433,16 +609,27 @@ def _html(
     runs: dict[str, list[dict]], summaries: dict[str, dict], figures: dict[str, str], smooth: int
 ) -> str:
     esc = html.escape
+    held_title = heldout_title(runs)
+    per_cell_count = held_title == "held-out pairs"  # runs measured on different numbers of pairs
     rows = []
     for label, records in runs.items():
         s = summaries[label]
         meta = getattr(records, "meta", {}) or {}
         loss = meta.get("loss") or meta.get("loss_name") or s["loss_name"]
+        h = _heldout(records)
+        if h:  # as the demo prints them (fmt_nats, fmt_share)
+            count = f" ({h['pairs']} pairs)" if per_cell_count else ""
+            down = "—" if h.get("chosen_down_frac") is None else fmt_share(h["chosen_down_frac"])
+            held = (f'<td class="heldout_w">{fmt_nats(h["delta_z_w"])}{count}</td>'
+                    f'<td class="heldout_l">{fmt_nats(h["delta_z_l"])}</td><td class="heldout_down">{down}</td>')
+        else:
+            held = "<td>—</td><td>—</td><td>—</td>"
         rows.append(
             "<tr>"
             f"<td>{esc(str(label))}</td><td>{esc(str(loss)) if loss else '—'}</td>"
             f"<td>{_fmt(s['steps'], 'int')}</td>"
-            f"<td>{_fmt(s['delta_z_w'], 'signed')}</td><td>{_fmt(s['delta_z_l'], 'signed')}</td>"
+            f"<td>{_fmt(s['delta_z_w'], 'nats')}</td><td>{_fmt(s['delta_z_l'], 'nats')}</td>"
+            f"{held}"
             f"<td>{_fmt(s['in_band_frac'], 'pct')}</td>"
             f"<td>{_fmt(s['alpha_mean'])}</td><td>{_fmt(s['slack_mean'], 'signed')}</td>"
             f"<td>{'step ' + _fmt(s['alarm_step'], 'int') if s['alarm_step'] is not None else '—'}</td>"
@@ -488,14 +675,20 @@ pre {{ background: #f7f7f7; padding: 0.6em; overflow-x: auto; }}
 <body>
 <h1>Disentanglement-band report</h1>
 <p>Trace: <code>{TRACE_NAME}</code> (one record per optimizer step). Δz is the change of the mean log-likelihood
-on the same pairs: the monitor's probe batch (the first micro-batch trained on) re-scored every
-<code>recheck_every</code> steps, last value against the start ("—": no re-score in the trace). Means skip
-null/NaN/±inf; in-band fraction counts steps with a non-null indicator. Alarm: the step where the probe's chosen
-log-likelihood was measured to have fallen past <code>--po.probe_alarm_nats</code> (dotted line on the likelihood
-plot).{smooth_note}</p>
+of a response (summed over its tokens) on the same pairs since the start. <b>Probe batch (training pairs)</b>: the
+monitor's probe batch, the first micro-batch the run trained on, re-scored every <code>recheck_every</code> steps; its
+last value ("—": no re-score in the trace). <b>Held-out pairs</b>: pairs the run did not train on, scored with the
+initial model and with the model the run saved (<code>{HELDOUT_NAME}</code> in the run directory: written by
+<code>make demo</code> or <code>po_plugins.report.write_heldout</code>; "—": none), shown as the demo prints them;
+"chosen falls on": the share of those pairs whose chosen log-prob fell. Trained-on and unseen pairs can move
+differently. Means skip null/NaN/±inf; in-band fraction counts steps with a non-null indicator. Alarm: the step
+where the probe's chosen log-likelihood was measured to have fallen past <code>--po.probe_alarm_nats</code>
+(dotted line on the likelihood plot).{smooth_note}</p>
 <table>
-<thead><tr><th>run</th><th>loss</th><th>steps</th><th>Δz_w</th><th>Δz_l</th><th>in band</th>
-<th>mean α</th><th>mean slack</th><th>alarm</th></tr></thead>
+<thead><tr><th colspan="3"></th><th colspan="2">probe batch (training pairs)</th><th colspan="3">{esc(held_title)}</th>
+<th colspan="4"></th></tr>
+<tr><th>run</th><th>loss</th><th>steps</th><th>Δz_w</th><th>Δz_l</th><th>Δz_w</th><th>Δz_l</th><th>chosen falls on</th>
+<th>in band</th><th>mean α</th><th>mean slack</th><th>alarm</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody>

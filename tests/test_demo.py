@@ -4,6 +4,7 @@ runs on the tiny local model, on a shortened schedule (32 pairs, 2 epochs: 8 opt
 cores)."""
 
 import json
+import re
 
 import pytest
 
@@ -48,3 +49,16 @@ def test_demo_dpo_leaves_the_band_and_rc_dpo_keeps_the_chosen_likelihood(tmp_pat
     assert dpo["eval_delta_z_l"] < 0 and rc["eval_delta_z_l"] < 0
     assert "dpo: in band" in printed and "rc_dpo: in band" in printed
     assert (tmp_path / "demo" / "report" / "index.html").is_file()
+    # the report shows the held-out numbers the demo printed (same pairs, same rounding), labelled apart from the
+    # probe batch's, which are of training pairs
+    said = {m[1]: (m[2], m[5], m[3]) for m in re.finditer(
+        r"\[demo\]\s+(\w+): .*held-out chosen log-prob (\S+) nats \(falls on (\S+) of (8) pairs\), rejected (\S+);",
+        printed)}
+    assert set(said) == {"dpo", "rc_dpo"}, printed
+    page = (tmp_path / "demo" / "report" / "index.html").read_text()
+    cells = re.findall(r'<td>(\w+)</td><td>\w+</td><td>\d+</td><td>[^<]*</td><td>[^<]*</td>'
+                       r'<td class="heldout_w">([^<]*)</td><td class="heldout_l">([^<]*)</td>'
+                       r'<td class="heldout_down">([^<]*)</td>', page)
+    assert {c[0]: c[1:] for c in cells} == said, (cells, said)
+    assert "held-out pairs (8 pairs)" in page and "probe batch (training pairs)" in page
+    assert float(said["dpo"][0]) == round(dpo["eval_delta_z_w"], 2) < -1.0

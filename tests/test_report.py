@@ -1,6 +1,8 @@
 """Tests for the band-monitor report (po_plugins.report and python -m po_plugins.cli.report)."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +153,7 @@ def test_cli_writes_pngs_and_index(runs, tmp_path, capsys):
     assert "<td>+0.3</td>" not in page
     for cell in ["<td>6</td>", "<td>—</td>", "<td>60.0%</td>", "<td>1</td>", "<td>-0.05</td>"]:
         assert cell in page, cell
-    for cell in ["<td>4</td>", "<td>+0.2</td>", "<td>-0.5</td>", "<td>100.0%</td>", "<td>+0.25</td>"]:
+    for cell in ["<td>4</td>", "<td>+0.20</td>", "<td>-0.50</td>", "<td>100.0%</td>", "<td>+0.25</td>"]:
         assert cell in page, cell
     assert "db_beta" in page  # run metadata is shown
 
@@ -222,3 +224,173 @@ def test_missing_matplotlib_gives_install_hint(monkeypatch, tmp_path):
 def test_report_module_does_not_import_matplotlib():
     code = "import sys, po_plugins.report, po_plugins.cli.report; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Steps whose band has no edges, on the band plot
+# ---------------------------------------------------------------------------------------------------
+
+def _band_texts(runs):
+    """Every text on the band figure: legend entries, tags on the axes, titles."""
+    from matplotlib.figure import Figure
+
+    from po_plugins.report import _fig_band
+
+    fig = _fig_band(Figure, runs, 1)
+    legend = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    tags = [t.get_text() for ax in fig.axes for t in ax.texts]
+    return fig, fig.axes, legend, tags
+
+
+def _spans_of(ax, facecolour):
+    from matplotlib.colors import to_rgb
+
+    return sorted((round(p.get_x(), 6), round(p.get_x() + p.get_width(), 6)) for p in ax.patches
+                  if hasattr(p, "get_width") and to_rgb(p.get_facecolor()) == to_rgb(facecolour))
+
+
+def test_band_plot_says_where_rho_le_0_leaves_no_edge(runs):
+    """ρ ≤ 0: the band is the whole line, the monitor writes no edges and the shading stops; the plot says why over
+    exactly those steps (and over the steps without a ratio, a mean incentive ≤ 0), and says nothing on a trace
+    without such steps."""
+    pytest.importorskip("matplotlib")
+    from po_plugins.report import NO_EDGE_LABEL, NO_RATIO_LABEL
+
+    recs = [{"step": s, "log_r": 0.0, "log_r_star": 0.3, "rho": rho, "in_band": 1.0,
+             "band_lower": None if rho <= 0 else 0.3 + math.log(rho),
+             "band_upper": None if rho <= 0 else 0.3 - math.log(rho)}
+            for s, rho in zip(range(1, 9), [0.5, -0.2, -0.1, 0.6, 0.0, 0.7, 0.4, 0.3], strict=True)]
+    recs[6].update(log_r=None, band_lower=None, band_upper=None)  # step 7: a mean incentive ≤ 0, verdict by signs
+    recs[7].update(in_band=None, log_r=None, band_lower=None, band_upper=None)  # step 8: no verdict: neither mark
+    fig, (ax,), legend, tags = _band_texts({"rc_dpo": recs})
+    assert NO_EDGE_LABEL == "ρ ≤ 0: no edge, every ratio in band"
+    assert legend.count(NO_EDGE_LABEL) == 1 and legend.count(NO_RATIO_LABEL) == 1, legend
+    assert tags.count("ρ ≤ 0") == 2 and tags.count("no ratio") == 1, tags
+    assert _spans_of(ax, "tab:green") == [(1.5, 3.5), (4.5, 5.5)]  # steps 2–3 and 5, half a step either side
+    assert _spans_of(ax, "0.5") == [(6.5, 7.5)]
+
+    _, _, legend_b, tags_b = _band_texts({"dpo": _run_b_records()})  # ρ 0.6 at every step
+    assert NO_EDGE_LABEL not in legend_b and NO_RATIO_LABEL not in legend_b and not tags_b
+
+    a, _ = runs  # the fixture's old-style trace: step 3 has ρ −0.1 and ±Infinity edges
+    with pytest.warns(UserWarning):
+        trace = load_trace(a)
+    _, (ax_a,), legend_a, _ = _band_texts({"rc_dpo": trace})
+    assert NO_EDGE_LABEL in legend_a and _spans_of(ax_a, "tab:green") == [(2.5, 3.5)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Held-out pairs (po_heldout.json): the numbers the demo prints, labelled apart from the probe's
+# ---------------------------------------------------------------------------------------------------
+
+def _demo_outcome(pairs=16, dw=-16.8049, dl=-60.1251, down=1.0):
+    return {"eval_pairs": pairs, "steps": 4, "band_steps": 4, "out_of_band": 0, "in_band_frac": 1.0, "alert": False,
+            "eval_delta_z_w": dw, "eval_delta_z_l": dl, "eval_chosen_down_frac": down,
+            "recheck_delta_z_w_sum": 0.3, "recheck_chosen_down_steps": 1, "probe_delta_z_w": 0.2, "alarm": False,
+            "alarm_step": None}
+
+
+HELDOUT_PRINTED = re.compile(r"held-out chosen log-prob (\S+) nats \(falls on (\S+) of (\d+) pairs\), rejected (\S+);")
+HELDOUT_CELLS = re.compile(r'<td class="heldout_w">([^<]*)</td><td class="heldout_l">([^<]*)</td>'
+                           r'<td class="heldout_down">([^<]*)</td>')
+
+
+def printed_heldout(line: str) -> tuple[str, str, str, str]:
+    """(chosen, rejected, falls-on share, pairs) as the demo's line prints them."""
+    m = HELDOUT_PRINTED.search(line)
+    assert m, line
+    return m[1], m[4], m[2], m[3]
+
+
+def test_report_shows_the_held_out_numbers_the_demo_prints(runs, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from po_plugins import demo
+    from po_plugins.report import HELDOUT_NAME
+
+    _, b = runs
+    assets = {"eval": str(tmp_path / "eval.jsonl"), "model": str(tmp_path / "model")}
+    o = _demo_outcome()
+    path = demo.save_heldout(b, assets, o)
+    assert path == b / HELDOUT_NAME
+    rec = json.loads(path.read_text())
+    assert rec["pairs"] == 16 and rec["delta_z_w"] == o["eval_delta_z_w"] and rec["measured_by"] == "po_plugins.demo"
+    line = demo.describe("dpo", o)
+    chosen, rejected, share, pairs = printed_heldout(line)
+    assert (chosen, rejected, share, pairs) == ("-16.80", "-60.13", "100%", "16")  # rounding, not truncation
+
+    trace = load_trace(b)
+    assert trace.heldout == rec
+    out = tmp_path / "report"
+    assert main([str(b), "--out", str(out)]) == 0
+    page = (out / "index.html").read_text()
+    assert HELDOUT_CELLS.findall(page) == [(chosen, rejected, share)]
+    # labelled apart: the trace's probe numbers (+0.2, −0.5) under "probe batch (training pairs)", the held-out ones
+    # under "held-out pairs (16 pairs)"; both as the demo prints them
+    head = page.split("<thead>")[1].split("</thead>")[0]
+    assert head.index("probe batch (training pairs)") < head.index("held-out pairs (16 pairs)")
+    assert "<td>+0.20</td><td>-0.50</td>" + '<td class="heldout_w">-16.80</td>' in page
+
+
+def test_held_out_numbers_on_the_likelihood_plot(runs):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from po_plugins import demo
+    from po_plugins.report import _fig_likelihood
+
+    _, b = runs
+    o = _demo_outcome(pairs=8, dw=3.14159, dl=-2.5)
+    demo.save_heldout(b, {"eval": "e.jsonl", "model": "m"}, o)
+    fig = _fig_likelihood(Figure, {"dpo": load_trace(b)}, 1)
+    ax_d = fig.axes[1]
+    assert "probe batch (training pairs)" in ax_d.get_title("left")
+    assert "held-out pairs (8 pairs)" in ax_d.get_title("left")
+    assert [t.get_text() for t in ax_d.get_legend().get_texts()] == [
+        "probe batch (training pairs)", "held-out pairs (8 pairs): chosen", "held-out pairs (8 pairs): rejected"]
+    assert sorted(t.get_text() for t in ax_d.texts) == ["held-out +3.14", "held-out -2.50"]
+    stars = [ln for ln in ax_d.get_lines() if ln.get_marker() == "*"]
+    assert sorted((float(ln.get_xdata()[0]), float(ln.get_ydata()[0])) for ln in stars) == [(4, -2.5), (4, 3.14159)]
+
+
+def test_held_out_counts_that_differ_are_given_per_run(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    from po_plugins import demo
+
+    a, b = runs
+    demo.save_heldout(a, {"eval": "e", "model": "m"}, _demo_outcome(pairs=8, dw=1.0, dl=-2.0, down=0.25))
+    demo.save_heldout(b, {"eval": "e", "model": "m"}, _demo_outcome(pairs=16))
+    with pytest.warns(UserWarning):
+        trace_a = load_trace(a)
+    page = write_report({"a": trace_a, "b": load_trace(b)}, tmp_path / "o").read_text()
+    assert "held-out pairs (" not in page.split("<thead>")[1].split("</thead>")[0]
+    assert HELDOUT_CELLS.findall(page) == [("+1.00 (8 pairs)", "-2.00", "25%"), ("-16.80 (16 pairs)", "-60.13", "100%")]
+
+
+def test_a_held_out_record_of_another_trace_or_malformed_is_not_shown(runs, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from po_plugins import demo
+    from po_plugins.report import HELDOUT_NAME, load_heldout, write_heldout
+
+    _, b = runs
+    demo.save_heldout(b, {"eval": "e", "model": "m"}, _demo_outcome())
+    with open(b / "po_band.jsonl", "a") as f:  # a later run (or more steps) replaced the trace it was measured for
+        f.write(json.dumps({"step": 5, "z_w": -1.7}) + "\n")
+    with pytest.warns(UserWarning, match="measured for another po_band.jsonl"):
+        assert load_trace(b).heldout is None
+    out = tmp_path / "o"
+    assert main([str(b), "--out", str(out)]) == 0
+    assert "measured for another po_band.jsonl" in capsys.readouterr().err
+    assert not HELDOUT_CELLS.findall((out / "index.html").read_text())
+
+    (b / HELDOUT_NAME).write_text(json.dumps({"pairs": 0, "delta_z_w": 1.0, "delta_z_l": 1.0}))
+    with pytest.warns(UserWarning, match="'pairs' must be a positive integer"):
+        assert load_heldout(b / "po_band.jsonl") is None
+    (b / HELDOUT_NAME).write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable held-out record"):
+        assert load_heldout(b / "po_band.jsonl") is None
+    (b / HELDOUT_NAME).unlink()
+    assert load_heldout(b / "po_band.jsonl") is None  # none: nothing to say
+    with pytest.raises(ValueError, match="delta_z_w"):
+        write_heldout(b, pairs=4, delta_z_w=float("nan"), delta_z_l=0.0)
+    with pytest.raises(FileNotFoundError, match="po_band.jsonl"):
+        write_heldout(tmp_path, pairs=4, delta_z_w=0.0, delta_z_l=0.0)

@@ -6,7 +6,10 @@ Usage::
     (or: python -m po_plugins.cli.report ...)
 
 Each RUN_DIR must contain ``po_band.jsonl`` (written when training runs with ``--po.monitor`` or an
-``rc_*`` loss); a path to the ``.jsonl`` file itself is accepted too. Prints the path of index.html.
+``rc_*`` loss); a path to the ``.jsonl`` file itself is accepted too. A ``po_heldout.json`` next to the trace (a
+measurement on held-out pairs, written by ``make demo`` or ``po_plugins.report.write_heldout`` for that very trace) is
+shown too, labelled "held-out pairs (N pairs)", apart from the probe batch's numbers; one written for an earlier trace
+is left out with a warning. Prints the path of index.html.
 Exit codes: 0 ok, 1 unreadable trace or matplotlib missing, 2 usage error / missing run or trace; each error is one
 line "po_plugins: ..." on stderr (`main` returns the status; a typed po_plugins error from the library ends the
 command through `po_plugins.cli._common.user_errors`, status 1).
@@ -20,7 +23,7 @@ import warnings
 from pathlib import Path
 
 from po_plugins.cli._common import EXIT_USAGE, user_errors
-from po_plugins.report import TRACE_NAME, MissingDependencyError, TraceError, load_trace, write_report
+from po_plugins.report import HELDOUT_NAME, TRACE_NAME, MissingDependencyError, TraceError, load_trace, write_report
 
 MONITOR_HINT = "the run must be started with the monitor on (--po.monitor or an rc_* loss)"
 
@@ -28,7 +31,8 @@ MONITOR_HINT = "the run must be started with the monitor on (--po.monitor or an 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m po_plugins.cli.report",
-        description=f"Plot the disentanglement-band monitor trace ({TRACE_NAME}) of one or more runs.",
+        description=f"Plot the disentanglement-band monitor trace ({TRACE_NAME}) of one or more runs, with the "
+                    f"held-out measurement ({HELDOUT_NAME}) where a run directory has one.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help=f"run output directory holding {TRACE_NAME}")
