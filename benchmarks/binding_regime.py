@@ -25,7 +25,8 @@ with a gold reward, not by construction, then trains through the real command an
 * Token split (issue 21, item 1): each held-out response's Δ log π is split into the tokens the two responses share
   at their start (equal token ids after the prompt: equal contexts, so the same change in both) and the rest.
 * Variants: `--losses rc_dpo+shared_prefix=detach+rc_target=nearest` adds `--po.shared_prefix detach
-  --po.rc_target nearest` to that run (and to its folder's name).
+  --po.rc_target nearest` to that run (and to its folder's name); `+probe_file=heldout` gives the monitor the
+  held-out pairs as its probe (`--po.probe_file`: the alarm and probe_pred_* on the pairs measured below).
 * Training: dpo, rc_dpo, simpo, rc_simpo through po_plugins.cli.train_dpo (real OpenRLHF, ZeRO-2, bf16, monitor on),
   one epoch, micro-batch 4, batch 8, learning rate 5e-5 and the objectives' default β/γ: experiment 2's rate, chosen
   there on validation pairs; nothing is tuned on this experiment's test pairs. Seeds 42, 43, ... (batch order).
@@ -304,6 +305,8 @@ def main(argv=None) -> int:
                    "ref_chosen_logp": w, "ref_rejected_logp": lo}
                   for r, w, lo in zip(pairs["train"], ref["train"]["w"], ref["train"]["l"])]
     train_file = write_jsonl(train_rows, out / "data" / "train.jsonl")
+    heldout_file = write_jsonl([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs["test"]],
+                               out / "data" / "heldout.jsonl")  # `+probe_file=heldout`: the monitor's probe
     del model
 
     base_file = out / "data" / "initial_own.json"
@@ -318,8 +321,10 @@ def main(argv=None) -> int:
     for seed in range(42, 42 + args.seeds):  # seed by seed: an interrupted study keeps whole seeds
         for loss in losses:
             name, *opts = loss.split("+")
-            run = train(name, cfg["lr"], model_dir, train_file, out, cfg, seed=seed,
-                        extra=dict(o.split("=", 1) for o in opts))
+            extra = dict(o.split("=", 1) for o in opts)
+            if extra.get("probe_file") == "heldout":  # the monitor's probe: the held-out pairs measured below
+                extra["probe_file"] = str(heldout_file)
+            run = train(name, cfg["lr"], model_dir, train_file, out, cfg, seed=seed, extra=extra)
             res_file = run / "result.json"
             if not res_file.exists():
                 res = {**metrics(loss, sequence_logps(run, pairs["test"], model_dir), ref["test"]),

@@ -96,7 +96,7 @@ def train(loss: str, lr: float, model: Path, data: Path, out: Path, cfg: dict, s
     """One run of po_plugins.cli.train_dpo; `extra`: more plugin options ({"shared_prefix": "detach"} adds
     `--po.shared_prefix detach` and `+shared_prefix=detach` to the run's folder name)."""
     extra = extra or {}
-    tag = "".join(f"+{k}={v}" for k, v in extra.items())
+    tag = "".join(f"+{k}={Path(str(v)).stem if '/' in str(v) else v}" for k, v in extra.items())  # a file: its stem
     run_dir = out / "runs" / (f"{loss}{tag}_lr{lr:g}" + (f"_seed{seed}" if seed != 42 else ""))
     if (run_dir / "po_band.jsonl").exists() and (run_dir / "config.json").exists():
         return run_dir  # finished before: keep it (delete the folder to re-run)
@@ -200,7 +200,22 @@ def trace_summary(run_dir: Path) -> dict:
     vals = [r for r in tr if r.get("in_band") is not None]
     return {"steps": len(tr), "in_band_frac": sum(bool(r["in_band"]) for r in vals) / max(1, len(vals)),
             "r_w_last": tr[-1]["r_w"], "r_l_last": tr[-1]["r_l"],
-            "r_w_min": min(r["r_w"] for r in tr), "alpha_last": tr[-1].get("alpha")}
+            "r_w_min": min(r["r_w"] for r in tr), "alpha_last": tr[-1].get("alpha"), **probe_summary(tr)}
+
+
+def probe_summary(tr) -> dict:
+    """The probe's story (issue 22): the step the measured-displacement alarm fired, the first re-check step the
+    predicted chosen change (probe_pred_w) was negative and the first the measured one (probe_delta_z_w) was, the
+    last measured change, and every re-check (step, predicted, measured)."""
+    def first(key, test):
+        return next((r["step"] for r in tr if r.get(key) is not None and test(r[key])), None)
+
+    checks = [(r["step"], r.get("probe_pred_w"), r["probe_delta_z_w"]) for r in tr
+              if r.get("probe_delta_z_w") is not None]
+    return {"alarm_step": first("probe_alarm", lambda v: v == 1), "pred_neg_step": first("probe_pred_w",
+                                                                                          lambda v: v < 0),
+            "probe_fall_step": first("probe_delta_z_w", lambda v: v < 0),
+            "probe_dz_w_last": checks[-1][2] if checks else None, "probe_checks": checks}
 
 
 def plot(runs: dict[str, Path], path: Path, pairs: list[tuple[str, str]], title: str) -> None:
