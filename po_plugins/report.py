@@ -454,6 +454,22 @@ def _heldout(records) -> dict | None:
     return getattr(records, "heldout", None)
 
 
+PROBE_TRAINING = "probe batch (training pairs)"
+
+
+def probe_label(records) -> str:
+    """What the run's probe pairs are: the first training micro-batch, or the held-out pairs of ``--po.probe_file``
+    where the trace's header names that file (``meta.probe_file``)."""
+    f = (getattr(records, "meta", {}) or {}).get("probe_file")
+    return f"probe: held-out pairs ({Path(f).name})" if isinstance(f, str) and f.strip() else PROBE_TRAINING
+
+
+def probe_title(runs) -> str:
+    """The probe's label when every run has the same kind of probe, else 'probe' (each row then says which)."""
+    labels = {probe_label(r) for r in runs.values()}
+    return labels.pop() if len(labels) == 1 else "probe"
+
+
 def heldout_title(runs) -> str:
     """'held-out pairs (N pairs)' when every run with a held-out record has the same N, else 'held-out pairs'."""
     counts = {h["pairs"] for h in map(_heldout, runs.values()) if h}
@@ -503,11 +519,11 @@ def _fig_likelihood(Figure, runs, smooth):
                 Line2D([], [], color="k", ls="--", label="rejected z_l")]
     ax_z.set_title("Policy log-likelihoods, batch means (different pairs at every step)", loc="left", fontsize=11)
     ax_z.set_ylabel("z = log π(y|x)")
-    ax_d.set_title("Change since the start on the same pairs: probe batch (training pairs), re-scored"
+    ax_d.set_title(f"Change since the start on the same pairs: {probe_title(runs)}, re-scored"
                    + ("\nstars: " + heldout_title(runs) + ", initial → saved model" if title_counts else ""),
                    loc="left", fontsize=11)
     if title_counts:
-        ax_d.legend(handles=[Line2D([], [], color="k", ls="-", marker="o", ms=3, label="probe batch (training pairs)"),
+        ax_d.legend(handles=[Line2D([], [], color="k", ls="-", marker="o", ms=3, label=probe_title(runs)),
                              Line2D([], [], color="k", ls="none", marker="*", ms=10,
                                     label=heldout_title(runs) + ": chosen"),
                              Line2D([], [], color="k", ls="none", marker="*", mfc="none", ms=10,
@@ -609,13 +625,14 @@ def _html(
     runs: dict[str, list[dict]], summaries: dict[str, dict], figures: dict[str, str], smooth: int
 ) -> str:
     esc = html.escape
-    held_title = heldout_title(runs)
+    held_title, pr_title = heldout_title(runs), probe_title(runs)
     per_cell_count = held_title == "held-out pairs"  # runs measured on different numbers of pairs
     rows = []
     for label, records in runs.items():
         s = summaries[label]
         meta = getattr(records, "meta", {}) or {}
         loss = meta.get("loss") or meta.get("loss_name") or s["loss_name"]
+        probe_which = "" if pr_title != "probe" else f" ({esc(probe_label(records))})"  # runs differ in probe
         h = _heldout(records)
         if h:  # as the demo prints them (fmt_nats, fmt_share)
             count = f" ({h['pairs']} pairs)" if per_cell_count else ""
@@ -628,7 +645,7 @@ def _html(
             "<tr>"
             f"<td>{esc(str(label))}</td><td>{esc(str(loss)) if loss else '—'}</td>"
             f"<td>{_fmt(s['steps'], 'int')}</td>"
-            f"<td>{_fmt(s['delta_z_w'], 'nats')}</td><td>{_fmt(s['delta_z_l'], 'nats')}</td>"
+            f"<td>{_fmt(s['delta_z_w'], 'nats')}{probe_which}</td><td>{_fmt(s['delta_z_l'], 'nats')}</td>"
             f"{held}"
             f"<td>{_fmt(s['in_band_frac'], 'pct')}</td>"
             f"<td>{_fmt(s['alpha_mean'])}</td><td>{_fmt(s['slack_mean'], 'signed')}</td>"
@@ -677,7 +694,9 @@ pre {{ background: #f7f7f7; padding: 0.6em; overflow-x: auto; }}
 <p>Trace: <code>{TRACE_NAME}</code> (one record per optimizer step). Δz is the change of the mean log-likelihood
 of a response (summed over its tokens) on the same pairs since the start. <b>Probe batch (training pairs)</b>: the
 monitor's probe batch, the first micro-batch the run trained on, re-scored every <code>recheck_every</code> steps; its
-last value ("—": no re-score in the trace). <b>Held-out pairs</b>: pairs the run did not train on, scored with the
+last value ("—": no re-score in the trace). A run whose trace header names a <code>--po.probe_file</code>
+(<code>probe_file</code>) re-scored those pairs instead: "probe: held-out pairs (its file)".
+<b>Held-out pairs</b>: pairs the run did not train on, scored with the
 initial model and with the model the run saved (<code>{HELDOUT_NAME}</code> in the run directory: written by
 <code>make demo</code> or <code>po_plugins.report.write_heldout</code>; "—": none), shown as the demo prints them;
 "chosen falls on": the share of those pairs whose chosen log-prob fell. Trained-on and unseen pairs can move
@@ -685,7 +704,7 @@ differently. Means skip null/NaN/±inf; in-band fraction counts steps with a non
 where the probe's chosen log-likelihood was measured to have fallen past <code>--po.probe_alarm_nats</code>
 (dotted line on the likelihood plot).{smooth_note}</p>
 <table>
-<thead><tr><th colspan="3"></th><th colspan="2">probe batch (training pairs)</th><th colspan="3">{esc(held_title)}</th>
+<thead><tr><th colspan="3"></th><th colspan="2">{esc(pr_title)}</th><th colspan="3">{esc(held_title)}</th>
 <th colspan="4"></th></tr>
 <tr><th>run</th><th>loss</th><th>steps</th><th>Δz_w</th><th>Δz_l</th><th>Δz_w</th><th>Δz_l</th><th>chosen falls on</th>
 <th>in band</th><th>mean α</th><th>mean slack</th><th>alarm</th></tr></thead>

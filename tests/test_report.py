@@ -394,3 +394,30 @@ def test_a_held_out_record_of_another_trace_or_malformed_is_not_shown(runs, tmp_
         write_heldout(b, pairs=4, delta_z_w=float("nan"), delta_z_l=0.0)
     with pytest.raises(FileNotFoundError, match="po_band.jsonl"):
         write_heldout(tmp_path, pairs=4, delta_z_w=0.0, delta_z_l=0.0)
+
+
+def test_a_probe_file_named_in_the_header_is_labelled_as_such(runs, tmp_path):
+    """--po.probe_file makes the probe held-out pairs: where the trace's header names the file (meta.probe_file) the
+    probe's columns say so instead of "training pairs"; runs of both kinds: each row says which."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from po_plugins.report import _fig_likelihood, probe_label
+
+    _, b = runs
+    c = tmp_path / "run_c"
+    c.mkdir()
+    (c / "po_band.jsonl").write_text(json.dumps({"meta": {"loss": "dpo", "probe_file": "/data/heldout.jsonl"}}) + "\n"
+                                     + "".join(json.dumps(r) + "\n" for r in _run_b_records()))
+    trace_b, trace_c = load_trace(b), load_trace(c)
+    assert probe_label(trace_b) == "probe batch (training pairs)"
+    assert probe_label(trace_c) == "probe: held-out pairs (heldout.jsonl)"
+    page = write_report({"c": trace_c}, tmp_path / "o1").read_text()
+    head = page.split("<thead>")[1].split("</thead>")[0]
+    assert "probe: held-out pairs (heldout.jsonl)" in head and "training pairs" not in head
+    fig = _fig_likelihood(Figure, {"c": trace_c}, 1)
+    assert "probe: held-out pairs (heldout.jsonl)" in fig.axes[1].get_title("left")
+    page = write_report({"b": trace_b, "c": trace_c}, tmp_path / "o2").read_text()
+    assert '<th colspan="2">probe</th>' in page
+    assert "<td>+0.20 (probe batch (training pairs))</td>" in page
+    assert "<td>+0.20 (probe: held-out pairs (heldout.jsonl))</td>" in page
