@@ -5,10 +5,12 @@
 Issue 13, item 2 (measurement). For SmolLM2-135M-Instruct (benchmarks/real_assets.py, the same local model as
 benchmarks/displacement.py) build preference pairs in the regimes a practitioner meets and measure, at the initial
 model and per batch of `--batch` pairs (the level of the monitor's optimizer step), the head-score geometry that
-decides the band: ρ = cos(s_w, s_l), r* = ‖s_l‖/‖s_w‖, and whether DPO (r = 1, d_w = d_l) is in band
-(`po_plugins.band.band_stats(1, 1, ‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩)["in_band"]`). The statistics are exact: the LM-head
-inputs (last hidden state, after the final norm) and log-normalisers at the response positions of the batch's pairs
-go through `po_plugins.scores.step_score_sums`, as the monitor does for a step.
+decides the band: ρ = cos(s_w, s_l), r* = ‖s_l‖/‖s_w‖, and whether DPO (r = 1, d_w = d_l) is in band. The numbers
+come from `po_plugins.diagnose` (what `po-plugins diagnose` prints): the pairs encoded as OpenRLHF encodes them with
+the chat template, one padded forward per batch, the head statistics in the monitor's exact closed form
+(`diagnose.batch_scores`: the LM-head inputs and logits at the response positions through
+`po_plugins.scores.score_stats_flat`) and DPO's verdict (`diagnose.objective_band`); the picture is diagnose's
+(`diagnose.plot_band`).
 
 Regimes (prompts through the model's chat template; chosen / rejected):
 * onpolicy_T{0.3,0.7,1.0}: two samples of the model for one prompt ("How was the movie?" and the like), HF
@@ -41,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parser, save_figure, write_jsonl  # noqa: E402
+from common import parser, write_jsonl  # noqa: E402
 
 TOPICS = ["movie", "book", "meal", "hotel", "concert", "game", "trip", "class", "phone", "show", "park", "song",
           "museum", "restaurant", "album", "podcast"]
@@ -184,58 +186,33 @@ def fact_pairs(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-# ---- exact head-score statistics of a batch -------------------------------------------------------------------
-def batch_tokens(model, tok, rows: list[dict]):
-    """The batch's response tokens (chosen first, then rejected): head inputs, labels, side, log-normalisers."""
-    import torch
-
-    from po_plugins.scores import Tokens
-
-    hs, ys, side, lses, lens = [], [], [], [], []
-    for key in ("chosen", "rejected"):
-        for r in rows:
-            p_ids = tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
-                        add_special_tokens=False)["input_ids"]
-            full = tok.apply_chat_template(r["prompt"] + r[key], tokenize=False).rstrip("\n")
-            ids = tok(full, add_special_tokens=False)["input_ids"]
-            x = torch.tensor([ids])
-            with torch.no_grad():
-                h = model.model(input_ids=x).last_hidden_state[0, len(p_ids) - 1: len(ids) - 1].float()
-                logits = model.lm_head(h)
-            hs.append(h)
-            ys.append(x[0, len(p_ids):])
-            lses.append(torch.logsumexp(logits.float(), -1))
-            side.append(torch.full((h.shape[0],), key == "chosen"))
-            lens.append(h.shape[0])
-    return Tokens(torch.cat(hs), torch.cat(ys), torch.cat(side), torch.cat(lses), len(rows)), lens
+# ---- exact head-score statistics of a batch: po_plugins.diagnose ------------------------------------------------
+MAX_LEN = 4096  # no pair here comes near it: nothing is truncated
 
 
 def batch_stats(model, tok, rows: list[dict]) -> dict:
-    from po_plugins.band import band_stats
-    from po_plugins.scores import HeadSpec, step_score_sums
+    """DPO's band of one batch at the initial model, from `po_plugins.diagnose`: the pairs through the chat template as
+    OpenRLHF encodes them (`diagnose.encode`), one padded forward and the monitor's closed form for the head statistics
+    (`diagnose.batch_scores`), DPO's incentives and the verdict (`diagnose.objective_band`)."""
+    from po_plugins import diagnose
+    from po_plugins.losses import build
 
-    tokens, lens = batch_tokens(model, tok, rows)
-    spec = HeadSpec(model.lm_head.weight.detach().float())
-    sw2, sl2, dot = (float(v) for v in step_score_sums(tokens, spec, len(rows)))
-    sw, sl = math.sqrt(sw2), math.sqrt(sl2)
-    b = band_stats(1.0, 1.0, sw, sl, dot)
-    n = len(rows)
-    return {"rho": b["rho"], "r_star": sl / sw, "dpo_in_band": bool(b["in_band"]), "edge": b["edge"],
-            "tokens_w": statistics.fmean(lens[:n]), "tokens_l": statistics.fmean(lens[n:])}
-
-
-def quantiles(xs: list[float]) -> tuple[float, float, float]:
-    xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[1], q[0], q[2]
+    enc = [diagnose.encode(tok, r, True, MAX_LEN) for r in rows]
+    if any(e is None for e in enc):
+        raise ValueError(f"a prompt of {MAX_LEN - 2} tokens or more")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    scores = diagnose.batch_scores(model, model.get_output_embeddings(), enc, pad)
+    b = diagnose.objective_band(build("dpo"), scores)["whole"]
+    return {"rho": b["rho"], "r_star": math.exp(b["log_r_star"]), "dpo_in_band": b["in_band"], "edge": b["edge"],
+            "tokens_w": scores.info["tokens_w"], "tokens_l": scores.info["tokens_l"]}
 
 
 def summarise(name: str, rows: list[dict], batches: list[dict], pairs: list[dict]) -> dict:
-    med, q1, q3 = quantiles([b["rho"] for b in batches])
+    from po_plugins.diagnose import quantiles
+
+    q = quantiles([b["rho"] for b in batches])
     return {"regime": name, "pairs": len(rows), "batches": len(batches),
-            "rho_median": med, "rho_q1": q1, "rho_q3": q3,
+            "rho_median": q["median"], "rho_q1": q["q1"], "rho_q3": q["q3"],
             "r_star_median": statistics.median(b["r_star"] for b in batches),
             "dpo_in_band_frac": sum(b["dpo_in_band"] for b in batches) / len(batches),
             "edges": sorted({b["edge"] for b in batches if b["edge"]}),
@@ -247,28 +224,13 @@ def summarise(name: str, rows: list[dict], batches: list[dict], pairs: list[dict
 
 
 def plot(points: dict[str, list[tuple[float, float]]], path: Path, model: str, k: int) -> None:
-    """Each batch as (log r*, ρ) with DPO's band: r = 1 is in band iff |log r*| ≤ −log ρ (the shaded region)."""
-    import matplotlib
+    """Each batch as (log r*, ρ) with DPO's band: r = 1 is in band iff |log r*| ≤ −log ρ (the shaded region), drawn by
+    `po_plugins.diagnose.plot_band` (the picture `po-plugins diagnose` draws for any objective)."""
+    from po_plugins.diagnose import plot_band
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    rho = [i / 200 for i in range(1, 201)]
-    ax.fill_betweenx(rho, [math.log(r) for r in rho], [-math.log(r) for r in rho], color="tab:green", alpha=0.12,
-                     label="DPO (r = 1) in band")
-    markers = "os^vDP*X"
-    for (name, pts), m in zip(points.items(), markers):
-        ax.scatter([math.log(r) for _, r in pts], [p for p, _ in pts], marker=m, s=28, label=name, alpha=0.85)
-    ax.axhspan(-0.1, 0.0, color="tab:green", alpha=0.12)  # ρ ≤ 0: every ratio is in band
-    ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlim(-1.2, 1.2)
-    ax.set_ylim(-0.1, 1.0)
-    ax.set_xlabel("log r* = log ‖s_l‖/‖s_w‖ (batch)")
-    ax.set_ylabel("ρ = cos(s_w, s_l) (batch)")
-    ax.set_title(f"{model}: batches of {k} pairs against DPO's band")
-    ax.legend(fontsize=7, loc="lower left")
-    save_figure(fig, path)
+    pts = {name: [(math.log(r), rho) for rho, r in p] for name, p in points.items()}
+    plot_band([("", pts)], path, f"{model}: batches of {k} pairs against DPO's band", region="DPO (r = 1) in band",
+              xlabel="log r* = log ‖s_l‖/‖s_w‖ (batch)")
 
 
 def main(argv=None) -> int:

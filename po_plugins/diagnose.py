@@ -440,7 +440,7 @@ def plot_band(panels: list[tuple[str, dict[str, list[tuple[float, float]]]]], pa
     except ImportError:
         raise OptionError("the picture needs matplotlib: pip install matplotlib (or --plot none: no picture)") from None
     path = Path(path)
-    fig = Figure(figsize=(7.5 * len(panels), 5))
+    fig = Figure(figsize=(7.5 * len(panels) + 2, 5))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     rho = [i / 200 for i in range(1, 201)]
     markers = "os^vDP*Xph<>"
@@ -453,19 +453,17 @@ def plot_band(panels: list[tuple[str, dict[str, list[tuple[float, float]]]]], pa
                          alpha=0.12, label=region)
         ax.axhspan(lo, 0.0, color="tab:green", alpha=0.12)  # ρ ≤ 0: every ratio is in band
         for i, ((name, pts), m) in enumerate(zip(points.items(), markers * 4)):  # hollow, shrinking: overlaps show
-            ax.scatter([x for x, _ in pts], [y for _, y in pts], marker=m, s=max(12, 44 - 8 * i), alpha=0.9,
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], marker=m, s=max(16, 40 - 6 * i), alpha=0.9,
                        facecolors="none", edgecolors=f"C{i % 10}", label=f"{name} ({len(pts)})")
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(lo, 1.0)
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xlabel + "\n← upper edge: rejected predicted to rise  |  lower edge: chosen predicted to "
+                      "fall →", fontsize=9)
         ax.set_ylabel("ρ = cos(s_w, s_l) (batch)")
         ax.set_title(sub, fontsize=9)
-        ax.text(0.98, 0.02, "lower edge crossed →\nchosen predicted to fall", transform=ax.transAxes, ha="right",
-                va="bottom", fontsize=7, color="grey")
-        ax.text(0.02, 0.02, "← upper edge crossed\nrejected predicted to rise", transform=ax.transAxes, ha="left",
-                va="bottom", fontsize=7, color="grey")
-        ax.legend(fontsize=7, loc="upper left")
+        if ax is axes[-1]:  # one legend: the series are the same in every panel
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
