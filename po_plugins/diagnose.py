@@ -238,9 +238,11 @@ def recommend(loss_name: str, shared_frac: float, whole_in: float, ratio: float 
                 "docs/choosing.md); --po.shared_prefix guard keeps that push and drops it on any pair that would "
                 "push down: safe to add")
     if shared_frac >= 0.05:
-        return (f"{shared_frac:.0%} of the response text is shared starts; {loss_name} (ratio 1) does not push it, "
-                f"rc_{base} and length-normalised objectives would: with those add --po.shared_prefix guard "
-                "(docs/choosing.md)")
+        its = (f"{what}, about 1: it hardly pushes that text" if r is not None
+               else f"{loss_name}'s incentive ratio is undefined in most batches (a mean incentive ≤ 0)")
+        other = "" if rc else f" (rc_{base}: r* = {r_star:.2f})" if r_star is not None else f" (rc_{base})"
+        return (f"{shared_frac:.0%} of the response text is shared starts; {its}; an objective whose ratio is not 1 "
+                f"would{other}: with such add --po.shared_prefix guard (docs/choosing.md)")
     if whole_in < 0.5 and not rc:
         return (f"{loss_name} is out of band in most batches at the initial model: watch the monitor's alarm; "
                 f"rc_{base} calibrates the ratio (docs/choosing.md)")
