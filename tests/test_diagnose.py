@@ -131,6 +131,9 @@ def test_bad_input_is_one_line_naming_the_fix(shared, tmp_path):
         diagnose(shared["model"], shared["train"], batch=64)
     with pytest.raises(OptionError, match=r"--beta -1.0: loss 'dpo': beta must be a positive number"):
         diagnose(shared["model"], shared["train"], beta=-1.0)
+    if not torch.cuda.is_available():
+        with pytest.raises(OptionError, match=r"--device cuda: torch sees no CUDA device here; use --device cpu"):
+            diagnose(shared["model"], shared["train"], device="cuda")
     msgs = tmp_path / "msgs.jsonl"
     msgs.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}], "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(DataError, match=r"row 0: 'prompt' is a list of messages; add --apply_chat_template"):
