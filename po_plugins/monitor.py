@@ -120,6 +120,8 @@ class BandMonitor:
         self.probe_batches = list(probe_batches) if probe_batches else None  # --po.probe_file, as the host's inputs
         self.next_step = 1  # the optimizer step being accumulated (the last end_step's + 1)
         self._pred = None  # this step's probe cross products (close_scores), for probe_pred_w / probe_pred_l
+        self.scope = None  # --po.band_scope model: this step's whole-model and head statistics (Plugin._model_scope)
+        self.last_d = None  # the last training micro-batch's mean incentives (d_w, d_l)
         self._rescore_tokens = rescore is not None and "tokens" in inspect.signature(rescore).parameters
         self.probe_alarm_nats = float(probe_alarm_nats)
         self.probe_alarm_checks = max(1, int(probe_alarm_checks))
@@ -174,6 +176,7 @@ class BandMonitor:
         if tokens is not None:
             self.tokens.append(tokens)
         self.last_alpha = alpha
+        self.last_d = (float(d_w.double().mean()), float(d_l.double().mean()))
         self.last_inputs = recheck_inputs
         self.last_z = (zw, zl)
         if self.probe is None and self.probe_batches is None and recheck_inputs is not None and self.recheck_every > 0:
@@ -228,8 +231,10 @@ class BandMonitor:
                 with self.head() as spec:
                     acc = self.step_acc(spec.weight.shape[0], spec.weight.shape[1], dev)
             total = all_reduce(acc, "sum", inplace=True)  # zeroed below: no copy
-            sw, sl, n = total[0].reshape(-1), total[1].reshape(-1), float(max(n_pairs, 1))
-            out = ScoreStats(sw.norm().double() / n, sl.norm().double() / n, torch.dot(sw, sl).double() / n ** 2)
+            n = float(max(n_pairs, 1))
+            # summed in fp64 (fp32 over ~10^7-10^9 entries loses ~3e-4 of the norm), a block of rows at a time
+            ww, ll, wl = (_dot64(total[i], total[j]) for i, j in ((0, 0), (1, 1), (0, 1)))
+            out = ScoreStats(ww.sqrt() / n, ll.sqrt() / n, wl / n ** 2)
             acc.zero_()
             return out, n_pairs, None
         if self.head is None or any(t.hidden is None for t in toks):
@@ -360,11 +365,14 @@ class BandMonitor:
             stats, pairs, self._pred = self._step_scores(self._probe_tokens())
             self._closed = (stats, pairs)
 
+    def due(self) -> bool:
+        """Whether the step being accumulated is a re-check step (every `recheck_every` steps)."""
+        return self.recheck_every > 0 and self.next_step % self.recheck_every == 0
+
     def _probe_tokens(self) -> list[Tokens] | None:
         """On a re-check step: the probe pairs' response tokens at the step's weights (the host's re-score with
         `tokens=True`), for `probe_pred_w` / `probe_pred_l`; None on other steps or where the host cannot give them."""
-        due = self.recheck_every > 0 and self.next_step % self.recheck_every == 0
-        if not (due and self.probe and self._rescore_tokens):
+        if not (self.due() and self.probe and self._rescore_tokens):
             return None
         out = []
         with torch.no_grad():
@@ -418,6 +426,7 @@ class BandMonitor:
             rec["probe_pred_w"] = rec["d_w"] * pred[0] - rec["d_l"] * pred[1]
             rec["probe_pred_l"] = rec["d_w"] * pred[2] - rec["d_l"] * pred[3]
         rec["probe_alarm"] = self._alarm(rec)
+        rec.update(self._scope())
         if "margins" in self.loss.needs:
             rec.update(w_mean=s["w_sum"] / n, w_min=s["w_min"], w_max=s["w_max"], w_capped_frac=s["w_capped"] / n)
         rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
@@ -431,6 +440,22 @@ class BandMonitor:
         if self.is_rank_0():
             self._write(rec)
         return {f"po/{k}": rec[k] for k in LOG_KEYS if rec.get(k) is not None}
+
+    def _scope(self) -> dict:
+        """--po.band_scope model: the step's last micro-batch's band with its mean incentives, from the scores of every
+        trainable parameter (`scope_model_*`) and from the head's closed form on the same pairs (`scope_head_*`)."""
+        sc, self.scope = self.scope, None
+        if sc is None or self.last_d is None:
+            return {}
+        out = {"scope_pairs": sc["scope_pairs"], "scope_params": sc["scope_params"]}
+        for name in ("model", "head"):
+            if f"scope_{name}" not in sc:
+                continue
+            sw, sl, dot = sc[f"scope_{name}"]
+            band = band_stats(self.last_d[0], self.last_d[1], sw, sl, dot)
+            out.update({f"scope_{name}_sw_norm": sw, f"scope_{name}_sl_norm": sl, f"scope_{name}_rho": band["rho"],
+                        f"scope_{name}_log_r_star": band["log_r_star"], f"scope_{name}_in_band": band["in_band"]})
+        return out
 
     def _tally(self, rec: dict) -> None:
         t = self.tally
@@ -502,6 +527,14 @@ class BandMonitor:
         self.alarm_step = state.get("alarm_step")
         self.alarm_streak = int(state.get("alarm_streak", 0))
         self._resumed = True
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """⟨a, b⟩ of two equal-shape [V, d] matrices accumulated in fp64, `rows` rows at a time (no fp64 copy of either)."""
+    out = torch.zeros((), dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[0], rows):
+        out += (a[i:i + rows].double() * b[i:i + rows].double()).sum()
+    return out
 
 
 def _to_device(obj, device):

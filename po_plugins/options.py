@@ -38,6 +38,11 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
     "probe_file": (str, None, "held-out preference JSONL (the training set's columns) the monitor re-scores instead "
                               "of the first training micro-batch: probe_delta_*, the alarm and probe_pred_* then "
                               "measure pairs the run never trains on (docs/monitor.md, 'Probe')"),
+    "band_scope": (str, "head", "'head' (the band's closed form on the LM head) or 'model': also, every recheck_every "
+                                "steps, the band of the step's last micro-batch by autograd over every trainable "
+                                "parameter, beside the head's on the same pairs (a forward and two backward passes "
+                                "of that micro-batch, two gradient-sized buffers; not under ZeRO-3; docs/monitor.md, "
+                                "'Scope')"),
     "weight_key": (str, None, "dataset column of per-row loss weights (each pair's loss times its weight)"),
     "shared_prefix": (str, "keep", "the tokens a pair's two responses share at their start: 'keep' (as the paper), "
                                    "'detach' (a stopped gradient: same loss value, the pair no longer pushes its "
@@ -94,6 +99,12 @@ def check_options(values: dict[str, Any], spell=lambda k: f"--po.{k}") -> None:
     if values.get("probe_file") and values.get("recheck_every") == 0:
         raise OptionError(f"{spell('probe_file')} is re-scored every {spell('recheck_every')} steps: set "
                           f"{spell('recheck_every')} above 0 or drop {spell('probe_file')}")
+    scope = values.get("band_scope", "head")
+    if scope not in ("head", "model"):
+        raise OptionError(f"{spell('band_scope')} takes 'head' or 'model', got {scope!r}")
+    if scope == "model" and values.get("recheck_every") == 0:
+        raise OptionError(f"{spell('band_scope')} model is computed every {spell('recheck_every')} steps: set "
+                          f"{spell('recheck_every')} above 0")
     sp = values.get("shared_prefix", "keep")
     if sp not in ("keep", "detach", "guard"):
         raise OptionError(f"{spell('shared_prefix')} takes 'keep', 'detach' or 'guard', got {sp!r}")

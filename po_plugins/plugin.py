@@ -84,8 +84,12 @@ class Plugin:
                                        probe_alarm_checks=int(self.options["probe_alarm_checks"]),
                                        alarm_hint=self._alarm_hint(run),
                                        shared_hint="" if self.options["shared_prefix"] != "keep"
-                                       else run.spell_option("shared_prefix", "guard"), meta=self.scope,
-                                       probe_batches=self._probe_batches(adapter))
+                                       else run.spell_option("shared_prefix", "guard"),
+                                       meta=self._meta(), probe_batches=self._probe_batches(adapter))
+        if self.options["band_scope"] == "model" and self.monitor is not None and not hasattr(adapter,
+                                                                                           "po_scope_forward"):
+            raise OptionError(f"{type(adapter).__name__} cannot run the whole-model band (po_scope_forward): drop the "
+                              "band_scope option")
         self.need_scores = self.monitor is not None
         self.micro_stats = micro_stats_needed(self.calibrating, run.accumulation, run.world_size)
         self.every = max(1, int(self.options["score_every"]))
@@ -96,6 +100,12 @@ class Plugin:
         self.shared_mode = self.options["shared_prefix"]
         self.detach_shared = self.shared_mode in ("detach", "guard")  # the host detaches, `guard_sums` gives back
         self.stats_without_shared = self.shared_mode == "detach"
+
+    def _meta(self) -> dict:
+        """The trace header's lines from the run: the band's scope (`band_params`, `tied_embeddings`, `lora_head`) and,
+        with --po.probe_file, that file (the report then labels the probe as held-out pairs)."""
+        path = self.options.get("probe_file")
+        return {**self.scope, **({"probe_file": os.path.abspath(path)} if path else {})}
 
     def _probe_batches(self, adapter) -> list | None:
         """--po.probe_file: the held-out pairs the monitor re-scores (probe_delta_*, the alarm, probe_pred_*), as the
@@ -128,6 +138,7 @@ class Plugin:
             self.probing = False
 
     probing = False
+    _scoped = False
 
     def _alarm_hint(self, run) -> str:
         """What to try when the chosen responses are measured falling, in the host's terms: the other side of the
@@ -236,7 +247,61 @@ class Plugin:
         """At the step's boundary, before the optimizer changes the weights (every rank): the monitor closes the
         step's head statistics at the weights the step's forwards used."""
         if self.monitor is not None:
+            if self.options["band_scope"] == "model" and (self.monitor.due() or not self._scoped):
+                self._scoped = True  # also at the first step: a setting it cannot run with shows at once
+                self.monitor.scope = self._model_scope()
             self.monitor.close_scores()
+
+    def _model_scope(self) -> dict | None:
+        """--po.band_scope model, on re-check steps before the optimizer step: the step's last micro-batch forwarded
+        again with gradients (`adapter.po_scope_forward`), s_w = ∇ mean z_w and s_l = ∇ mean z_l by autograd over every
+        trainable parameter (never into .grad), and the closed form's head statistics of the same forward's response
+        tokens; both bands with that micro-batch's mean incentives (the `scope_*` keys, docs/monitor.md "Scope")."""
+        from .scores import partial_lse, side_gram
+
+        mon = self.monitor
+        if mon.last_inputs is None or mon.last_d is None:
+            return None
+        zw, zl, tokens, params = self.adapter.po_scope_forward(mon.last_inputs)
+        n = zw.shape[0]
+        params = [p for p in params if p.requires_grad]
+        try:
+            gw = torch.autograd.grad(zw.float().sum() / n, params, retain_graph=True, allow_unused=True)
+            gl = torch.autograd.grad(zl.float().sum() / n, params, allow_unused=True)
+        except RuntimeError as e:
+            if "use_reentrant" not in str(e):
+                raise
+            raise OptionError(f"{self.run.spell_option('band_scope', 'model')} takes gradients with "
+                              "torch.autograd.grad, which reentrant gradient checkpointing does not support: make it "
+                              "non-reentrant (OpenRLHF: drop --model.gradient_checkpointing_reentrant; TRL: "
+                              "gradient_checkpointing_kwargs={'use_reentrant': False}; LLaMA-Factory: "
+                              "use_reentrant_gc: false) or turn "
+                              "gradient checkpointing off for the check") from None
+        sums = torch.zeros(3, dtype=torch.float64)
+        for a, b in zip(gw, gl):
+            a = None if a is None else a.double()
+            b = None if b is None else b.double()
+            if a is not None:
+                sums[0] += float(a.pow(2).sum())
+            if b is not None:
+                sums[1] += float(b.pow(2).sum())
+            if a is not None and b is not None:
+                sums[2] += float((a * b).sum())
+        del gw, gl
+        out = {"scope_pairs": n, "scope_params": sum(p.numel() for p in params),
+               "scope_model": [float(sums[0].sqrt()), float(sums[1].sqrt()), float(sums[2])]}
+        if tokens is not None and tokens.hidden is not None:
+            with self.adapter.po_head_spec() as spec:
+                dev = spec.weight.device
+                lse = tokens.lse
+                if lse is None:
+                    lse = partial_lse(tokens, spec, (0, spec.weight.shape[0]))
+                side = (~tokens.chosen.bool()).long().to(dev)
+                g = side_gram(tokens.hidden.to(dev), tokens.labels.to(dev), side, lse.to(dev), spec,
+                              [1.0 / n, 1.0 / n]).double().cpu()
+            out["scope_head"] = [float(g[0, 0].clamp(min=0).sqrt()), float(g[1, 1].clamp(min=0).sqrt()),
+                                 float(g[0, 1])]
+        return out
 
     def end_step(self, global_step: int) -> dict:
         """Close the optimizer step: the band record (rank 0's JSONL), the alert; returns {'po/<key>': value}."""

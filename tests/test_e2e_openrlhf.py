@@ -559,3 +559,23 @@ def test_probe_file_is_rescored_and_predicted(assets, tmp_path):
     res = run(["--loss", "dpo", "--po.monitor", *flags(assets, tmp_path / "bad", extra=[
         "--po.probe_file", tmp_path / "nowhere.jsonl"])], tmp_path, check=False)
     assert res.returncode != 0 and "does not exist (set by --po.probe_file" in res.stderr
+
+
+def test_band_scope_model_through_the_real_command(assets, tmp_path):
+    """--po.band_scope model at ZeRO-2: every step (recheck_every 1) carries the whole-model band of its last
+    micro-batch beside the head's closed form on the same pairs; the whole model's score norms hold the head weight's
+    (an untied head: its block of the gradient is the closed form). ZeRO-3 is refused at start in one line."""
+    out = tmp_path / "scope"
+    run(["--loss", "rc_dpo", *flags(assets, out, stage=2, extra=["--po.band_scope", "model", "--po.recheck_every",
+                                                                 "1"])], tmp_path)
+    meta = json.loads(Path(out, "po_band.jsonl").read_text().splitlines()[0])["meta"]
+    rec = trace(out)
+    for r in rec:
+        assert r["scope_pairs"] == 2 and r["scope_params"] > 0
+        for k in ("sw_norm", "sl_norm", "rho", "log_r_star"):
+            assert math.isfinite(r[f"scope_model_{k}"]) and math.isfinite(r[f"scope_head_{k}"]), (k, r)
+        if not meta["tied_embeddings"]:
+            assert r["scope_model_sw_norm"] >= 0.98 * r["scope_head_sw_norm"], r
+    res = run(["--loss", "dpo", "--po.monitor", *flags(assets, tmp_path / "z3", stage=3, extra=[
+        "--po.band_scope", "model"])], tmp_path, check=False)
+    assert res.returncode != 0 and "--po.band_scope model takes the gradient of every parameter" in res.stderr

@@ -13,7 +13,8 @@ from po_plugins.errors import OptionError
 from po_plugins.hosts.base import HostSpec, RunInfo, Seam, check_host
 from po_plugins.options import HOSTS, OPTIONS, options_for, parse_plugin_flags
 
-VALUE = {"missing_margin": "unit", "ref_logp_keys": "a,b", "margin_key": "rm_margin", "shared_prefix": "detach"}
+VALUE = {"missing_margin": "unit", "ref_logp_keys": "a,b", "margin_key": "rm_margin", "shared_prefix": "detach",
+         "band_scope": "model"}
 
 
 def raw_value(key):

@@ -599,5 +599,19 @@ def test_probe_file_is_rescored_and_predicted(model_dir, tmp_path):
         for k in ("probe_delta_z_w", "probe_delta_z_l", "probe_pred_w", "probe_pred_l"):
             assert a[k] is not None and b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])
     assert recs["file"][0]["probe_pred_w"] != 0
+    meta = json.loads((tmp_path / "file" / "po_band.jsonl").read_text().splitlines()[0])["meta"]
+    assert meta["probe_file"] == str(path.resolve())  # the report labels the probe as held-out pairs
     with pytest.raises(DataError, match=r"the probe file .*nowhere.jsonl does not exist \(set by po_probe_file="):
         make_trainer(model_dir, tmp_path / "bad", "dpo", po_monitor=True, po_probe_file=str(tmp_path / "nowhere.jsonl"))
+
+
+def test_band_scope_model_through_the_trainer(model_dir, tmp_path):
+    """po_band_scope='model': the whole-model band of each re-check step's last micro-batch beside the head's closed
+    form on the same pairs (the Plugin's maths: tests/test_band_scope.py)."""
+    tr = make_trainer(model_dir, tmp_path / "o", "dpo", max_steps=2, po_monitor=True, po_recheck_every=1,
+                      po_band_scope="model")
+    tr.train()
+    for r in trace(tmp_path / "o"):
+        assert r["scope_pairs"] == 2 and r["scope_params"] == sum(p.numel() for p in tr.model.parameters())
+        for k in ("sw_norm", "sl_norm", "rho", "log_r_star"):
+            assert math.isfinite(r[f"scope_model_{k}"]) and math.isfinite(r[f"scope_head_{k}"]), (k, r)

@@ -15,6 +15,7 @@ import os
 import torch
 from transformers import TrainerCallback
 
+from ..errors import OptionError
 from ..plugin import Plugin
 from . import band_params, head_spec
 from .base import RunInfo
@@ -52,6 +53,10 @@ class TrainerPlugin:
         run = RunInfo(self.args.gradient_accumulation_steps, self.args.world_size, self.args.output_dir, spell_loss,
                       nll_flag, spell_option)
         self.po = Plugin(loss, options, self, run, nll_coef=nll_coef)
+        ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.po.options["band_scope"] == "model" and ds is not None and int(ds.zero_stage) == 3:
+            raise OptionError("band_scope 'model' takes the gradient of every parameter, which ZeRO-3 shards: run the "
+                              "check at ZeRO stage 0-2, or drop the band_scope option")
         self.add_callback(PluginCallback(self))
         return self.po
 

@@ -282,6 +282,9 @@ def _trainer_class():
                           lambda n: f"--loss {n}", nll_flag="--model.nll_loss_coef 0.1")
             self.po = Plugin(build(po.loss, **po.hparams), vars(po), self, run, nll_coef=coef if self._po_nll else 0.0)
             self.loss_fn = HostLoss(self)
+            if self.po.options["band_scope"] == "model" and int(getattr(self.strategy, "stage", 0)) == 3:
+                raise OptionError("--po.band_scope model takes the gradient of every parameter, which ZeRO-3 shards: "
+                                  "use --ds.zero_stage 2 (or 0/1) for the check, or drop --po.band_scope")
             if self.po.monitor is not None:  # the step's statistics before the weights change (Plugin contract)
                 step = self.strategy.optimizer_step
 
@@ -344,6 +347,22 @@ def _trainer_class():
             finally:
                 self._po_extra = saved
             return (zw, zl, got) if tokens else (zw, zl)
+
+        def po_scope_forward(self, inputs):
+            """--po.band_scope model: the micro-batch forwarded with gradients through the engine's module (the
+            engine's own hooks stay out of this extra graph; ZeRO-3 is refused at start), as (z_w, z_l, its response
+            tokens, the trainable parameters)."""
+            engine = self.model.model
+            saved = self._po_extra
+            self.model.model = engine.module
+            try:
+                with torch.enable_grad(), self.po.probe_pass():
+                    zw, zl, _, _ = self.concatenated_forward(self.model, *inputs)
+                    got = self._po_extra.get("tokens")
+            finally:
+                self.model.model = engine
+                self._po_extra = saved
+            return zw, zl, got, [p for p in engine.module.parameters() if p.requires_grad]
 
         def po_probe_batches(self, path: str) -> list:
             """--po.probe_file: its pairs through OpenRLHF's own dataset code (this run's keys, template and length),

@@ -114,6 +114,7 @@ class PoDPOConfig(DPOConfig):
     po_probe_alarm_nats: float = _po_field("probe_alarm_nats")
     po_probe_alarm_checks: int = _po_field("probe_alarm_checks")
     po_probe_file: str | None = _po_field("probe_file")
+    po_band_scope: str = _po_field("band_scope")
     po_shared_prefix: str = _po_field("shared_prefix")
     # TRL's β; unset, a po_loss trains with its paper's default (as on every host), TRL's own loss_type with 0.1
     beta: float | None = field(default=None, metadata={
@@ -374,6 +375,15 @@ class PoDPOTrainer(TrainerPlugin, DPOTrainer):
             got = self._po_scores(labels, zs.shape[0] // 2) if self._po_hidden is not None else None
         zw, zl = zs.chunk(2, dim=0)
         return zw, zl, got
+
+    def po_scope_forward(self, inputs):
+        """po_band_scope='model': the micro-batch forwarded again with gradients (TRL's fused-head forward), as (z_w,
+        z_l, its response tokens, the trainable parameters); ZeRO-3 is refused at start."""
+        with torch.enable_grad(), self.po.probe_pass():
+            zs, _, _, _, labels = self._po_logps(self.model, inputs, capture=True)
+            got = self._po_scores(labels, zs.shape[0] // 2) if self._po_hidden is not None else None
+        zw, zl = zs.chunk(2, dim=0)
+        return zw, zl, got, [p for p in self.model.parameters() if p.requires_grad]
 
     def po_probe_batches(self, path: str) -> list:
         """po_probe_file: its pairs through TRL's own dataset preparation (this run's processing class and

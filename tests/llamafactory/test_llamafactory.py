@@ -410,7 +410,7 @@ def test_yaml_accepts_exactly_the_llamafactory_options():
     from po_plugins.hosts.llamafactory import split_args
     from po_plugins.options import HOSTS, OPTIONS, OptionError, options_for
 
-    value = {"missing_margin": "unit", "ref_logp_keys": "a,b", "shared_prefix": "detach"}
+    value = {"missing_margin": "unit", "ref_logp_keys": "a,b", "shared_prefix": "detach", "band_scope": "model"}
     for key, (kind, _d, _h) in OPTIONS.items():
         raw = value.get(key, True if kind is bool else 2 if kind is int else -2.0 if kind is float else "col")
         if key in options_for("llamafactory"):
@@ -504,3 +504,26 @@ def test_the_run_ends_with_the_summary_line(assets, lf, tmp_path, capsys):
     lf.run_inprocess(lf.base_config(assets, tmp_path / "s", pref_loss="rc_dpo", max_steps=2, po_recheck_every=1))
     lines = [x for x in capsys.readouterr().out.splitlines() if "[po_plugins] end of run" in x]
     assert len(lines) == 1 and "rc_dpo, 2 steps" in lines[0] and "po-plugins report" in lines[0], lines
+
+
+def test_band_scope_model_and_probe_file_refusal(assets, lf, tmp_path):
+    """po_band_scope: model through LLaMA-Factory's own entry: the whole-model band of each re-check step's last
+    micro-batch beside the head's closed form on the same pairs; po_probe_file is refused (LLaMA-Factory builds its
+    datasets before the trainer) in one line naming the hosts that take it."""
+    out = tmp_path / "scope"
+    cfg = lf.base_config(assets, out, pref_loss="dpo", max_steps=2, po_monitor=True, po_recheck_every=1,
+                         po_band_scope="model")
+    p = lf.run_subprocess(["train", lf.write_yaml(tmp_path / "reentrant.yaml", cfg)], tmp_path)
+    assert p.returncode != 0 and "LLaMA-Factory: use_reentrant_gc: false" in p.stderr  # its default: at step 1
+    cfg["use_reentrant_gc"] = False
+    p = lf.run_subprocess(["train", lf.write_yaml(tmp_path / "scope.yaml", cfg)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for r in lf.band(out):
+        assert r["scope_pairs"] >= 1 and r["scope_params"] > 0
+        for k in ("sw_norm", "sl_norm", "rho", "log_r_star"):
+            assert math.isfinite(r[f"scope_model_{k}"]) and math.isfinite(r[f"scope_head_{k}"]), (k, r)
+    from po_plugins.hosts.llamafactory import split_args
+    from po_plugins.options import OptionError
+
+    with pytest.raises(OptionError, match=r"po_probe_file is an option of OpenRLHF .* and TRL .* only"):
+        split_args({"po_probe_file": "held.jsonl"})
