@@ -36,7 +36,7 @@ from .objective import PairBatch, PairLoss
 from .scores import HeadSpec, ScoreStats, Tokens, partial_lse, side_gram, step_score_sums
 
 SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "alpha", "loss", "w_sum", "w_capped", "micro_scored",
-            "micro_in_band", "shared_tok", "resp_tok")
+            "micro_in_band", "shared_tok", "resp_tok", "micro", "d_w_m", "d_l_m")
 RECHECK_KEYS = ("chosen_up_frac", "rejected_down_frac", "step_delta_z_w", "step_delta_z_l", "probe_delta_z_w",
                 "probe_delta_z_l", "probe_chosen_down_frac", "probe_pred_w", "probe_pred_l")
 # keys every host's JSONL record has (one test list for all hosts)
@@ -169,7 +169,8 @@ class BandMonitor:
         # kept on the device: no host sync per micro-batch; reduced once per optimizer step
         sums = torch.stack([n, zw.sum(), zl.sum(), (zw - refw).sum(), (zl - refl).sum(), d_w.double().sum().to(n),
                             d_l.double().sum().to(n), n * alpha, per_sample.detach().double().sum(), w.sum(), capped,
-                            scored, inside, *(n * 0 + x for x in self._shared)])
+                            scored, inside, *(n * 0 + x for x in self._shared), n * 0 + 1,
+                            d_w.double().mean().to(n), d_l.double().mean().to(n)])
         self._shared = (0.0, 0.0)
         maxes = torch.stack([w.max(), -w.min()])
         self.acc = (sums, maxes) if self.acc is None else (self.acc[0] + sums, torch.maximum(self.acc[1], maxes))
@@ -231,7 +232,7 @@ class BandMonitor:
                 with self.head() as spec:
                     acc = self.step_acc(spec.weight.shape[0], spec.weight.shape[1], dev)
             total = all_reduce(acc, "sum", inplace=True)  # zeroed below: no copy
-            n = float(max(n_pairs, 1))
+            n = float(max(n_micro, 1))  # each micro-batch added its pairs' mean: the step weighs micro-batches equally
             # summed in fp64 (fp32 over ~10^7-10^9 entries loses ~3e-4 of the norm), a block of rows at a time
             ww, ll, wl = (_dot64(total[i], total[j]) for i, j in ((0, 0), (1, 1), (0, 1)))
             out = ScoreStats(ww.sqrt() / n, ll.sqrt() / n, wl / n ** 2)
@@ -247,6 +248,9 @@ class BandMonitor:
             d = spec.weight.shape[1]
             groups = [(t, 0) for t in toks] + [(t, 2) for t in probe]  # side = base + (0 chosen, 1 rejected)
             if groups:
+                # each pair as the optimizer weighs it: 1/(micro-batches · its micro-batch's pairs); the probe's 1/P
+                weights = torch.cat([torch.full((t.hidden.shape[0],), 1.0 / (max(t.pairs, 1) * n_micro) if base == 0
+                                                else 1.0 / n_probe, device=wdev) for t, base in groups])
                 hidden = torch.cat([t.hidden.to(wdev) for t, _ in groups])
                 labels = torch.cat([t.labels.to(wdev) for t, _ in groups])
                 side = torch.cat([base + (~t.chosen.to(wdev).bool()).long() for t, base in groups])
@@ -255,12 +259,14 @@ class BandMonitor:
             else:
                 hidden, labels = torch.zeros(0, d, device=wdev), torch.zeros(0, dtype=torch.long, device=wdev)
                 side = torch.zeros(0, dtype=torch.long, device=wdev)
+                weights = torch.zeros(0, device=wdev)
                 have_lse, lse = True, torch.zeros(0, device=wdev)
             have_lse = bool(all_reduce(torch.tensor([0.0 if have_lse else 1.0], device=dev), "max").item() == 0)
             if ws > 1:
                 hidden = all_gather_rows(hidden.float())
                 labels = all_gather_rows(labels.long())
                 side = all_gather_rows(side.long())
+                weights = all_gather_rows(weights.float())
                 lse = all_gather_rows(lse) if have_lse else None
             elif not have_lse:
                 lse = None
@@ -275,11 +281,12 @@ class BandMonitor:
                 lse = top + all_reduce((part - top).exp(), "sum").log()
                 all_toks = all_toks._replace(lse=lse)
             if n_probe:
-                scales = [1.0 / max(n_pairs, 1)] * 2 + [1.0 / n_probe] * 2
-                g = all_reduce(side_gram(hidden, labels, side, lse, spec, scales, vocab, chunk).double(), "sum").cpu()
+                g = all_reduce(side_gram(hidden, labels, side, lse, spec, [1.0] * 4, vocab, chunk, weights).double(),
+                               "sum").cpu()
                 stats = ScoreStats(g[0, 0].clamp(min=0).sqrt(), g[1, 1].clamp(min=0).sqrt(), g[0, 1])
                 return stats, n_pairs, tuple(float(g[i, j]) for i, j in ((0, 2), (1, 2), (0, 3), (1, 3)))
-            sums = all_reduce(step_score_sums(all_toks, spec, n_pairs, vocab, chunk).double(), "sum").cpu()
+            sums = all_reduce(step_score_sums(all_toks, spec, n_pairs, vocab, chunk, weights=weights).double(),
+                              "sum").cpu()
         return ScoreStats(sums[0].clamp(min=0).sqrt(), sums[1].clamp(min=0).sqrt(), sums[2]), n_pairs, None
 
     def _alpha_spread(self) -> float:
@@ -396,6 +403,9 @@ class BandMonitor:
         rec = {"step": int(global_step), "loss_name": self.loss.name}
         for k in ("z_w", "z_l", "r_w", "r_l", "d_w", "d_l"):
             rec[k] = s[k] / n
+        # the band's incentives as the optimizer weighs the pairs: each micro-batch's mean, micro-batches equally
+        # (= d_w, d_l when the micro-batches are equal; an epoch's smaller last micro-batch weighs its pairs more)
+        step_dw, step_dl = s["d_w_m"] / s["micro"], s["d_l_m"] / s["micro"]
         (st, scored), self._closed = self._closed, None
         pred, self._pred = self._pred, None
         self.next_step = int(global_step) + 1
@@ -404,8 +414,8 @@ class BandMonitor:
                                       "pred_sign_w", "pred_sign_l", "edge", "sw_norm", "sl_norm", "sw_dot_sl")))
         else:
             sw, sl, dot = (float(x) for x in st)
-            band = band_stats(rec["d_w"], rec["d_l"], sw, sl, dot)
-            if not all(math.isfinite(v) for v in (rec["d_w"], rec["d_l"], sw, sl, dot)):
+            band = band_stats(step_dw, step_dl, sw, sl, dot)
+            if not all(math.isfinite(v) for v in (step_dw, step_dl, sw, sl, dot)):
                 # a non-finite incentive or score: no verdict (null), and the alert streak is left as it was
                 band = {**band, **dict.fromkeys(("in_band", "pred_sign_w", "pred_sign_l", "edge", "slack"))}
             rec.update(log_r=band["log_r"], log_r_star=band["log_r_star"], rho=band["rho"],
@@ -423,8 +433,8 @@ class BandMonitor:
         rec.update(self._recheck(global_step))
         if pred is not None:  # the step's first-order change of the probe pairs' mean chosen / rejected log-likelihood
             # per unit learning rate of a gradient step on the head weight: d_w⟨s_w, s_p⟩ − d_l⟨s_l, s_p⟩
-            rec["probe_pred_w"] = rec["d_w"] * pred[0] - rec["d_l"] * pred[1]
-            rec["probe_pred_l"] = rec["d_w"] * pred[2] - rec["d_l"] * pred[3]
+            rec["probe_pred_w"] = step_dw * pred[0] - step_dl * pred[1]
+            rec["probe_pred_l"] = step_dw * pred[2] - step_dl * pred[3]
         rec["probe_alarm"] = self._alarm(rec)
         rec.update(self._scope())
         if "margins" in self.loss.needs:

@@ -83,8 +83,8 @@ def score_stats_flat(
                O(M²·V) work, O(M·chunk + M²) memory.
     "auto" takes the cheaper: gram when M < 2d (measured crossover on CPU; one GEMM beats two per chunk).
 
-    Args: as annotated above; `acc` [2, V, d] fp32 (vocabulary pass only): each side's unscaled score matrix is
-    added to it (BandMonitor.step_acc).
+    Args: as annotated above; `acc` [2, V, d] fp32 (vocabulary pass only): each side's score matrix (its mean over the
+    micro-batch's pairs) is added to it (BandMonitor.step_acc).
 
     Returns:
         ScoreStats of 0-dim fp32 tensors.
@@ -198,7 +198,7 @@ def score_stats_head(
     method: str = "auto",
     lse: torch.Tensor | None = None,  # [M] log-normalisers already computed (e.g. by po_plugins.head): one pass less
     head_dtype: torch.dtype | None = None,  # compute the head product in this dtype, as the model's head does
-    acc: torch.Tensor | None = None,  # [2, V, d] fp32: Σ A_tᵀh_t of each side is added to it (BandMonitor.step_acc)
+    acc: torch.Tensor | None = None,  # [2, V, d] fp32: (1/n)Σ A_tᵀh_t of each side is added (BandMonitor.step_acc)
 ) -> ScoreStats:
     """‖s_w‖, ‖s_l‖, ⟨s_w, s_l⟩ of the head weight from the head's input and weight, for hosts whose fused head never
     materialises logits: the logits are rebuilt chunk by chunk over the vocabulary (two passes: log-normaliser, then
@@ -220,7 +220,7 @@ def score_stats_head(
 
 @torch.no_grad()
 def step_score_sums(tokens: Tokens, spec: HeadSpec, n_pairs: int, vocab: tuple[int, int] | None = None,
-                    chunk_size: int = 4096, method: str = "auto") -> torch.Tensor:
+                    chunk_size: int = 4096, method: str = "auto", weights: torch.Tensor | None = None) -> torch.Tensor:
     """[‖s_w‖², ‖s_l‖², ⟨s_w, s_l⟩] restricted to vocabulary rows `vocab` = [a, b) (default: all), where
     s = ∇_W (1/n_pairs)·Σ z over every token of `tokens` (e.g. all micro-batches of an optimizer step, gathered
     from all ranks). The three entries are sums over vocabulary rows, so slices computed on different ranks add
@@ -228,7 +228,9 @@ def step_score_sums(tokens: Tokens, spec: HeadSpec, n_pairs: int, vocab: tuple[i
 
     Args:
         tokens: the response tokens (with lse). spec: the head. n_pairs: the pair count n of the 1/n scaling.
-        vocab: the vocabulary slice [a, b). chunk_size, method: as in `score_stats_flat`.
+        vocab: the vocabulary slice [a, b). chunk_size, method: as in `score_stats_flat`. weights: [M] per-token
+            weights replacing 1/n (each pair's weight in the optimizer step: 1/(micro-batches · its micro-batch's
+            pairs)).
 
     Returns:
         A [3] fp32 tensor; ValueError when `tokens.lse` is None.
@@ -236,15 +238,22 @@ def step_score_sums(tokens: Tokens, spec: HeadSpec, n_pairs: int, vocab: tuple[i
     a0, b0 = vocab if vocab is not None else (0, spec.weight.shape[0])
     if tokens.lse is None:
         raise ValueError("step_score_sums needs the log-normalisers (Tokens.lse)")
-    side_w, hidden, labels, lse = _chosen_first(tokens.chosen.bool(), tokens.hidden, tokens.labels, tokens.lse)
+    side_w, hidden, labels, lse, w = _chosen_first(tokens.chosen.bool(), tokens.hidden, tokens.labels, tokens.lse,
+                                                   weights)
     n = 1.0 / max(int(n_pairs), 1)
-    return _sums(hidden, labels.long(), side_w, lse, _head_chunk(hidden, spec), a0, b0, chunk_size, method,
-                 spec.head_dtype, (n, n))
+    if w is None:
+        return _sums(hidden, labels.long(), side_w, lse, _head_chunk(hidden, spec), a0, b0, chunk_size, method,
+                     spec.head_dtype, (n, n))
+    # the logits come from the head inputs, the scores from the weighted ones: s = Σ_t a_t (w_t h_t)ᵀ
+    hw = hidden.float() * w.float().to(hidden.device)[:, None]
+    return _sums(hw, labels.long(), side_w, lse, _head_chunk(hidden, spec), a0, b0, chunk_size, method,
+                 spec.head_dtype, (1.0, 1.0))
 
 
 @torch.no_grad()
 def side_gram(hidden: torch.Tensor, labels: torch.Tensor, side: torch.Tensor, lse: torch.Tensor, spec: HeadSpec,
-              scales, vocab: tuple[int, int] | None = None, chunk_size: int = 4096) -> torch.Tensor:
+              scales, vocab: tuple[int, int] | None = None, chunk_size: int = 4096,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """[k, k] inner products ⟨s_i, s_j⟩ over vocabulary rows `vocab` = [a, b) (default: all) of the head-weight scores
     s_i = scales[i]·Σ_{t: side_t = i} ∇_W log p(y_t | h_t), for k = len(scales) groups of response tokens (e.g. the
     step's chosen and rejected tokens and a probe's): sums over vocabulary rows, so ranks' slices add up.
@@ -252,7 +261,8 @@ def side_gram(hidden: torch.Tensor, labels: torch.Tensor, side: torch.Tensor, ls
     Args:
         hidden [M, d], labels [M]: response tokens. side [M]: each token's group in [0, k). lse [M]: the final
             logits' full-vocabulary log-normalisers. spec: the head. scales: k numbers (1/pairs of each group).
-        vocab: the slice [a, b). chunk_size: vocabulary rows per chunk.
+        vocab: the slice [a, b). chunk_size: vocabulary rows per chunk. weights: [M] per-token factors applied
+            on top of `scales` (None: 1).
 
     Returns:
         A [k, k] fp32 tensor (symmetric).
@@ -261,6 +271,8 @@ def side_gram(hidden: torch.Tensor, labels: torch.Tensor, side: torch.Tensor, ls
     a0, b0 = vocab if vocab is not None else (0, spec.weight.shape[0])
     chunk = _head_chunk(hidden, spec)
     hf, y = hidden.float(), labels.long().to(hidden.device)
+    if weights is not None:
+        hf = hf * weights.float().to(hf.device)[:, None]
     lse = lse.detach().float().reshape(-1, 1).to(hidden.device)
     side = side.long().to(hidden.device)
     groups = [(side == i).nonzero(as_tuple=True)[0] for i in range(k)]
@@ -342,7 +354,7 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None, s
     h is the head's input, exact in its dtype; the label part of A is added exactly in fp32 and only the softmax part
     is rounded, whose errors are relative to small probabilities and average out (tests/test_head.py: against fp64,
     norms to 3e-5 and the inner product to 5e-6 of the norms' product; rounding all of A in bf16: norms to ~1e-4).
-    `acc` [2, ≥b0, d] ("vocab" only): each side's unscaled Aᵀh rows are added to acc[0] / acc[1]."""
+    `acc` [2, ≥b0, d] ("vocab" only): each side's scaled Aᵀh rows (its `scales` entry) are added to acc[0] / acc[1]."""
     if method not in ("auto", "vocab", "gram"):
         raise ValueError(f"method must be auto, vocab or gram, got {method!r}")
     if acc is not None and method != "vocab":
@@ -404,9 +416,9 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None, s
         on_w = side_w[hit]
         gw.index_add_(0, y[hit][on_w] - a, hh[on_w])
         gl.index_add_(0, y[hit][~on_w] - a, hh[~on_w])
-        if acc is not None:
-            acc[0, a:b].add_(gw)
-            acc[1, a:b].add_(gl)
+        if acc is not None:  # each side at its 1/n: the micro-batch's weight in the optimizer step
+            acc[0, a:b].add_(gw, alpha=scales[0])
+            acc[1, a:b].add_(gl, alpha=scales[1])
         out += torch.stack([gw.pow(2).sum() * scales[0] ** 2, gl.pow(2).sum() * scales[1] ** 2,
                             (gw * gl).sum() * (scales[0] * scales[1])])
     return out

@@ -92,12 +92,12 @@ def with_micro_stats(mon, tok, spec, chunk=7):
 
     V_, d = spec.weight.shape
     acc = mon.step_acc(V_, d, tok.hidden.device)
-    rows = torch.where(tok.chosen, 0, 1)
-    st = score_stats_head(tok.hidden, spec.weight, tok.labels, rows, torch.tensor([True, False]), bias=spec.bias,
+    k = tok.pairs  # k chosen and k rejected sequences: each side's mean over the pairs (which row a token sits in
+    rows = torch.where(tok.chosen, 0, k)  # does not change a side's sum)
+    st = score_stats_head(tok.hidden, spec.weight, tok.labels, rows, torch.arange(2 * k) < k, bias=spec.bias,
                           logit_scale=spec.logit_scale, softcap=spec.softcap, lse=tok.lse, chunk_size=chunk, acc=acc)
     # without its hidden states, a micro-batch the accumulator missed would fail the step (the token pass needs them)
-    return tok._replace(stats=ScoreStats(st.sw_norm / tok.pairs, st.sl_norm / tok.pairs, st.sw_dot_sl / tok.pairs ** 2),
-                        in_acc=acc is not None, hidden=None if acc is not None else tok.hidden)
+    return tok._replace(stats=st, in_acc=acc is not None, hidden=None if acc is not None else tok.hidden)
 
 
 def run_monitor(tmp_path, loss, problem, micro, name="m", step_acc=False):
@@ -170,8 +170,9 @@ def _two_rank_worker(r, port, path, out, step_acc=False, alone=False):
             loss_step(loss, pb, mon, training=True, tokens=tok)
             mon.end_step(1)
             return
-        mine = [0, 1, 2] if r == 0 else [3, 4, 5, 6, 7]  # unequal shares: variable-size gathers
-        for rows in ([mine[:2], mine[2:]] if r == 0 else [mine[:1], mine[1:3], mine[3:]]):
+        # two micro-batches of two pairs on each rank (as DeepSpeed and the Trainer run them: every rank the same
+        # accumulation); their response tokens differ in number: variable-size gathers
+        for rows in ([[0, 1], [2, 3]] if r == 0 else [[4, 5], [6, 7]]):
             pb, tok = micro_inputs(W, b, h, y, mask, spec, torch.tensor(rows))
             if step_acc:
                 tok = with_micro_stats(mon, tok, spec)

@@ -5,10 +5,12 @@ head scope; tested against autograd on the head weight and against the change a 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
+from po_plugins.band import band_stats
 from po_plugins.losses import PairBatch, build
 from po_plugins.monitor import BandMonitor, loss_step
 from po_plugins.scores import HeadSpec, Tokens, score_stats_flat, side_gram
@@ -63,6 +65,7 @@ def feed(mon, loss, W, ref, h, y):
     n = torch.full((pairs,), float(T))
     b = PairBatch(z[:pairs], z[pairs:], rw, rl, n, n, score_stats=tok.stats)
     per_sample, _, _ = loss_step(loss, b, mon, True, (h, y), tok)
+    feed.last = b
     return per_sample
 
 
@@ -157,3 +160,47 @@ def test_probe_pred_is_the_first_order_change_of_a_gradient_step(tmp_path):
     assert rec["probe_pred_w"] == pytest.approx(float((after - before)[:3].mean()) / lr, rel=2e-2)
     assert rec["probe_pred_l"] == pytest.approx(float((after - before)[3:].mean()) / lr, rel=2e-2)
     assert rec["probe_delta_z_w"] == pytest.approx(float((after - before)[:3].mean()), rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("loss_name", ["apo_zero", "rc_dpo"])
+def test_unequal_micro_batches_are_weighted_as_the_optimizer_weighs_them(tmp_path, loss_name):
+    """A step of micro-batches of 2, 2 and 1 pairs (an epoch's smaller last micro-batch on TRL or LLaMA-Factory): the
+    optimizer averages each micro-batch's mean loss, so a pair weighs 1/(3·B_i). The step's scores (token pass for
+    apo_zero, whose two incentives differ pair by pair; RC's accumulator for rc_dpo), the band's ratio and the probe
+    prediction are those of that gradient, against autograd; d_w and d_l stay the means over the step's pairs."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(V, D, generator=g, requires_grad=True)
+    host = Host(W)
+    loss = build(loss_name)
+    mon = BandMonitor(loss, str(tmp_path / "t.jsonl"), recheck_every=1, rescore=host.rescore, head=host.head,
+                      step_acc=loss_name.startswith("rc_"))
+    micros = [micro(g, 2), micro(g, 2), micro(g, 1)]
+    ref = (torch.zeros(2) - 8, torch.zeros(2) - 8)
+    dws, dls = [], []
+    for h, y in micros:
+        k = h.shape[0] // 2
+        per = feed(mon, loss, W, (ref[0][:k], ref[1][:k]), h, y)
+        diag = loss.diagnostics(feed.last)  # the incentives the loss call trained with (RC: its α of that call)
+        dws.append(diag.d_w.mean())
+        dls.append(diag.d_l.mean())
+        (per.mean() / 3).backward()
+    Wd = W.detach().clone().requires_grad_(True)
+    zs = [logps(Wd, h, y) for h, y in micros]
+    weighted = lambda side: sum(z.chunk(2)[side].mean() for z in zs) / 3  # noqa: E731
+    sw = torch.autograd.grad(weighted(0), [Wd], retain_graph=True)[0]
+    sl = torch.autograd.grad(weighted(1), [Wd], retain_graph=True)[0]
+    spw = torch.autograd.grad(zs[0].chunk(2)[0].mean(), [Wd])[0]  # the probe: the first micro-batch
+    mon.close_scores()
+    mon.end_step(1)
+    rec = [json.loads(line) for line in open(tmp_path / "t.jsonl")][-1]
+    assert rec["score_pairs"] == 5
+    assert rec["sw_norm"] == pytest.approx(float(sw.norm()), rel=1e-4)
+    assert rec["sl_norm"] == pytest.approx(float(sl.norm()), rel=1e-4)
+    assert rec["sw_dot_sl"] == pytest.approx(float((sw * sl).sum()), rel=1e-4, abs=1e-6)
+    # the band's ratio is the step's: each micro-batch's mean incentive, micro-batches equally
+    d_w, d_l = float(sum(dws) / 3), float(sum(dls) / 3)
+    assert rec["log_r"] == pytest.approx(math.log(d_w / d_l), rel=1e-6)
+    assert rec["log_r"] != pytest.approx(math.log(rec["d_w"] / rec["d_l"]), rel=1e-6)  # not the pair mean's
+    band = band_stats(d_w, d_l, float(sw.norm()), float(sl.norm()), float((sw * sl).sum()))
+    assert rec["slack"] == pytest.approx(band["slack"], rel=1e-4)
+    assert rec["probe_pred_w"] == pytest.approx(float(((d_w * sw - d_l * sl) * spw).sum()), rel=1e-4, abs=1e-6)
