@@ -95,7 +95,9 @@ def flags(model, data, out, accum) -> list[str]:
             "--ckpt.output_dir", str(out), "--ckpt.disable_ds", "--lr_warmup_ratio", "0"]
 
 
-MODES = {"stock": [], "rc_dpo": ["--loss", "rc_dpo"], "dpo_monitor": ["--loss", "dpo", "--po.monitor"]}
+MODES = {"stock": [], "rc_dpo": ["--loss", "rc_dpo"], "dpo_monitor": ["--loss", "dpo", "--po.monitor"],
+         # every step a re-check: the re-scores, the probe prediction's forward and vocabulary pass (default: 1 in 10)
+         "rc_dpo_recheck1": ["--loss", "rc_dpo", "--po.recheck_every", "1"]}
 
 
 def run_mode(mode, model, data, work, accum):
@@ -202,13 +204,19 @@ def main(argv=None) -> int:
         "peak_mem_ratio": med["rc_dpo"]["peak"] / max(med["stock"]["peak"], 1),
         "monitor_step_time_ratio": med["dpo_monitor"]["step"] / med["stock"]["step"],
         "monitor_peak_mem_ratio": med["dpo_monitor"]["peak"] / max(med["stock"]["peak"], 1),
+        # a re-check (re-scores, probe prediction) on every step; the default recheck_every 10 pays a tenth of the extra
+        "recheck_every_step_time_ratio": med["rc_dpo_recheck1"]["step"] / med["stock"]["step"],
+        "recheck_default_step_time_ratio": (0.9 * med["rc_dpo"]["step"] + 0.1 * med["rc_dpo_recheck1"]["step"])
+        / med["stock"]["step"],
+        "recheck_peak_mem_ratio": med["rc_dpo_recheck1"]["peak"] / max(med["stock"]["peak"], 1),
         "autograd_step_time_ratio": rs["autograd"] / rs["stock"],
         "replica_closed_form_step_time_ratio": rs["closed_form"] / rs["stock"],
         "stock_step_s": med["stock"]["step"], "head_flop_share": rep_["head_flop_share"],
         "reps": reps, "quick": args.quick,
     }
     print(f"\nmedian step: stock {med['stock']['step']:.3f} s, rc_dpo {med['rc_dpo']['step']:.3f} s, "
-          f"dpo + monitor {med['dpo_monitor']['step']:.3f} s")
+          f"dpo + monitor {med['dpo_monitor']['step']:.3f} s, rc_dpo re-checking every step "
+          f"{med['rc_dpo_recheck1']['step']:.3f} s")
     print(f"replica step: stock {rs['stock']:.3f} s, closed form {rs['closed_form']:.3f} s, "
           f"authors' autograd {rs['autograd']:.3f} s")
     print(json.dumps(out))

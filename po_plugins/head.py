@@ -102,6 +102,64 @@ class _TokenLogProb(torch.autograd.Function):
         return gz.to(u.dtype), None, None, None, None, None
 
 
+class _LinearHeadLogProb(torch.autograd.Function):
+    """All chunks of a plain linear head in one function, so that the head weight's gradient is summed across chunks
+    in fp32 (autograd would add each chunk's [V, d] contribution in the weight's dtype: with bf16 the error grows with
+    the number of chunks) and cast to the weight's dtype once, as the stock head's single product is. Each chunk's
+    products run in the head's dtype; the forward keeps only the log-normalisers and the backward recomputes each
+    chunk's head product, as the checkpointed module path does."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk, scale, softcap, temperature):
+        lps, lses = [], []
+        for a in range(0, hidden.shape[0], chunk):
+            u = torch.nn.functional.linear(hidden[a:a + chunk], weight, bias)
+            lp, lse = _logprobs_consuming(_final_inplace(u, scale, softcap, temperature)[0], labels[a:a + chunk])
+            lps.append(lp)
+            lses.append(lse)
+        lse = torch.cat(lses)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.args = (chunk, scale, softcap, temperature)
+        ctx.mark_non_differentiable(lse)
+        return torch.cat(lps), lse
+
+    @staticmethod
+    def backward(ctx, g, _g_lse):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        chunk, scale, softcap, temperature = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        g = g.float()
+        for a in range(0, hidden.shape[0], chunk):
+            h, y, gc = hidden[a:a + chunk], labels[a:a + chunk], g[a:a + chunk]
+            u = torch.nn.functional.linear(h, weight, bias)
+            z, dz = _final_inplace(u, scale, softcap, temperature, slope=True)
+            gz = z.sub_(lse[a:a + chunk, None]).exp_().mul_(-gc[:, None])  # −g·softmax
+            gz.scatter_add_(1, y[:, None], gc[:, None])  # + g at the label
+            if dz is not None:
+                gz.mul_(dz)
+            gu = gz.to(u.dtype)  # the head output's gradient in its dtype, as autograd would pass it
+            if need_h:
+                dh[a:a + chunk] = gu @ weight
+            if need_w:
+                dw.add_(gu.T @ h)  # this chunk's product in the head's dtype, the sum over chunks in fp32
+            if need_b:
+                db.add_(gz.sum(0))
+        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
+                None, None, None, None, None)
+
+
+def _plain_linear(head) -> bool:
+    """The fp32-accumulating path applies: a bare nn.Linear (no LoRA or other wrapper, no hooks the module call would
+    run) whose weight is whole on this process (not a ZeRO-3 shard)."""
+    return (type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+            and not torch.nn.modules.module._global_forward_hooks
+            and not torch.nn.modules.module._global_forward_pre_hooks
+            and getattr(head.weight, "ds_id", None) is None)
+
+
 def _chunk_logprobs(head, h, y, memo, scale, softcap, temperature):
     return _TokenLogProb.apply(head(h), y, memo, scale, softcap, temperature)
 
@@ -128,11 +186,17 @@ def chunked_logprobs(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     return_lse: bool = False,
+    fp32_accumulate: bool = True,
 ):
     """log p(y_t | ·) for every position, fp32 [M], differentiable with respect to `hidden` and the head's
     parameters. `chunk` positions at a time (default `default_chunk(V)`); with gradients enabled each chunk is
     checkpointed, so its logits are freed after the forward and recomputed in the backward. `return_lse=True` also
-    returns the detached log-normalisers [M] (the head statistics reuse them instead of a pass of their own)."""
+    returns the detached log-normalisers [M] (the head statistics reuse them instead of a pass of their own).
+
+    `fp32_accumulate` (default): where the head is a plain `nn.Linear` whose weight is whole on this process (no LoRA
+    or other wrapper, no module hooks, not a ZeRO-3 shard), the head weight's gradient is summed across chunks in fp32
+    and cast once (`_LinearHeadLogProb`; its memory: one fp32 [V, d] buffer during the backward). Elsewhere each chunk
+    calls the module (its hooks run) and autograd sums the chunks' weight gradients in the weight's dtype."""
     M = hidden.shape[0]
     if M == 0:  # keep the graph connected so a backward through an empty selection is a zero, not an error
         zero = hidden.sum(-1).float() * 0.0
@@ -143,6 +207,10 @@ def chunked_logprobs(
         chunk = default_chunk(V)
     labels = labels.long()
     track = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    if track and fp32_accumulate and _plain_linear(head):
+        lp, lse = _LinearHeadLogProb.apply(hidden, head.weight, head.bias, labels, int(chunk), scale, softcap,
+                                           temperature)
+        return (lp, lse) if return_lse else lp
     out, lses = [], []
     for a in range(0, M, chunk):
         h, y = hidden[a:a + chunk], labels[a:a + chunk]

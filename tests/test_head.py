@@ -11,10 +11,11 @@ def reference(head, h, y, scale, cap, temp):
     return torch.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1)
 
 
+@pytest.mark.parametrize("fp32_acc", [True, False])  # the plain-linear function and the module path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [1, 5, 7, 64])
 @pytest.mark.parametrize("variant", ["plain", "bias", "softcap_scale_temperature", "tied"])
-def test_chunked_logprobs_equal_unfused_values_and_gradients(dtype, chunk, variant):
+def test_chunked_logprobs_equal_unfused_values_and_gradients(dtype, chunk, variant, fp32_acc):
     g = torch.Generator().manual_seed(3)
     M, d, V = 23, 8, 37  # chunk sizes that divide neither
     head = torch.nn.Linear(d, V, bias=variant == "bias").to(dtype)
@@ -25,7 +26,8 @@ def test_chunked_logprobs_equal_unfused_values_and_gradients(dtype, chunk, varia
     h = torch.randn(M, d, generator=g).to(dtype).requires_grad_()
     y = torch.randint(0, V, (M,), generator=g)
     w = torch.randn(M, generator=g)
-    lp = chunked_logprobs(head, h, y, chunk=chunk, scale=scale, softcap=cap, temperature=temp)
+    lp = chunked_logprobs(head, h, y, chunk=chunk, scale=scale, softcap=cap, temperature=temp,
+                          fp32_accumulate=fp32_acc)
     gh, gw = torch.autograd.grad((lp * w).sum(), [h, head.weight])
     ref = reference(head, h, y, scale, cap, temp)
     rh, rw = torch.autograd.grad((ref * w).sum(), [h, head.weight])
@@ -36,9 +38,37 @@ def test_chunked_logprobs_equal_unfused_values_and_gradients(dtype, chunk, varia
     torch.testing.assert_close(gh.float(), rh.float(), **tol)
     torch.testing.assert_close(gw.float(), rw.float(), **tol)
     if variant == "bias":
-        (gb,) = torch.autograd.grad(chunked_logprobs(head, h, y, chunk=chunk).sum(), [head.bias])
+        (gb,) = torch.autograd.grad(chunked_logprobs(head, h, y, chunk=chunk, fp32_accumulate=fp32_acc).sum(),
+                                    [head.bias])
         (rb,) = torch.autograd.grad(reference(head, h, y, 1.0, None, 1.0).sum(), [head.bias])
         torch.testing.assert_close(gb.float(), rb.float(), **tol)
+
+
+def test_head_weight_gradient_sums_chunks_in_fp32():
+    """bf16 head, 256 chunks: against fp64, the head weight's gradient summed across chunks in fp32 is about as accurate
+    as the stock head's single product, while the module path (autograd adding each chunk's bf16 gradient) is not."""
+    g = torch.Generator().manual_seed(0)
+    M, d, V, chunk = 4096, 64, 512, 16
+    head = torch.nn.Linear(d, V, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, d, generator=g) * 0.2)
+    h = torch.randn(M, d, generator=g).to(torch.bfloat16)
+    y = torch.randint(0, V, (M,), generator=g)
+    w = torch.rand(M, generator=g)  # a chosen-side weighting: every position pushes the same way
+
+    def grad_w(fn, weight):
+        (gw,) = torch.autograd.grad((fn(weight) * w.to(weight.dtype)).sum(), [weight])
+        return gw.double()
+
+    w64 = head.weight.detach().double().requires_grad_()
+    exact = grad_w(lambda W: torch.log_softmax(h.double() @ W.T, -1).gather(-1, y[:, None]).squeeze(-1), w64)
+    stock = grad_w(lambda W: torch.log_softmax((h @ W.T).float(), -1).gather(-1, y[:, None]).squeeze(-1), head.weight)
+    err = {"stock": float((stock - exact).norm() / exact.norm())}
+    for name, acc in (("fp32", True), ("module", False)):
+        got = grad_w(lambda W: chunked_logprobs(head, h, y, chunk=chunk, fp32_accumulate=acc), head.weight)
+        err[name] = float((got - exact).norm() / exact.norm())
+    assert err["fp32"] <= 1.5 * err["stock"], err
+    assert err["module"] > 2 * err["fp32"], err
 
 
 def test_no_chunk_holds_more_than_its_positions():
@@ -49,7 +79,7 @@ def test_no_chunk_holds_more_than_its_positions():
             seen.append(x.shape[0])
             return super().forward(x)
 
-    head = Spy(4, 11)
+    head = Spy(4, 11)  # a subclass: the module path (its forward runs per chunk)
     h = torch.randn(10, 4, requires_grad=True)
     lp = chunked_logprobs(head, h, torch.randint(0, 11, (10,)), chunk=3)
     assert seen == [3, 3, 3, 1]  # forward: one chunk's logits at a time
