@@ -63,14 +63,36 @@ def _final_inplace(u: torch.Tensor, scale: float, softcap: float | None, tempera
     return z, (c if c != 1.0 else None)
 
 
-def _logprobs_consuming(z: torch.Tensor, y: torch.Tensor):
+def _logprobs_consuming(z: torch.Tensor, y: torch.Tensor, softmax: bool = False):
     """(log p(y_t), logsumexp_t) of fp32 logits z [c, V], using z as the scratch of the log-sum-exp (z is destroyed):
-    the max-shifted sum of torch.logsumexp without its [c, V] temporary."""
+    the max-shifted sum of torch.logsumexp without its [c, V] temporary. `softmax`: z is left holding the softmax."""
     zy = z.gather(-1, y[:, None]).squeeze(-1)
     m = z.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     lse = z.sub_(m).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
+    if softmax:  # exp(z − m)·exp(m − lse)
+        z.mul_((m.squeeze(-1) - lse).exp_()[:, None])
     return zy.sub_(lse), lse
+
+
+def _add_scores(sink, p, dz, h, y, a):
+    """Add one chunk's score matrices to `sink` = (weights [M, 2], buffer [2, V, d] fp32): buffer[k] += Σ_t
+    weights[t, k]·((onehot − softmax)·∂z/∂u)_tᵀ h_t over the chunk's positions t ∈ [a, a + c), from its softmax `p`
+    (destroyed). The softmax part is multiplied in the head's dtype; the label part is added exactly in fp32."""
+    wts, buf = sink
+    w = wts[a:a + p.shape[0]].to(p.device)
+    hf = h.float()
+    if dz is not None:
+        p.mul_(dz)
+    slope = None if dz is None else (dz.gather(-1, y[:, None]).squeeze(-1) if torch.is_tensor(dz) and dz.dim() == 2
+                                     else torch.full_like(hf[:, 0], float(dz)))
+    for k in range(2):
+        idx = (w[:, k] != 0).nonzero(as_tuple=True)[0]
+        if idx.numel() == 0:
+            continue
+        hk = hf[idx] * w[idx, k][:, None]
+        buf[k].sub_((p[idx].T.to(h.dtype) @ hk.to(h.dtype)).float())
+        buf[k].index_add_(0, y[idx], hk if slope is None else hk * slope[idx, None])
 
 
 class _TokenLogProb(torch.autograd.Function):
@@ -110,11 +132,15 @@ class _LinearHeadLogProb(torch.autograd.Function):
     chunk's head product, as the checkpointed module path does."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk, scale, softcap, temperature):
+    def forward(ctx, hidden, weight, bias, labels, chunk, scale, softcap, temperature, sink=None):
         lps, lses = [], []
         for a in range(0, hidden.shape[0], chunk):
-            u = torch.nn.functional.linear(hidden[a:a + chunk], weight, bias)
-            lp, lse = _logprobs_consuming(_final_inplace(u, scale, softcap, temperature)[0], labels[a:a + chunk])
+            h, y = hidden[a:a + chunk], labels[a:a + chunk]
+            u = torch.nn.functional.linear(h, weight, bias)
+            z, dz = _final_inplace(u, scale, softcap, temperature, slope=sink is not None)
+            lp, lse = _logprobs_consuming(z, y, softmax=sink is not None)
+            if sink is not None:  # the head statistics' score matrices from this very pass (no second one)
+                _add_scores(sink, z, dz, h, y, a)
             lps.append(lp)
             lses.append(lse)
         lse = torch.cat(lses)
@@ -148,7 +174,7 @@ class _LinearHeadLogProb(torch.autograd.Function):
             if need_b:
                 db.add_(gz.sum(0))
         return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _plain_linear(head) -> bool:
@@ -158,6 +184,11 @@ def _plain_linear(head) -> bool:
             and not torch.nn.modules.module._global_forward_hooks
             and not torch.nn.modules.module._global_forward_pre_hooks
             and getattr(head.weight, "ds_id", None) is None)
+
+
+def fused_scores_ok(head) -> bool:
+    """Whether `chunked_logprobs` can return the head statistics' score matrices from its own pass (`score_sink`)."""
+    return _plain_linear(head)
 
 
 def _chunk_logprobs(head, h, y, memo, scale, softcap, temperature):
@@ -187,6 +218,7 @@ def chunked_logprobs(
     vocab_size: int | None = None,
     return_lse: bool = False,
     fp32_accumulate: bool = True,
+    score_sink: tuple | None = None,
 ):
     """log p(y_t | ·) for every position, fp32 [M], differentiable with respect to `hidden` and the head's
     parameters. `chunk` positions at a time (default `default_chunk(V)`); with gradients enabled each chunk is
@@ -196,7 +228,12 @@ def chunked_logprobs(
     `fp32_accumulate` (default): where the head is a plain `nn.Linear` whose weight is whole on this process (no LoRA
     or other wrapper, no module hooks, not a ZeRO-3 shard), the head weight's gradient is summed across chunks in fp32
     and cast once (`_LinearHeadLogProb`; its memory: one fp32 [V, d] buffer during the backward). Elsewhere each chunk
-    calls the module (its hooks run) and autograd sums the chunks' weight gradients in the weight's dtype."""
+    calls the module (its hooks run) and autograd sums the chunks' weight gradients in the weight's dtype.
+
+    `score_sink` = (weights [M, 2], buffer [2, V, d] fp32): the forward also adds the head weight's score matrices
+    Σ_t weights[t, k]·(onehot − softmax)_tᵀ h_t of each side k (chosen, rejected) to the buffer, from the softmax it
+    already has (the head statistics then need no vocabulary pass of their own). Only on the fp32-accumulating path:
+    `fused_scores_ok(head)` says whether it applies; elsewhere a ValueError."""
     M = hidden.shape[0]
     if M == 0:  # keep the graph connected so a backward through an empty selection is a zero, not an error
         zero = hidden.sum(-1).float() * 0.0
@@ -207,9 +244,12 @@ def chunked_logprobs(
         chunk = default_chunk(V)
     labels = labels.long()
     track = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-    if track and fp32_accumulate and _plain_linear(head):
-        lp, lse = _LinearHeadLogProb.apply(hidden, head.weight, head.bias, labels, int(chunk), scale, softcap,
-                                           temperature)
+    if score_sink is not None and not (fp32_accumulate and _plain_linear(head)):
+        raise ValueError("score_sink needs the plain-linear head path (fused_scores_ok(head))")
+    if (track or score_sink is not None) and fp32_accumulate and _plain_linear(head):
+        with torch.set_grad_enabled(track):
+            lp, lse = _LinearHeadLogProb.apply(hidden, head.weight, head.bias, labels, int(chunk), scale, softcap,
+                                               temperature, score_sink)
         return (lp, lse) if return_lse else lp
     out, lses = [], []
     for a in range(0, M, chunk):

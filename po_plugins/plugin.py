@@ -203,13 +203,39 @@ class Plugin:
                                      logit_scale=scale, softcap=cap, temperature=temperature, acc=acc)
         return tokens_of(h, y, rows, n_pairs, torch.logsumexp(logits.float(), dim=-1), stats, in_acc=acc is not None)
 
+    def score_sink(self, rows, n_seqs: int, n_pairs: int, vocab: int, dim: int, device, keep=None):
+        """For a chunked head that can fill them in its own pass (`head.chunked_logprobs(score_sink=...)`): the
+        (weights [M, 2], buffer [2, V, d] fp32) this micro-batch's statistics need, each response token at 1/pairs of
+        its side (0 where `keep` is False: detached shared starts); None where no statistics are needed or the
+        buffer would exceed the step accumulator's budget (the statistics then make their own pass)."""
+        from .monitor import STEP_ACC_BYTES
+
+        if not self.micro_stats or self.probing or 8 * int(vocab) * int(dim) > STEP_ACC_BYTES:
+            return None
+        chosen = (rows < n_pairs).float()
+        w = torch.stack([chosen, 1.0 - chosen], 1) / max(int(n_pairs), 1)
+        if keep is not None:
+            w = w * keep.float()[:, None]
+        return w.to(device), torch.zeros(2, int(vocab), int(dim), dtype=torch.float32, device=device)
+
     def tokens_from_head(self, h, y, rows, n_seqs: int, n_pairs: int, weight, bias=None, scale: float = 1.0,
                          cap: float | None = None, temperature: float = 1.0, lse=None, chunk: int | None = None,
-                         head_dtype=None) -> Tokens:
+                         head_dtype=None, sink=None) -> Tokens:
         """As `tokens_from_logits`, where no logits exist (a fused or chunked head): the statistics come from the
         head's `weight` [V, d] (gathered by the caller under ZeRO-3) and `bias`; `lse` the log-normalisers when the
-        host's head computed them, `head_dtype` the dtype of the head's own product."""
+        host's head computed them, `head_dtype` the dtype of the head's own product. `sink`: the `score_sink` the
+        chunked head filled in its forward, whose score matrices then give the statistics without a pass."""
         stats, acc = None, None
+        if sink is not None:
+            from .monitor import _dot64
+
+            mats = sink[1]
+            stats = ScoreStats(*(x.float() for x in (_dot64(mats[0], mats[0]).sqrt(), _dot64(mats[1], mats[1]).sqrt(),
+                                                     _dot64(mats[0], mats[1]))))
+            acc = self.step_acc(mats.shape[1], mats.shape[2], mats.device)
+            if acc is not None:
+                acc.add_(mats)
+            return tokens_of(h, y, rows, n_pairs, lse, stats, in_acc=acc is not None)
         if self.micro_stats and not self.probing:
             dev = weight.device
             is_chosen = torch.arange(n_seqs, device=dev) < n_pairs

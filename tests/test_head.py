@@ -150,3 +150,48 @@ def test_bf16_statistics_keep_fp32_accuracy():
     assert abs(float(st.sw_norm) / float(sw.norm()) - 1) < 3e-5
     assert abs(float(st.sl_norm) / float(sl.norm()) - 1) < 3e-5
     assert abs(float(st.sw_dot_sl) - float((sw * sl).sum())) < 5e-6 * float(sw.norm() * sl.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "bias", "softcap_scale_temperature", "scale"])
+def test_score_sink_gives_the_two_pass_statistics_from_the_heads_own_pass(dtype, variant):
+    """RC's statistics from the chunked head's forward (`score_sink`) equal the separate vocabulary pass's
+    (`score_stats_head` with the head's normalisers), and in fp32 each side's matrix is autograd's gradient of its
+    mean log-prob; the log-probs and gradients of the pass are unchanged; a `keep` mask leaves tokens out."""
+    from po_plugins.head import fused_scores_ok
+    from po_plugins.monitor import _dot64
+    from po_plugins.scores import score_stats_head
+
+    g = torch.Generator().manual_seed(5)
+    M, d, V, n_pairs = 29, 8, 41, 3
+    head = torch.nn.Linear(d, V, bias=variant == "bias").to(dtype)
+    scale, cap, temp = {"softcap_scale_temperature": (0.7, 2.5, 0.8), "scale": (0.5, None, 1.0)}.get(variant,
+                                                                                                    (1.0, None, 1.0))
+    h = torch.randn(M, d, generator=g).to(dtype)
+    y = torch.randint(0, V, (M,), generator=g)
+    rows = torch.randint(0, 2 * n_pairs, (M,), generator=g)
+    keep = torch.rand(M, generator=g) > 0.2
+    chosen = (rows < n_pairs).float()
+    wts = torch.stack([chosen, 1 - chosen], 1) / n_pairs * keep.float()[:, None]
+    assert fused_scores_ok(head)
+    buf = torch.zeros(2, V, d)
+    hh = h.clone().requires_grad_()
+    lp, lse = chunked_logprobs(head, hh, y, chunk=6, scale=scale, softcap=cap, temperature=temp, return_lse=True,
+                               score_sink=(wts, buf))
+    ref_lp = chunked_logprobs(head, h, y, chunk=6, scale=scale, softcap=cap, temperature=temp)
+    torch.testing.assert_close(lp.detach(), ref_lp, rtol=0, atol=0)
+    st = score_stats_head(h[keep], head.weight.detach(), y[keep], rows[keep], torch.arange(2 * n_pairs) < n_pairs,
+                          bias=None if head.bias is None else head.bias.detach(), logit_scale=scale, softcap=cap,
+                          temperature=temp, lse=lse[keep], chunk_size=7, head_dtype=dtype)
+    got = [float(_dot64(buf[0], buf[0]).sqrt()), float(_dot64(buf[1], buf[1]).sqrt()), float(_dot64(buf[0], buf[1]))]
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert got == pytest.approx([float(st.sw_norm), float(st.sl_norm), float(st.sw_dot_sl)], rel=tol, abs=tol)
+    if dtype == torch.float32:
+        W = head.weight.detach().clone().requires_grad_()
+        z = final_logits(torch.nn.functional.linear(h, W, head.bias), scale, cap, temp)
+        lpw = torch.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1)
+        for k in range(2):
+            (gk,) = torch.autograd.grad((lpw * wts[:, k]).sum(), [W], retain_graph=True)
+            torch.testing.assert_close(buf[k], gk, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="plain-linear head path"):
+        chunked_logprobs(head, h, y, score_sink=(wts, buf), fp32_accumulate=False)

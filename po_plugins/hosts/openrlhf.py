@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import DataError, HostError, OptionError, PluginStateError  # noqa: F401  (HostError: re-exported)
-from ..head import chunked_logprobs, head_transform
+from ..head import chunked_logprobs, fused_scores_ok, head_transform
 from ..losses import PairBatch, build
 from ..plugin import Plugin, require_margins, row_number
 from ..prefix import detach_shared
@@ -497,9 +497,16 @@ def _trainer_class():
                 raise OptionError(f"--po.fused_head: {type(base).__name__}'s forward transforms its head's "
                                  "output in a way the chunked head does not reproduce; run without --po.fused_head")
             h, _, y, rows = response_positions(hidden, None, input_ids, att_masks, loss_masks)
-            lp, lse = chunked_logprobs(head, h, y, int(self.args.po.head_chunk) or None, scale, cap, temperature,
-                                       return_lse=True)
             flat = None if shared is None else shared[loss_masks.bool()]  # response_positions' order
+            # RC's per-micro-batch statistics from the chunked head's own pass where it can give them (a plain linear
+            # head, whole on this process): no second vocabulary pass
+            sink = None
+            if want_scores and fused_scores_ok(head):
+                keep = None if flat is None or not self.po.stats_without_shared else ~flat
+                sink = self.po.score_sink(rows, input_ids.shape[0], B, head.weight.shape[0], head.weight.shape[1],
+                                          h.device, keep)
+            lp, lse = chunked_logprobs(head, h, y, int(self.args.po.head_chunk) or None, scale, cap, temperature,
+                                       return_lse=True, score_sink=sink)
             zeros = torch.zeros(input_ids.shape[0], dtype=lp.dtype, device=lp.device)
             sums = zeros.index_add(0, rows, detach_shared(lp, flat))
             if flat is not None:  # guard: the shared start's gradient back where the pair would not lower it
@@ -515,7 +522,8 @@ def _trainer_class():
                         else head.weight, bias, scale, cap, temperature, lse=lse,
                         # at most ~2^22 statistics entries a vocabulary chunk, however many response tokens
                         chunk=max(64, min(int(self.args.po.score_chunk), (1 << 22) // max(1, h.shape[0]))),
-                        head_dtype=head.weight.dtype)  # the head's own product and the chunked head's normalisers
+                        head_dtype=head.weight.dtype,  # the head's own product and the chunked head's normalisers
+                        sink=sink)
             return sums, output
 
         def _po_scores(self, input_ids, att_masks, loss_masks, logits, B):
