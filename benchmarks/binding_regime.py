@@ -26,7 +26,7 @@ with a gold reward, not by construction, then trains through the real command an
   at their start (equal token ids after the prompt: equal contexts, so the same change in both) and the rest.
 * Variants: `--losses rc_dpo+shared_prefix=detach+rc_target=nearest` adds `--po.shared_prefix detach
   --po.rc_target nearest` to that run (and to its folder's name); `+probe_file=heldout` gives the monitor the
-  held-out pairs as its probe (`--po.probe_file`: the alarm and probe_pred_* on the pairs measured below).
+  first 32 held-out pairs as its probe (`--po.probe_file`: the alarm and probe_pred_* on pairs measured below).
 * Training: dpo, rc_dpo, simpo, rc_simpo through po_plugins.cli.train_dpo (real OpenRLHF, ZeRO-2, bf16, monitor on),
   one epoch, micro-batch 4, batch 8, learning rate 5e-5 and the objectives' default β/γ: experiment 2's rate, chosen
   there on validation pairs; nothing is tuned on this experiment's test pairs. Seeds 42, 43, ... (batch order).
@@ -305,8 +305,8 @@ def main(argv=None) -> int:
                    "ref_chosen_logp": w, "ref_rejected_logp": lo}
                   for r, w, lo in zip(pairs["train"], ref["train"]["w"], ref["train"]["l"])]
     train_file = write_jsonl(train_rows, out / "data" / "train.jsonl")
-    heldout_file = write_jsonl([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs["test"]],
-                               out / "data" / "heldout.jsonl")  # `+probe_file=heldout`: the monitor's probe
+    heldout_file = write_jsonl([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs["test"][:32]],
+                               out / "data" / "heldout.jsonl")  # `+probe_file=heldout`: the monitor's probe (32 pairs)
     del model
 
     base_file = out / "data" / "initial_own.json"
