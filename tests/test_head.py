@@ -65,7 +65,7 @@ def test_head_weight_gradient_sums_chunks_in_fp32():
     stock = grad_w(lambda W: torch.log_softmax((h @ W.T).float(), -1).gather(-1, y[:, None]).squeeze(-1), head.weight)
     err = {"stock": float((stock - exact).norm() / exact.norm())}
     for name, acc in (("fp32", True), ("module", False)):
-        got = grad_w(lambda W: chunked_logprobs(head, h, y, chunk=chunk, fp32_accumulate=acc), head.weight)
+        got = grad_w(lambda W, acc=acc: chunked_logprobs(head, h, y, chunk=chunk, fp32_accumulate=acc), head.weight)
         err[name] = float((got - exact).norm() / exact.norm())
     assert err["fp32"] <= 1.5 * err["stock"], err
     assert err["module"] > 2 * err["fp32"], err

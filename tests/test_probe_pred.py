@@ -51,6 +51,17 @@ class Host:
         return (zw, zl, globals()["tokens"](h, y, h.shape[0] // 2)) if tokens else (zw, zl)
 
 
+def setup(tmp_path, seed, loss_name, recheck_every):
+    """(generator, head weight, objective, monitor on a head-only host; RC runs fill the step accumulator)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, D, generator=g, requires_grad=True)
+    host = Host(W)
+    loss = build(loss_name)
+    mon = BandMonitor(loss, str(tmp_path / "t.jsonl"), recheck_every=recheck_every, rescore=host.rescore,
+                      head=host.head, step_acc=loss_name.startswith("rc_"))
+    return g, W, loss, mon
+
+
 def feed(mon, loss, W, ref, h, y):
     pairs = h.shape[0] // 2
     z = logps(W, h, y)
@@ -93,12 +104,7 @@ def test_probe_pred_equals_autograd_over_an_accumulated_step(tmp_path, loss_name
     """Two micro-batches per step (the token pass), probe = the first micro-batch: the record's probe_pred_w/l equal
     ⟨d_w s_w − d_l s_l, s_p⟩ with every s by autograd on the head weight at the step's weights, on every re-check
     step (null on the others)."""
-    g = torch.Generator().manual_seed(1)
-    W = torch.randn(V, D, generator=g, requires_grad=True)
-    host = Host(W)
-    loss = build(loss_name)
-    mon = BandMonitor(loss, str(tmp_path / "t.jsonl"), recheck_every=2, rescore=host.rescore, head=host.head,
-                      step_acc=loss_name.startswith("rc_"))
+    g, W, loss, mon = setup(tmp_path, 1, loss_name, recheck_every=2)
     opt = torch.optim.SGD([W], lr=0.05)
     probe = None
     for step in (1, 2, 3, 4):
@@ -168,12 +174,7 @@ def test_unequal_micro_batches_are_weighted_as_the_optimizer_weighs_them(tmp_pat
     optimizer averages each micro-batch's mean loss, so a pair weighs 1/(3·B_i). The step's scores (token pass for
     apo_zero, whose two incentives differ pair by pair; RC's accumulator for rc_dpo), the band's ratio and the probe
     prediction are those of that gradient, against autograd; d_w and d_l stay the means over the step's pairs."""
-    g = torch.Generator().manual_seed(3)
-    W = torch.randn(V, D, generator=g, requires_grad=True)
-    host = Host(W)
-    loss = build(loss_name)
-    mon = BandMonitor(loss, str(tmp_path / "t.jsonl"), recheck_every=1, rescore=host.rescore, head=host.head,
-                      step_acc=loss_name.startswith("rc_"))
+    g, W, loss, mon = setup(tmp_path, 3, loss_name, recheck_every=1)
     micros = [micro(g, 2), micro(g, 2), micro(g, 1)]
     ref = (torch.zeros(2) - 8, torch.zeros(2) - 8)
     dws, dls = [], []

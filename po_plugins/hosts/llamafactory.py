@@ -483,16 +483,9 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
     def po_scope_forward(self, inputs):
         """po_band_scope: model: the micro-batch forwarded again with gradients, as (z_w, z_l, its response tokens,
         the trainable parameters); ZeRO-3 is refused at start."""
-        batch = dict(inputs)
-        with torch.enable_grad(), self.po.probe_pass():
-            self._po_armed = True
-            try:
-                out = self.concatenated_forward(self.model, batch)
-            finally:
-                self._po_armed = False
-            zw = out["chosen_logps"]
-            got = self._po_scores(batch, batch["labels"], zw.shape[0]) if self._po_captured is not None else None
-        return zw, out["rejected_logps"], got, [p for p in self.model.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            zw, zl, got = self.po_rescore(inputs, tokens=True)
+        return zw, zl, got, [p for p in self.model.parameters() if p.requires_grad]
 
     def po_rescore(self, inputs, tokens: bool = False):
         batch = dict(inputs)
