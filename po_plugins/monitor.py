@@ -33,7 +33,7 @@ from ._dist import all_gather_rows, all_reduce, rank, world_size
 from .band import alert_message, band_stats
 from .errors import PluginStateError  # noqa: F401  (re-exported)
 from .objective import PairBatch, PairLoss
-from .scores import HeadSpec, ScoreStats, Tokens, partial_lse, side_gram, step_score_sums
+from .scores import HeadSpec, ScoreStats, Tokens, matrix_stats, partial_lse, side_gram, step_score_sums
 
 SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "alpha", "loss", "w_sum", "w_capped", "micro_scored",
             "micro_in_band", "shared_tok", "resp_tok", "micro", "d_w_m", "d_l_m")
@@ -177,7 +177,7 @@ class BandMonitor:
         if tokens is not None:
             self.tokens.append(tokens)
         self.last_alpha = alpha
-        self.last_d = (float(d_w.double().mean()), float(d_l.double().mean()))
+        self.last_d = (d_w.detach().double().mean(), d_l.detach().double().mean())  # on the device: no sync here
         self.last_inputs = recheck_inputs
         self.last_z = (zw, zl)
         if self.probe is None and self.probe_batches is None and recheck_inputs is not None and self.recheck_every > 0:
@@ -232,10 +232,8 @@ class BandMonitor:
                 with self.head() as spec:
                     acc = self.step_acc(spec.weight.shape[0], spec.weight.shape[1], dev)
             total = all_reduce(acc, "sum", inplace=True)  # zeroed below: no copy
-            n = float(max(n_micro, 1))  # each micro-batch added its pairs' mean: the step weighs micro-batches equally
-            # summed in fp64 (fp32 over ~10^7-10^9 entries loses ~3e-4 of the norm), a block of rows at a time
-            ww, ll, wl = (_dot64(total[i], total[j]) for i, j in ((0, 0), (1, 1), (0, 1)))
-            out = ScoreStats(ww.sqrt() / n, ll.sqrt() / n, wl / n ** 2)
+            # each micro-batch added its pairs' mean: the step weighs micro-batches equally
+            out = matrix_stats(total, 1.0 / max(n_micro, 1))
             acc.zero_()
             return out, n_pairs, None
         if self.head is None or any(t.hidden is None for t in toks):
@@ -462,7 +460,7 @@ class BandMonitor:
             if f"scope_{name}" not in sc:
                 continue
             sw, sl, dot = sc[f"scope_{name}"]
-            band = band_stats(self.last_d[0], self.last_d[1], sw, sl, dot)
+            band = band_stats(float(self.last_d[0]), float(self.last_d[1]), sw, sl, dot)
             out.update({f"scope_{name}_sw_norm": sw, f"scope_{name}_sl_norm": sl, f"scope_{name}_rho": band["rho"],
                         f"scope_{name}_log_r_star": band["log_r_star"], f"scope_{name}_in_band": band["in_band"]})
         return out
@@ -537,15 +535,6 @@ class BandMonitor:
         self.alarm_step = state.get("alarm_step")
         self.alarm_streak = int(state.get("alarm_streak", 0))
         self._resumed = True
-
-
-def _dot64(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tensor:
-    """⟨a, b⟩ of two equal-shape [V, d] matrices: a BLAS dot per block of `rows` rows, the blocks summed in fp64 (one
-    fp32 sum over ~10^7 entries is off by ~3e-3 of a squared norm, these blocks by ~1e-5; an fp64 copy costs ~40×)."""
-    out = torch.zeros((), dtype=torch.float64, device=a.device)
-    for i in range(0, a.shape[0], rows):
-        out += torch.dot(a[i:i + rows].reshape(-1), b[i:i + rows].reshape(-1)).double()
-    return out
 
 
 def _to_device(obj, device):

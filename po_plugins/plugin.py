@@ -31,7 +31,7 @@ from .losses import PairBatch, PairLoss, with_chosen_nll
 from .monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
 from .options import OPTIONS
 from .prefix import detach_shared, guard_shared, shared_prefix_mask
-from .scores import ReusedStats, ScoreStats, Tokens, score_stats_flat, score_stats_head, tokens_of
+from .scores import ReusedStats, ScoreStats, Tokens, matrix_stats, score_stats_flat, score_stats_head, tokens_of
 
 
 def micro_stats_needed(calibrating: bool, accumulation: int, world_size: int) -> bool:
@@ -227,11 +227,8 @@ class Plugin:
         chunked head filled in its forward, whose score matrices then give the statistics without a pass."""
         stats, acc = None, None
         if sink is not None:
-            from .monitor import _dot64
-
             mats = sink[1]
-            stats = ScoreStats(*(x.float() for x in (_dot64(mats[0], mats[0]).sqrt(), _dot64(mats[1], mats[1]).sqrt(),
-                                                     _dot64(mats[0], mats[1]))))
+            stats = matrix_stats(mats)
             acc = self.step_acc(mats.shape[1], mats.shape[2], mats.device)
             if acc is not None:
                 acc.add_(mats)

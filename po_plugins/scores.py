@@ -291,6 +291,22 @@ def side_gram(hidden: torch.Tensor, labels: torch.Tensor, side: torch.Tensor, ls
     return out
 
 
+def dot64(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """⟨a, b⟩ of two equal-shape [V, d] matrices: a BLAS dot per block of `rows` rows, the blocks summed in fp64 (one
+    fp32 sum over ~10^7 entries is off by ~3e-3 of a squared norm, these blocks by ~1e-5; an fp64 copy costs ~40×)."""
+    out = torch.zeros((), dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[0], rows):
+        out += torch.dot(a[i:i + rows].reshape(-1), b[i:i + rows].reshape(-1)).double()
+    return out
+
+
+def matrix_stats(mats: torch.Tensor, scale: float = 1.0) -> ScoreStats:
+    """ScoreStats of the score matrices s_w = scale·mats[0], s_l = scale·mats[1] ([2, V, d], e.g. the step
+    accumulator or a chunked head's `score_sink`), with `dot64`'s precision."""
+    ww, ll, wl = (dot64(mats[i], mats[j]) for i, j in ((0, 0), (1, 1), (0, 1)))
+    return ScoreStats(*(x.float() for x in (ww.sqrt() * scale, ll.sqrt() * scale, wl * scale ** 2)))
+
+
 @torch.no_grad()
 def partial_lse(tokens: Tokens, spec: HeadSpec, vocab: tuple[int, int], chunk_size: int = 4096) -> torch.Tensor:
     """[M] log-sum-exp of the final logits over vocabulary rows [a, b) (combine slices with a log-sum-exp).

@@ -159,7 +159,7 @@ def test_score_sink_gives_the_two_pass_statistics_from_the_heads_own_pass(dtype,
     (`score_stats_head` with the head's normalisers), and in fp32 each side's matrix is autograd's gradient of its
     mean log-prob; the log-probs and gradients of the pass are unchanged; a `keep` mask leaves tokens out."""
     from po_plugins.head import fused_scores_ok
-    from po_plugins.monitor import _dot64
+    from po_plugins.scores import dot64 as _dot64
     from po_plugins.scores import score_stats_head
 
     g = torch.Generator().manual_seed(5)
