@@ -3,9 +3,9 @@
     python benchmarks/memory.py [--quick] [--reps 3] [--steps 5]
 
 The real CLIs on CPU, interleaved per repetition (stock, then the plugin modes), median over repetitions, with
-the measurement of benchmarks/overhead.py (its child process): step time = wall time between optimizer steps (first
-step dropped); peak memory = the training loop's peak RSS above the RSS when training starts (VmHWM reset at the
-first micro-batch), the CPU analogue of torch.cuda.max_memory_allocated.
+the measurement of benchmarks/overhead.py (its child process): step time = wall time of a whole optimizer step, all
+its micro-batches included (first step dropped); peak memory = the training loop's peak RSS above the RSS when
+training starts (VmHWM reset at the first micro-batch), the CPU analogue of torch.cuda.max_memory_allocated.
 
 Modes: stock `openrlhf.cli.train_dpo`; `--loss rc_dpo --po.fused_head` (RC and the monitor on: the statistics come
 from the chunked head's input and the head weight); `--loss dpo --po.fused_head`.
@@ -78,8 +78,12 @@ def run_mode(mode, model, data, work, shape, accum):
     if res.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{res.stderr[-3000:]}")
     r = json.loads(out.read_text())
-    times = [b - a for a, b in zip(r["stamps"], r["stamps"][1:])]
-    return statistics.median(times), r["peak"]
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.overhead import step_times
+
+    return statistics.median(step_times(r["stamps"], accum)), r["peak"]
 
 
 def logits_bytes(shape) -> dict:

@@ -5,7 +5,8 @@
 A. The real CLIs on CPU, interleaved, median over reps: stock `openrlhf.cli.train_dpo` against
    `po_plugins.cli.train_dpo --loss rc_dpo` (monitor on, default settings: exact head statistics on every
    micro-batch) and against `--loss dpo --po.monitor` (the monitor alone).
-   Step time = wall time between optimizer steps (first step dropped);
+   Step time = wall time of a whole optimizer step: between consecutive step boundaries, all its micro-batches
+   included (first step dropped);
    peak memory = the training loop's peak RSS above the RSS when training starts (VmHWM after a reset).
 B. The authors' way of getting the head scores (two extra torch.autograd.grad calls on the head weight per
    micro-batch) cannot run inside DeepSpeed 0.19's engine (it rejects autograd.grad through its graph at ZeRO
@@ -111,8 +112,15 @@ def run_mode(mode, model, data, work, accum):
     if res.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{res.stderr[-3000:]}")
     r = json.loads(out.read_text())
-    times = [b - a for a, b in zip(r["stamps"], r["stamps"][1:])]
-    return statistics.median(times), r["peak"]
+    return statistics.median(step_times(r["stamps"], accum)), r["peak"]
+
+
+def step_times(stamps: list[float], accum: int) -> list[float]:
+    """Whole optimizer steps from the stamps OpenRLHF's strategy.optimizer_step leaves after every micro-batch (the
+    engine steps on every `accum`-th): the time between consecutive step boundaries, each covering the step's
+    `accum` forwards and backwards, the plugin's per-step work and the optimizer step (the first step dropped)."""
+    ends = stamps[accum - 1::accum]
+    return [b - a for a, b in zip(ends, ends[1:])]
 
 
 def replica(quick: bool, reps: int) -> dict:

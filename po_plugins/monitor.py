@@ -33,7 +33,17 @@ from ._dist import all_gather_rows, all_reduce, rank, world_size
 from .band import alert_message, band_stats
 from .errors import PluginStateError  # noqa: F401  (re-exported)
 from .objective import PairBatch, PairLoss
-from .scores import HeadSpec, ScoreStats, Tokens, matrix_stats, partial_lse, side_gram, step_score_sums
+from .scores import (
+    HeadSpec,
+    ProbeRows,
+    ScoreStats,
+    StepGram,
+    Tokens,
+    matrix_stats,
+    partial_lse,
+    side_gram,
+    step_score_sums,
+)
 
 SUM_KEYS = ("n", "z_w", "z_l", "r_w", "r_l", "d_w", "d_l", "alpha", "loss", "w_sum", "w_capped", "micro_scored",
             "micro_in_band", "shared_tok", "resp_tok", "micro", "d_w_m", "d_l_m")
@@ -54,6 +64,7 @@ LOG_KEYS = ("z_w", "z_l", "log_r", "log_r_star", "rho", "band_lower", "band_uppe
 
 
 STEP_ACC_BYTES = 1 << 30  # the step accumulator's budget: two [V, d] fp32 matrices (beyond it: the token pass)
+STEP_GRAM_BYTES = 1 << 28  # the step's held score rows (StepGram, [M, V] fp32) at most
 
 
 def loss_step(loss: PairLoss, b: PairBatch, monitor: BandMonitor | None = None, training: bool = True,
@@ -110,6 +121,9 @@ class BandMonitor:
         self.hint = hint
         self.step_acc_on = bool(step_acc)
         self._step_acc = None
+        self._gram = StepGram()  # the step's score rows while few (step_gram)
+        self._gram_off = False  # this step outgrew the held rows: the rest of it goes the other way
+        self.gram_tokens = None  # the held rows' token limit (None: 2·d, where the token Gram stops being cheaper)
         self.out_streak = 0
         self.acc = None
         self.tokens: list[Tokens] = []
@@ -120,6 +134,7 @@ class BandMonitor:
         self.probe_batches = list(probe_batches) if probe_batches else None  # --po.probe_file, as the host's inputs
         self.next_step = 1  # the optimizer step being accumulated (the last end_step's + 1)
         self._pred = None  # this step's probe cross products (close_scores), for probe_pred_w / probe_pred_l
+        self._prows = None  # the probe's score rows from its last re-score (ProbeRows), for probe_pred_w / probe_pred_l
         self.scope = None  # --po.band_scope model: this step's whole-model and head statistics (Plugin._model_scope)
         self.last_d = None  # the last training micro-batch's mean incentives (d_w, d_l)
         self._rescore_tokens = rescore is not None and "tokens" in inspect.signature(rescore).parameters
@@ -193,6 +208,24 @@ class BandMonitor:
             self._step_acc = torch.zeros(2, int(vocab), int(dim), dtype=torch.float32, device=device)
         return self._step_acc
 
+    def step_gram(self, tokens: int, vocab: int, dim: int) -> StepGram | None:
+        """Where a host has a micro-batch's final logits: the step's `StepGram` to hold its score rows, while the step's
+        response tokens (with these `tokens`) stay under 2·dim (where the token Gram costs less than a vocabulary pass)
+        and STEP_GRAM_BYTES, on one process; else None (the first micro-batch beyond it moves the held ones into the
+        step accumulator when there is one, and the rest of the step takes the accumulator or the token pass)."""
+        if self._gram_off or world_size() > 1:
+            return None
+        g = self._gram
+        limit = self.gram_tokens or 2 * int(dim)
+        if g.tokens + int(tokens) < limit and g.nbytes + 4 * int(tokens) * int(vocab) <= STEP_GRAM_BYTES:
+            return g
+        self._gram_off = True
+        if g.a:
+            acc = self.step_acc(vocab, dim, g.a[0].device)
+            if acc is not None:
+                g.flush(acc)
+        return None
+
     def _reduce(self, acc) -> dict:
         sums, maxes = all_reduce(acc[0], "sum").cpu(), all_reduce(acc[1], "max").cpu()
         out = {k: float(v) for k, v in zip(SUM_KEYS, sums)}
@@ -205,37 +238,48 @@ class BandMonitor:
         every rank. `probe`: this rank's probe pairs' response tokens at the step's weights; then the token pass also
         gives ⟨s_w, s_pw⟩, ⟨s_l, s_pw⟩, ⟨s_w, s_pl⟩, ⟨s_l, s_pl⟩ (s_p: the probe pairs' mean scores)."""
         toks, self.tokens = self.tokens, []
+        gram = self._gram if self._gram.a else None
+        self._gram_off = False
+        try:
+            return self._step_scores_of(toks, gram, probe or [])
+        finally:
+            self._gram.clear()
+
+    def _step_scores_of(self, toks: list[Tokens], gram: StepGram | None, probe: list[Tokens]):
         dev = self.last_z[0].device
         acc = self._step_acc
-        # a rank that scored nothing this step has nothing outside the accumulator
-        unaccumulated = bool(toks) and (acc is None or not all(t.in_acc for t in toks))
-        probe = probe or []
+        # a rank that scored nothing this step has nothing outside the accumulator (or the held rows)
+        unaccumulated = bool(toks) and not all(t.in_acc for t in toks)
         counts = all_reduce(torch.tensor([float(len(toks)), float(sum(t.pairs for t in toks)), float(unaccumulated),
                                           float(sum(t.pairs for t in probe))], dtype=torch.float64, device=dev),
                             "sum").cpu()
         n_micro, n_pairs, n_probe = int(counts[0]), int(counts[1]), int(counts[3])
         if acc is not None and counts[2]:  # a micro-batch passed it by: the token pass from now on
-            self._step_acc, self.step_acc_on = None, False
+            self._step_acc, self.step_acc_on, acc = None, False, None
         if n_micro == 0:
             return None, 0, None
-        if n_probe:  # the token pass below, with the probe's tokens: the accumulator's sums are not used this step
-            if acc is not None and not counts[2]:
-                acc.zero_()
         # one micro-batch on one process is the step: its own statistics (on several processes the rank that scored
         # it would skip the collectives below that the others enter)
-        elif n_micro == 1 and world_size() == 1 and toks and toks[0].stats is not None:
+        if not n_probe and gram is None and n_micro == 1 and world_size() == 1 and toks and toks[0].stats is not None:
             if acc is not None:
                 acc.zero_()
             return toks[0].stats, n_pairs, None
-        elif counts[2] == 0:  # every scored micro-batch on every rank added its score matrices to the accumulator
+        if counts[2] == 0 and gram is not None:  # the step's rows are held (one process): its token Gram
+            pred = gram.probe_dots(n_micro, self._prows) if self._prows is not None else None
+            return gram.stats(n_micro), n_pairs, pred
+        if counts[2] == 0:  # every scored micro-batch on every rank added its score matrices to the accumulator
             if acc is None:  # this rank scored nothing yet: its share is zeros of the accumulator's shape
                 with self.head() as spec:
                     acc = self.step_acc(spec.weight.shape[0], spec.weight.shape[1], dev)
             total = all_reduce(acc, "sum", inplace=True)  # zeroed below: no copy
             # each micro-batch added its pairs' mean: the step weighs micro-batches equally
             out = matrix_stats(total, 1.0 / max(n_micro, 1))
+            pred = None
+            if self._prows is not None:  # this rank's probe pairs' scores against the step's; summed over ranks
+                local = self._prows.dots_acc(total, 1.0 / max(n_micro, 1))
+                pred = tuple(float(x) for x in all_reduce(local.to(dev), "sum").cpu())
             acc.zero_()
-            return out, n_pairs, None
+            return out, n_pairs, pred
         if self.head is None or any(t.hidden is None for t in toks):
             raise ValueError("band monitor: the step's head statistics need each scored micro-batch's response "
                              "tokens (Tokens.hidden) and the head (BandMonitor(head=...))")
@@ -367,26 +411,36 @@ class BandMonitor:
                     zs = [self.rescore(_to_device(x, self.last_z[0].device))[:2] for x in self.probe_batches]
                 self.probe = {"batches": self.probe_batches, "z_w": torch.cat([z[0] for z in zs]).double(),
                               "z_l": torch.cat([z[1] for z in zs]).double()}
-            stats, pairs, self._pred = self._step_scores(self._probe_tokens())
+            stats, pairs, self._pred = self._step_scores(self._refresh_probe())
             self._closed = (stats, pairs)
 
     def due(self) -> bool:
         """Whether the step being accumulated is a re-check step (every `recheck_every` steps)."""
         return self.recheck_every > 0 and self.next_step % self.recheck_every == 0
 
-    def _probe_tokens(self) -> list[Tokens] | None:
-        """On a re-check step: the probe pairs' response tokens at the step's weights (the host's re-score with
-        `tokens=True`), for `probe_pred_w` / `probe_pred_l`; None on other steps or where the host cannot give them."""
-        if not (self.due() and self.probe and self._rescore_tokens):
+    def _refresh_probe(self) -> list[Tokens] | None:
+        """On re-check steps and at the first step: the probe pairs' response tokens at the step's weights (the host's
+        re-score with `tokens=True`), kept as `ProbeRows` (within STEP_GRAM_BYTES) for `probe_pred_*` on every step
+        until the next re-check; returned on re-check steps, where a step without held rows or accumulator takes them
+        through its token pass. None on other steps or where the host cannot give them."""
+        if not (self.probe and self._rescore_tokens) or not (self.due() or self._prows is None):
             return None
+        dev = self.last_z[0].device
         out = []
         with torch.no_grad():
             for x in self.probe["batches"]:
-                got = self.rescore(_to_device(x, self.last_z[0].device), tokens=True)
+                got = self.rescore(_to_device(x, dev), tokens=True)
                 if got[2] is None:
                     return None
                 out.append(got[2])
-        return out
+        n_probe = int(all_reduce(torch.tensor([float(sum(t.pairs for t in out))], dtype=torch.float64, device=dev),
+                                 "sum").item())
+        self._prows = None
+        with self.head() as spec:
+            big = sum(int(t.hidden.shape[0]) for t in out) * int(spec.weight.shape[0]) * 4 > STEP_GRAM_BYTES
+            if float(all_reduce(torch.tensor([float(big)], dtype=torch.float64, device=dev), "max").item()) == 0:
+                self._prows = ProbeRows.build(out, spec, n_probe, self.score_chunk)
+        return out if self.due() else None
 
     _closed = None
 

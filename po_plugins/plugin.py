@@ -31,7 +31,16 @@ from .losses import PairBatch, PairLoss, with_chosen_nll
 from .monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
 from .options import OPTIONS
 from .prefix import detach_shared, guard_shared, shared_prefix_mask
-from .scores import ReusedStats, ScoreStats, Tokens, matrix_stats, score_stats_flat, score_stats_head, tokens_of
+from .scores import (
+    ReusedStats,
+    ScoreStats,
+    Tokens,
+    matrix_stats,
+    score_rows,
+    score_stats_flat,
+    score_stats_head,
+    tokens_of,
+)
 
 
 def micro_stats_needed(calibrating: bool, accumulation: int, world_size: int) -> bool:
@@ -196,12 +205,24 @@ class Plugin:
         log-probs were taken from (labels `y`, sequence index `rows`; rows < n_pairs are chosen), with its own head
         statistics where they are needed (RC, or a step of one micro-batch)."""
         stats, acc = None, None
-        if self.micro_stats and not self.probing:
+        lse = torch.logsumexp(logits.float(), dim=-1)
+        gram = None if self.probing or self.monitor is None else self.monitor.step_gram(
+            h.shape[0], logits.shape[-1], h.shape[-1])
+        if gram is not None:  # few response tokens: the step holds their score rows (no vocabulary pass)
+            own = gram.add(score_rows(logits, y, lse, scale, cap, temperature), h, rows < n_pairs, n_pairs)
+            return tokens_of(h, y, rows, n_pairs, lse, own if self.micro_stats else None, in_acc=True)
+        if self.probing:  # the probe's score rows for probe_pred_* (BandMonitor._refresh_probe): no rebuild
+            from .monitor import STEP_GRAM_BYTES
+
+            fits = 4 * logits.shape[0] * logits.shape[-1] <= STEP_GRAM_BYTES
+            return tokens_of(h, y, rows, n_pairs, lse,
+                             grad_rows=score_rows(logits, y, lse, scale, cap, temperature) if fits else None)
+        if self.micro_stats:
             is_chosen = torch.arange(n_seqs, device=h.device) < n_pairs
             acc = self.step_acc(logits.shape[-1], h.shape[-1], h.device)
             stats = score_stats_flat(h, logits, y, rows, is_chosen, chunk_size=int(self.options["score_chunk"]),
                                      logit_scale=scale, softcap=cap, temperature=temperature, acc=acc)
-        return tokens_of(h, y, rows, n_pairs, torch.logsumexp(logits.float(), dim=-1), stats, in_acc=acc is not None)
+        return tokens_of(h, y, rows, n_pairs, lse, stats, in_acc=acc is not None)
 
     def score_sink(self, rows, n_seqs: int, n_pairs: int, vocab: int, dim: int, device, keep=None):
         """For a chunked head that can fill them in its own pass (`head.chunked_logprobs(score_sink=...)`): the

@@ -90,16 +90,193 @@ def score_stats_flat(
         ScoreStats of 0-dim fp32 tensors.
     """
     V = logits.shape[-1]
-    s, T = float(logit_scale), float(temperature)
 
     def chunk(a, b):
         z = logits[:, a:b].to(torch.float32, copy=True)  # a_chunk works in place
-        if softcap:
-            t = z * (T / softcap)
-            return z, (s / T) * (1 - t * t)
-        return z, None if s == T else torch.full((), s / T, device=z.device)
+        return z, _final_slope(z, logit_scale, softcap, temperature)
 
     return _stats(hidden, labels, rows, is_chosen, V, chunk, chunk_size, method, acc=acc)
+
+
+def _final_slope(z: torch.Tensor, logit_scale: float, softcap: float | None, temperature: float):
+    """∂z/∂u of the final logits z = c·tanh(s·u/c)/T (z = s·u/T uncapped) given z: a tensor like z, a 0-dim tensor, or
+    None for 1."""
+    s, T = float(logit_scale), float(temperature)
+    if softcap:
+        t = z * (T / softcap)
+        return (s / T) * (1 - t * t)
+    return None if s == T else torch.full((), s / T, device=z.device)
+
+
+@torch.no_grad()
+def score_rows(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, logit_scale: float = 1.0,
+               softcap: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """[M, V] fp32 rows a_t = (e_{y_t} − softmax(z_t)) ⊙ ∂z_t/∂u_t of the final logits `logits` [M, V] (lse: their
+    [M] log-normalisers): each response token's log-prob gradient with respect to the head's raw output, so that
+    ∇_W log p(y_t) = a_tᵀ h_t (StepGram)."""
+    z = logits.to(torch.float32, copy=True)
+    dz = _final_slope(z, logit_scale, softcap, temperature)
+    a = z.sub_(lse.float().reshape(-1, 1).to(z.device)).exp_().neg_()
+    a[torch.arange(a.shape[0], device=a.device), labels.long().to(a.device)] += 1.0
+    return a if dz is None else a.mul_(dz)
+
+
+class StepGram:
+    """The optimizer step's response tokens held as their log-prob gradients with respect to the head's output
+    (`score_rows`, [M_i, V] per micro-batch) and head inputs, with the token Gram matrix K = A Aᵀ built as they come
+    (each new micro-batch against itself and every earlier one): then ⟨s_a, s_b⟩ = Σ_{t∈a, u∈b} w_t w_u K_tu (h_t·h_u)
+    for the step (any per-token weights) and for a probe, with no vocabulary pass and no [V, d] matrix.
+
+    Work: M_i·M·V per micro-batch (M: the step's tokens so far), against 2·M_i·V·d for a vocabulary pass; memory
+    M·V·4 bytes. The monitor uses it while the step's tokens stay under 2·d and its budget (BandMonitor.step_gram),
+    on one process (on several the rows would have to be gathered)."""
+
+    def __init__(self):
+        self.a: list[torch.Tensor] = []  # [M_i, V] fp32
+        self.h: list[torch.Tensor] = []  # [M_i, d] fp32
+        self.chosen: list[torch.Tensor] = []  # [M_i] bool
+        self.pairs: list[int] = []
+        self.k: dict[tuple[int, int], torch.Tensor] = {}  # (i, j), j ≤ i: A_i A_jᵀ
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(a.shape[0]) for a in self.a)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() for a in self.a)
+
+    def add(self, a: torch.Tensor, hidden: torch.Tensor, chosen: torch.Tensor, pairs: int) -> ScoreStats:
+        """Hold one micro-batch (a: `score_rows` [M, V]; hidden [M, d]; chosen [M] bool per token; its pairs) and
+        return its own statistics (each side at 1/pairs)."""
+        i = len(self.a)
+        for j in range(i):
+            self.k[(i, j)] = a @ self.a[j].T
+        kii = a @ a.T
+        self.k[(i, i)] = kii
+        self.a.append(a)
+        self.h.append(hidden.detach().float())
+        self.chosen.append(chosen.bool())
+        self.pairs.append(int(pairs))
+        c = chosen.bool()
+        n = 1.0 / max(int(pairs), 1)
+        return _gram_stats(kii, self.h[i] * n, c)
+
+    def stats(self, n_micro: int) -> ScoreStats:
+        """The step's statistics: each pair at 1/(n_micro · its micro-batch's pairs), as the optimizer weighs it."""
+        k, hw, c = self._all(n_micro)
+        return _gram_stats(k, hw, c)
+
+    def probe_dots(self, n_micro: int, probe: ProbeRows) -> tuple:
+        """(⟨s_w, s_pw⟩, ⟨s_l, s_pw⟩, ⟨s_w, s_pl⟩, ⟨s_l, s_pl⟩): the step's scores with the probe pairs' mean scores."""
+        _, hw, c = self._all(n_micro, gram=False)
+        return probe.dots_rows(torch.cat(self.a), hw, c)
+
+    def _all(self, n_micro: int, gram: bool = True):
+        w = torch.cat([torch.full((a.shape[0],), 1.0 / (max(p, 1) * max(n_micro, 1)), device=a.device)
+                       for a, p in zip(self.a, self.pairs)])
+        hw = torch.cat(self.h) * w[:, None]
+        c = torch.cat(self.chosen)
+        if not gram:
+            return None, hw, c
+        sizes = [int(a.shape[0]) for a in self.a]
+        k = torch.cat([torch.cat([self.k[(i, j)] if j <= i else self.k[(j, i)].T for j in range(len(sizes))], 1)
+                       for i in range(len(sizes))], 0)
+        return k, hw, c
+
+    def flush(self, acc: torch.Tensor) -> None:
+        """Add every held micro-batch's score matrices (each side at 1/pairs) to a [2, V, d] step accumulator and
+        forget them (the step continues on the vocabulary pass)."""
+        for a, h, c, p in zip(self.a, self.h, self.chosen, self.pairs):
+            n = 1.0 / max(p, 1)
+            acc[0].addmm_(a[c].T, h[c], alpha=n)
+            acc[1].addmm_(a[~c].T, h[~c], alpha=n)
+        self.clear()
+
+    def clear(self) -> None:
+        self.a, self.h, self.chosen, self.pairs, self.k = [], [], [], [], {}
+
+
+class ProbeRows:
+    """The probe pairs' response tokens held for `probe_pred_*` between re-scores: their score rows a_t ([M_p, V] fp32,
+    `score_rows` at the weights of the re-score) and head inputs weighted 1/n_probe (n_probe: the probe's pairs on
+    all processes), so that every step's prediction costs a product with the step's scores, not a vocabulary pass."""
+
+    def __init__(self, a: torch.Tensor, hw: torch.Tensor, chosen: torch.Tensor):
+        self.a, self.hw, self.chosen = a, hw, chosen.bool()
+        self._mats = None
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, probe: list[Tokens], spec: HeadSpec, n_probe: int, chunk_size: int = 4096) -> ProbeRows:
+        """From the probe's re-scored Tokens: their `grad_rows` where the host gave them, else rebuilt from the head."""
+        dev = spec.weight.device
+        hp, yp, cp, lse, chunk = _probe_rows(probe, spec, dev)
+        if all(t.grad_rows is not None for t in probe):
+            a = torch.cat([t.grad_rows for t in probe]).float().to(dev)
+        else:
+            V = spec.weight.shape[0]
+            a = torch.empty(hp.shape[0], V, dtype=torch.float32, device=dev)
+            for lo in range(0, V, chunk_size):
+                hi = min(lo + chunk_size, V)
+                z, dz = chunk(lo, hi)
+                g = z.sub_(lse).exp_().neg_()
+                hit = ((yp >= lo) & (yp < hi)).nonzero(as_tuple=True)[0]
+                g[hit, yp[hit] - lo] += 1.0
+                a[:, lo:hi] = g if dz is None else g.mul_(dz)
+        return cls(a, hp.float() / max(int(n_probe), 1), cp)
+
+    def matrices(self) -> torch.Tensor:
+        """[2, V, d] fp32: this process's share of the probe's mean chosen and rejected scores (kept until the next
+        re-score)."""
+        if self._mats is None:
+            c = self.chosen
+            self._mats = torch.stack([self.a[c].T @ self.hw[c], self.a[~c].T @ self.hw[~c]])
+        return self._mats
+
+    def dots_acc(self, total: torch.Tensor, scale: float) -> torch.Tensor:
+        """[4] fp64 (⟨s_w, s_pw⟩, ⟨s_l, s_pw⟩, ⟨s_w, s_pl⟩, ⟨s_l, s_pl⟩) with the step's scores scale·total ([2, V, d],
+        the step accumulator), this process's share (processes' results add up)."""
+        m = self.matrices().to(total.device)
+        return torch.stack([dot64(total[0], m[0]), dot64(total[1], m[0]), dot64(total[0], m[1]),
+                            dot64(total[1], m[1])]) * scale
+
+    def dots_rows(self, a: torch.Tensor, hw: torch.Tensor, chosen: torch.Tensor) -> tuple:
+        """The same four products with step scores given as score rows a [M, V], weighted head inputs hw [M, d] and
+        each token's side (StepGram)."""
+        kp = self.a.to(a.device) @ a.T  # [M_p, M]
+        cross = kp.double() * (self.hw.double().to(a.device) @ hw.double().T)
+        cw, cl = chosen.double(), (~chosen.bool()).double()
+        pw, pl = self.chosen.double().to(a.device), (~self.chosen).double().to(a.device)
+        return tuple(float(p @ cross @ s) for p, s in ((pw, cw), (pw, cl), (pl, cw), (pl, cl)))
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.numel() * 4
+
+
+def _probe_rows(probe: list[Tokens], spec: HeadSpec, device):
+    """A probe's response tokens as (hidden, labels, chosen, lse [M, 1], the head's chunk function); the log-normalisers
+    recomputed from the head where a host's re-score did not give them."""
+    hp = torch.cat([t.hidden for t in probe]).to(device)
+    yp = torch.cat([t.labels for t in probe]).long().to(device)
+    cp = torch.cat([t.chosen for t in probe]).bool().to(device)
+    chunk = _head_chunk(hp, spec)
+    if all(t.lse is not None for t in probe):
+        lse = torch.cat([t.lse for t in probe]).float().to(device)
+    else:
+        V = spec.weight.shape[0]
+        lse = partial_lse(Tokens(hp, yp, cp, None, 0), spec, (0, V))
+    return hp, yp, cp, lse.reshape(-1, 1), chunk
+
+
+def _gram_stats(k: torch.Tensor, hw: torch.Tensor, chosen: torch.Tensor) -> ScoreStats:
+    """ScoreStats from a token Gram K [M, M] of the score rows, the weighted head inputs hw [M, d] and the chosen
+    mask: ⟨s_a, s_b⟩ = Σ_{t∈a, u∈b} K_tu (hw_t·hw_u), summed in fp64."""
+    g = k.double() * (hw.double() @ hw.double().T)
+    cw, cl = chosen.double(), (~chosen.bool()).double()
+    ww, ll, wl = cw @ g @ cw, cl @ g @ cl, cw @ g @ cl
+    return ScoreStats(ww.clamp(min=0).sqrt().float(), ll.clamp(min=0).sqrt().float(), wl.float())
 
 
 class HeadSpec(NamedTuple):
@@ -124,22 +301,23 @@ class Tokens(NamedTuple):
     pairs: int  # pairs of the micro-batch (the 1/n of each side)
     stats: ScoreStats | None = None  # this micro-batch's own statistics when the host computed them (RC)
     in_acc: bool = False  # its score matrices were added to the monitor's step accumulator with `stats`
+    grad_rows: torch.Tensor | None = None  # [M, V] fp32 `score_rows`, where the host had the logits (a probe re-score)
 
 
 def tokens_of(hidden, labels, rows, n_pairs: int, lse: torch.Tensor | None = None,
-              stats: ScoreStats | None = None, in_acc: bool = False) -> Tokens:
+              stats: ScoreStats | None = None, in_acc: bool = False, grad_rows=None) -> Tokens:
     """Tokens from gathered response positions (rows < n_pairs are chosen).
 
     Args:
         hidden [M, d], labels [M], rows [M]: as `response_positions` returns them. n_pairs: pairs of the micro-batch.
         lse: [M] log-normalisers, if computed. stats: the micro-batch's own ScoreStats, if computed. in_acc: its
-            score matrices were added to the monitor's step accumulator.
+            score matrices were added to the monitor's step accumulator. grad_rows: its `score_rows`, if computed.
 
     Returns:
         Tokens, detached (lse in fp32).
     """
     return Tokens(hidden.detach(), labels.detach(), (rows < n_pairs).detach(),
-                  None if lse is None else lse.detach().float(), int(n_pairs), stats, bool(in_acc))
+                  None if lse is None else lse.detach().float(), int(n_pairs), stats, bool(in_acc), grad_rows)
 
 
 def final_lse(logits: torch.Tensor, scale: float = 1.0, softcap: float | None = None,

@@ -100,14 +100,36 @@ def with_micro_stats(mon, tok, spec, chunk=7):
     return tok._replace(stats=st, in_acc=acc is not None, hidden=None if acc is not None else tok.hidden)
 
 
-def run_monitor(tmp_path, loss, problem, micro, name="m", step_acc=False):
+def with_held_rows(mon, tok, spec):
+    """What a host with the micro-batch's final logits does while the step's tokens are few: the step holds the
+    tokens' score rows (BandMonitor.step_gram); None where the monitor declines them."""
+    from po_plugins.scores import score_rows
+
+    gram = mon.step_gram(tok.hidden.shape[0], spec.weight.shape[0], spec.weight.shape[1])
+    if gram is None:
+        return None
+    u = tok.hidden @ spec.weight.T + (spec.bias if spec.bias is not None else 0)
+    z = u * spec.logit_scale
+    if spec.softcap:
+        z = spec.softcap * torch.tanh(z / spec.softcap)
+    own = gram.add(score_rows(z, tok.labels, tok.lse, spec.logit_scale, spec.softcap), tok.hidden, tok.chosen,
+                   tok.pairs)
+    return tok._replace(stats=own, in_acc=True)
+
+
+def run_monitor(tmp_path, loss, problem, micro, name="m", step_acc=False, held=None):
+    """`held`: the monitor's held-rows token limit (None: no micro-batch offers its rows)."""
     W, b, h, y, mask, spec = problem
     n = h.shape[0] // 2
     mon = BandMonitor(loss, str(tmp_path / name / "po_band.jsonl"), recheck_every=0,
                       head=lambda: contextlib.nullcontext(spec), step_acc=step_acc)
+    mon.gram_tokens = held
     for a in range(0, n, micro):
         pb, tok = micro_inputs(W, b, h, y, mask, spec, torch.arange(a, min(a + micro, n)))
-        if step_acc:
+        got = with_held_rows(mon, tok, spec) if held is not None else None
+        if got is not None:
+            tok = got
+        elif step_acc:
             tok = with_micro_stats(mon, tok, spec)
             assert tok.in_acc
         loss_step(loss, pb, mon, training=True, tokens=tok)
@@ -140,6 +162,41 @@ def test_step_band_equals_autograd_of_the_step_for_every_micro_batch_size(tmp_pa
 
     avg = sum(float(step_score_sums(t, spec, 1)[0].sqrt()) for t in per) / 8
     assert abs(avg - float(sw.norm())) > 0.05 * float(sw.norm())
+
+
+@pytest.mark.parametrize("step_acc", [False, True])
+@pytest.mark.parametrize("kw", [{}, {"bias": True}, {"cap": 3.0, "scale": 0.7}])
+def test_held_score_rows_give_the_step_band_of_autograd(tmp_path, kw, step_acc):
+    """The step's score rows held (StepGram, a host with the logits and few response tokens), alone and when the step
+    outgrows them part way (the held rows then move into the step accumulator, step_acc=True, or the step takes the
+    token pass): the step's statistics equal autograd's in every case."""
+    loss = build("dpo", beta=0.5)
+    problem = head_problem(**kw)
+    _, sw, sl = autograd_step_band(loss, *problem)
+    ntok = int(problem[4].sum())  # every response token of the step
+    for micro, held in ((1, 10**6), (2, 10**6), (8, 10**6), (1, ntok // 3), (2, ntok // 2)):
+        rec = run_monitor(tmp_path, loss, problem, micro, f"g{micro}_{held}", step_acc=step_acc, held=held)
+        assert rec["sw_norm"] == pytest.approx(float(sw.norm()), rel=1e-4), (micro, held)
+        assert rec["sl_norm"] == pytest.approx(float(sl.norm()), rel=1e-4), (micro, held)
+        assert rec["sw_dot_sl"] == pytest.approx(float((sw * sl).sum()), rel=1e-4, abs=1e-7), (micro, held)
+        assert rec["score_pairs"] == 8
+
+
+def test_held_rows_give_each_micro_batch_its_own_statistics():
+    """A micro-batch's own statistics from its held rows (what RC calibrates on) equal the vocabulary pass's."""
+    from po_plugins.scores import score_stats_head
+
+    W, b, h, y, mask, spec = head_problem(bias=True, cap=3.0, scale=0.7)
+    mon = BandMonitor(build("rc_dpo"), "/dev/null", recheck_every=0)
+    mon.gram_tokens = 10**6
+    for rows in (torch.arange(0, 3), torch.arange(3, 8)):
+        _, tok = micro_inputs(W, b, h, y, mask, spec, rows)
+        k = tok.pairs
+        want = score_stats_head(tok.hidden, W, tok.labels, torch.where(tok.chosen, 0, k), torch.arange(2 * k) < k,
+                                bias=b, logit_scale=0.7, softcap=3.0, lse=tok.lse, chunk_size=7)
+        got = with_held_rows(mon, tok, spec).stats
+        for g_, w_ in zip(got, want):
+            assert float(g_) == pytest.approx(float(w_), rel=1e-5, abs=1e-7)
 
 
 def test_step_band_gram_and_vocab_paths_and_vocabulary_slices_agree():

@@ -13,7 +13,7 @@ import torch
 from po_plugins.band import band_stats
 from po_plugins.losses import PairBatch, build
 from po_plugins.monitor import BandMonitor, loss_step
-from po_plugins.scores import HeadSpec, Tokens, score_stats_flat, side_gram
+from po_plugins.scores import HeadSpec, Tokens, score_rows, score_stats_flat, side_gram
 
 V, D, T = 13, 6, 3  # vocabulary, width, response tokens per sequence
 
@@ -51,14 +51,16 @@ class Host:
         return (zw, zl, globals()["tokens"](h, y, h.shape[0] // 2)) if tokens else (zw, zl)
 
 
-def setup(tmp_path, seed, loss_name, recheck_every):
-    """(generator, head weight, objective, monitor on a head-only host; RC runs fill the step accumulator)."""
+def setup(tmp_path, seed, loss_name, recheck_every, held=False):
+    """(generator, head weight, objective, monitor on a head-only host; RC runs fill the step accumulator; `held`:
+    every micro-batch offers the step its score rows, as a host with the logits does)."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(V, D, generator=g, requires_grad=True)
     host = Host(W)
     loss = build(loss_name)
     mon = BandMonitor(loss, str(tmp_path / "t.jsonl"), recheck_every=recheck_every, rescore=host.rescore,
                       head=host.head, step_acc=loss_name.startswith("rc_"))
+    mon.gram_tokens = 10**6 if held else None
     return g, W, loss, mon
 
 
@@ -67,7 +69,14 @@ def feed(mon, loss, W, ref, h, y):
     z = logps(W, h, y)
     rw, rl = ref
     tok = tokens(h, y, pairs)
-    if "score_stats" in loss.needs:  # as a host's RC pass does: the micro-batch's statistics, the step accumulator
+    gram = mon.step_gram(h.shape[0] * T, V, D) if mon.gram_tokens else None
+    if gram is not None:  # the step holds the micro-batch's score rows (StepGram)
+        hf, yf = h.reshape(-1, D), y.reshape(-1)
+        logits = hf @ W.detach().T
+        lse = torch.logsumexp(logits, -1)
+        own = gram.add(score_rows(logits, yf, lse), hf, tok.chosen, pairs)
+        tok = tok._replace(lse=lse, stats=own if "score_stats" in loss.needs else None, in_acc=True)
+    elif "score_stats" in loss.needs:  # as a host's RC pass does: the micro-batch's statistics, the step accumulator
         acc = mon.step_acc(V, D, "cpu")
         hf = h.reshape(-1, D)
         stats = score_stats_flat(hf, hf @ W.detach().T, y.reshape(-1), torch.arange(2 * pairs).repeat_interleave(T),
@@ -99,15 +108,19 @@ def test_side_gram_is_the_gram_of_autograd_scores():
     torch.testing.assert_close(halves, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("held", [False, True])
 @pytest.mark.parametrize("loss_name", ["dpo", "rc_dpo", "simpo"])
-def test_probe_pred_equals_autograd_over_an_accumulated_step(tmp_path, loss_name):
-    """Two micro-batches per step (the token pass), probe = the first micro-batch: the record's probe_pred_w/l equal
-    ⟨d_w s_w − d_l s_l, s_p⟩ with every s by autograd on the head weight at the step's weights, on every re-check
-    step (null on the others)."""
-    g, W, loss, mon = setup(tmp_path, 1, loss_name, recheck_every=2)
+def test_probe_pred_equals_autograd_over_an_accumulated_step(tmp_path, loss_name, held):
+    """Two micro-batches per step (dpo, simpo: the token pass; rc_dpo: the step accumulator; held: the step's score
+    rows), probe = the first micro-batch: the record's probe_pred_w/l equal ⟨d_w s_w − d_l s_l, s_p⟩ with every s by
+    autograd on the head weight at the step's weights, on every re-check step. Between re-checks, where the step's
+    scores are held or accumulated (held, rc_dpo), the prediction uses the probe's scores from its last re-score (at
+    the first step and every re-check step); with the token pass it is null there."""
+    g, W, loss, mon = setup(tmp_path, 1, loss_name, recheck_every=2, held=held)
     opt = torch.optim.SGD([W], lr=0.05)
-    probe = None
-    for step in (1, 2, 3, 4):
+    probe, sp = None, None
+    every_step = held or loss_name.startswith("rc_")
+    for step in (1, 2, 3, 4, 5):
         want_parts, n = [], 0
         for _ in range(2):
             h, y = micro(g, 2)
@@ -122,15 +135,17 @@ def test_probe_pred_equals_autograd_over_an_accumulated_step(tmp_path, loss_name
         zw, zl = torch.cat([z[:2] for z in zs]), torch.cat([z[2:] for z in zs])
         sw = torch.autograd.grad(zw.mean(), [Wd], retain_graph=True)[0]
         sl = torch.autograd.grad(zl.mean(), [Wd])[0]
-        pz = logps(Wd, *probe)
-        spw = torch.autograd.grad(pz[:2].mean(), [Wd], retain_graph=True)[0]
-        spl = torch.autograd.grad(pz[2:].mean(), [Wd])[0]
+        if step == 1 or step % 2 == 0:  # the probe re-scored at this step's weights
+            pz = logps(Wd, *probe)
+            sp = (torch.autograd.grad(pz[:2].mean(), [Wd], retain_graph=True)[0], torch.autograd.grad(pz[2:].mean(),
+                                                                                                      [Wd])[0])
+        spw, spl = sp
         mon.close_scores()
         opt.step()
         opt.zero_grad()
         mon.end_step(step)
         rec = [json.loads(line) for line in open(tmp_path / "t.jsonl")][-1]
-        if step % 2:
+        if step % 2 and not every_step:
             assert rec["probe_pred_w"] is None and rec["probe_pred_l"] is None
             continue
         dw, dl = rec["d_w"], rec["d_l"]
@@ -168,13 +183,14 @@ def test_probe_pred_is_the_first_order_change_of_a_gradient_step(tmp_path):
     assert rec["probe_delta_z_w"] == pytest.approx(float((after - before)[:3].mean()), rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("held", [False, True])
 @pytest.mark.parametrize("loss_name", ["apo_zero", "rc_dpo"])
-def test_unequal_micro_batches_are_weighted_as_the_optimizer_weighs_them(tmp_path, loss_name):
+def test_unequal_micro_batches_are_weighted_as_the_optimizer_weighs_them(tmp_path, loss_name, held):
     """A step of micro-batches of 2, 2 and 1 pairs (an epoch's smaller last micro-batch on TRL or LLaMA-Factory): the
     optimizer averages each micro-batch's mean loss, so a pair weighs 1/(3·B_i). The step's scores (token pass for
     apo_zero, whose two incentives differ pair by pair; RC's accumulator for rc_dpo), the band's ratio and the probe
     prediction are those of that gradient, against autograd; d_w and d_l stay the means over the step's pairs."""
-    g, W, loss, mon = setup(tmp_path, 3, loss_name, recheck_every=1)
+    g, W, loss, mon = setup(tmp_path, 3, loss_name, recheck_every=1, held=held)
     micros = [micro(g, 2), micro(g, 2), micro(g, 1)]
     ref = (torch.zeros(2) - 8, torch.zeros(2) - 8)
     dws, dls = [], []

@@ -484,7 +484,9 @@ def test_score_every_reuses_the_last_statistics(model_dir, tmp_path, monkeypatch
 
     calls = []
     original = host.PoDPOTrainer._po_scores
-    monkeypatch.setattr(host.PoDPOTrainer, "_po_scores", lambda self, *a: calls.append(1) or original(self, *a))
+    # training micro-batches only (the probe's re-scores for probe_pred_* go through it too, under Plugin.probe_pass)
+    monkeypatch.setattr(host.PoDPOTrainer, "_po_scores",
+                        lambda self, *a: (self.po.probing or calls.append(1)) and None or original(self, *a))
     tr = make_trainer(model_dir, tmp_path / "s", "rc_dpo", po_score_every=2, max_steps=3)  # 6 micro-batches
     tr.train()
     assert len(calls) == 3
