@@ -53,7 +53,7 @@ def child(mode: str, out: str, argv: list[str]) -> None:
         rest = prepare(argv)
     from openrlhf.utils.deepspeed.deepspeed import DeepspeedStrategy
 
-    stamps, base = [], {}
+    stamps, cpu, base = [], [], {}
     original_step, original_backward = DeepspeedStrategy.optimizer_step, DeepspeedStrategy.backward
 
     def backward(self, *a, **kw):
@@ -69,12 +69,13 @@ def child(mode: str, out: str, argv: list[str]) -> None:
     def optimizer_step(self, *a, **kw):
         r = original_step(self, *a, **kw)
         stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
         return r
 
     DeepspeedStrategy.backward, DeepspeedStrategy.optimizer_step = backward, optimizer_step
     sys.argv = ["openrlhf.cli.train_dpo", *rest]
     runpy.run_module("openrlhf.cli.train_dpo", run_name="__main__", alter_sys=True)
-    Path(out).write_text(json.dumps({"stamps": stamps, "peak": _rss("VmHWM:") - base.get("rss", 0)}))
+    Path(out).write_text(json.dumps({"stamps": stamps, "cpu": cpu, "peak": _rss("VmHWM:") - base.get("rss", 0)}))
 
 
 # ---- parent --------------------------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ def run_mode(mode, model, data, work, accum):
     if res.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{res.stderr[-3000:]}")
     r = json.loads(out.read_text())
-    return statistics.median(step_times(r["stamps"], accum)), r["peak"]
+    return statistics.median(step_times(r["stamps"], accum)), r["peak"], statistics.median(step_times(r["cpu"], accum))
 
 
 def step_times(stamps: list[float], accum: int) -> list[float]:
@@ -197,14 +198,20 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, data = build(work, args.quick, steps * args.accum)
-        res = {m: {"step": [], "peak": []} for m in MODES}
+        res = {m: {"step": [], "peak": [], "cpu": []} for m in MODES}
         for rep in range(reps):
             for mode in MODES:  # interleaved: drift hits every mode alike
-                t, peak = run_mode(mode, model, data, work, args.accum)
+                t, peak, c = run_mode(mode, model, data, work, args.accum)
                 res[mode]["step"].append(t)
                 res[mode]["peak"].append(peak)
-                print(f"rep {rep + 1}/{reps} {mode:>13}: step {t:.3f} s, peak +{peak / 2**20:.1f} MiB", flush=True)
+                res[mode]["cpu"].append(c)
+                print(f"rep {rep + 1}/{reps} {mode:>13}: step {t:.3f} s (CPU {c:.3f} s), peak +{peak / 2**20:.1f} MiB",
+                      flush=True)
     med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in res.items()}
+    # each repetition's ratio to the stock run just before it (drift between repetitions cancels), median over reps;
+    # and the same on process CPU time, which time the VM's other tenants take from this process does not inflate
+    paired = {m: statistics.median(a / b for a, b in zip(res[m]["step"], res["stock"]["step"])) for m in MODES}
+    paired_cpu = {m: statistics.median(a / b for a, b in zip(res[m]["cpu"], res["stock"]["cpu"])) for m in MODES}
     rep_ = replica(args.quick, reps)
     rs = rep_["replica_step_s"]
     out = {
@@ -217,6 +224,11 @@ def main(argv=None) -> int:
         "recheck_default_step_time_ratio": (0.9 * med["rc_dpo"]["step"] + 0.1 * med["rc_dpo_recheck1"]["step"])
         / med["stock"]["step"],
         "recheck_peak_mem_ratio": med["rc_dpo_recheck1"]["peak"] / max(med["stock"]["peak"], 1),
+        "paired_step_time_ratio": paired["rc_dpo"], "paired_monitor_step_time_ratio": paired["dpo_monitor"],
+        "paired_recheck_every_step_time_ratio": paired["rc_dpo_recheck1"],
+        "cpu_step_time_ratio": paired_cpu["rc_dpo"], "cpu_monitor_step_time_ratio": paired_cpu["dpo_monitor"],
+        "cpu_recheck_every_step_time_ratio": paired_cpu["rc_dpo_recheck1"],
+        "cpu_recheck_default_step_time_ratio": 0.9 * paired_cpu["rc_dpo"] + 0.1 * paired_cpu["rc_dpo_recheck1"],
         "autograd_step_time_ratio": rs["autograd"] / rs["stock"],
         "replica_closed_form_step_time_ratio": rs["closed_form"] / rs["stock"],
         "stock_step_s": med["stock"]["step"], "head_flop_share": rep_["head_flop_share"],
