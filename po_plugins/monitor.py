@@ -206,6 +206,9 @@ class BandMonitor:
             return None
         if self._step_acc is None or tuple(self._step_acc.shape) != (2, int(vocab), int(dim)):
             self._step_acc = torch.zeros(2, int(vocab), int(dim), dtype=torch.float32, device=device)
+        self._gram_off = True  # the step continues in the accumulator: rows held so far go into it
+        if self._gram.a:
+            self._gram.flush(self._step_acc)
         return self._step_acc
 
     def step_gram(self, tokens: int, vocab: int, dim: int) -> StepGram | None:
@@ -220,10 +223,8 @@ class BandMonitor:
         if g.tokens + int(tokens) < limit and g.nbytes + 4 * int(tokens) * int(vocab) <= STEP_GRAM_BYTES:
             return g
         self._gram_off = True
-        if g.a:
-            acc = self.step_acc(vocab, dim, g.a[0].device)
-            if acc is not None:
-                g.flush(acc)
+        if g.a:  # into the step accumulator where there is one (else the step takes the token pass)
+            self.step_acc(vocab, dim, g.a[0].device)
         return None
 
     def _reduce(self, acc) -> dict:
@@ -239,11 +240,11 @@ class BandMonitor:
         gives ⟨s_w, s_pw⟩, ⟨s_l, s_pw⟩, ⟨s_w, s_pl⟩, ⟨s_l, s_pl⟩ (s_p: the probe pairs' mean scores)."""
         toks, self.tokens = self.tokens, []
         gram = self._gram if self._gram.a else None
-        self._gram_off = False
         try:
             return self._step_scores_of(toks, gram, probe or [])
         finally:
             self._gram.clear()
+            self._gram_off = False
 
     def _step_scores_of(self, toks: list[Tokens], gram: StepGram | None, probe: list[Tokens]):
         dev = self.last_z[0].device

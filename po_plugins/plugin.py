@@ -32,9 +32,11 @@ from .monitor import BandMonitor, load_plugin_state, loss_step, plugin_state
 from .options import OPTIONS
 from .prefix import detach_shared, guard_shared, shared_prefix_mask
 from .scores import (
+    HeadSpec,
     ReusedStats,
     ScoreStats,
     Tokens,
+    head_score_rows,
     matrix_stats,
     score_rows,
     score_stats_flat,
@@ -254,6 +256,15 @@ class Plugin:
             if acc is not None:
                 acc.add_(mats)
             return tokens_of(h, y, rows, n_pairs, lse, stats, in_acc=acc is not None)
+        gram = None
+        if self.micro_stats and not self.probing and self.monitor is not None:
+            gram = self.monitor.step_gram(h.shape[0], weight.shape[0], weight.shape[1])
+        if gram is not None:  # few response tokens: the logits rebuilt once, the step holds their score rows
+            spec = HeadSpec(weight, bias, scale, cap, temperature, head_dtype)
+            a, lse = head_score_rows(h.detach().to(weight.device), y.to(weight.device), spec,
+                                     None if lse is None else lse.to(weight.device))
+            own = gram.add(a, h.detach().to(weight.device), (rows < n_pairs).to(weight.device), n_pairs)
+            return tokens_of(h, y, rows, n_pairs, lse, own, in_acc=True)
         if self.micro_stats and not self.probing:
             dev = weight.device
             is_chosen = torch.arange(n_seqs, device=dev) < n_pairs

@@ -121,6 +121,17 @@ def score_rows(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, lo
     return a if dz is None else a.mul_(dz)
 
 
+@torch.no_grad()
+def head_score_rows(hidden: torch.Tensor, labels: torch.Tensor, spec: HeadSpec,
+                    lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`score_rows` [M, V] fp32, lse [M]) for a host whose head builds no logits: the final logits rebuilt once from
+    the head's input and weight (`lse`: the log-normalisers where the host's head computed them)."""
+    z, _ = _head_chunk(hidden, spec)(0, spec.weight.shape[0])
+    if lse is None:
+        lse = torch.logsumexp(z, dim=-1)
+    return score_rows(z, labels, lse, spec.logit_scale, spec.softcap, spec.temperature), lse.float()
+
+
 class StepGram:
     """The optimizer step's response tokens held as their log-prob gradients with respect to the head's output
     (`score_rows`, [M_i, V] per micro-batch) and head inputs, with the token Gram matrix K = A Aᵀ built as they come

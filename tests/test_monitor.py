@@ -100,14 +100,19 @@ def with_micro_stats(mon, tok, spec, chunk=7):
     return tok._replace(stats=st, in_acc=acc is not None, hidden=None if acc is not None else tok.hidden)
 
 
-def with_held_rows(mon, tok, spec):
+def with_held_rows(mon, tok, spec, rebuild=False):
     """What a host with the micro-batch's final logits does while the step's tokens are few: the step holds the
-    tokens' score rows (BandMonitor.step_gram); None where the monitor declines them."""
-    from po_plugins.scores import score_rows
+    tokens' score rows (BandMonitor.step_gram); None where the monitor declines them. `rebuild`: a host without logits
+    (TRL's fused head), whose rows come from the head's weight (`head_score_rows`)."""
+    from po_plugins.scores import head_score_rows, score_rows
 
     gram = mon.step_gram(tok.hidden.shape[0], spec.weight.shape[0], spec.weight.shape[1])
     if gram is None:
         return None
+    if rebuild:
+        a, lse = head_score_rows(tok.hidden, tok.labels, spec)
+        torch.testing.assert_close(lse, tok.lse)
+        return tok._replace(stats=gram.add(a, tok.hidden, tok.chosen, tok.pairs), in_acc=True)
     u = tok.hidden @ spec.weight.T + (spec.bias if spec.bias is not None else 0)
     z = u * spec.logit_scale
     if spec.softcap:
@@ -117,7 +122,7 @@ def with_held_rows(mon, tok, spec):
     return tok._replace(stats=own, in_acc=True)
 
 
-def run_monitor(tmp_path, loss, problem, micro, name="m", step_acc=False, held=None):
+def run_monitor(tmp_path, loss, problem, micro, name="m", step_acc=False, held=None, rebuild=False):
     """`held`: the monitor's held-rows token limit (None: no micro-batch offers its rows)."""
     W, b, h, y, mask, spec = problem
     n = h.shape[0] // 2
@@ -126,7 +131,7 @@ def run_monitor(tmp_path, loss, problem, micro, name="m", step_acc=False, held=N
     mon.gram_tokens = held
     for a in range(0, n, micro):
         pb, tok = micro_inputs(W, b, h, y, mask, spec, torch.arange(a, min(a + micro, n)))
-        got = with_held_rows(mon, tok, spec) if held is not None else None
+        got = with_held_rows(mon, tok, spec, rebuild) if held is not None else None
         if got is not None:
             tok = got
         elif step_acc:
@@ -164,18 +169,20 @@ def test_step_band_equals_autograd_of_the_step_for_every_micro_batch_size(tmp_pa
     assert abs(avg - float(sw.norm())) > 0.05 * float(sw.norm())
 
 
+@pytest.mark.parametrize("rebuild", [False, True])
 @pytest.mark.parametrize("step_acc", [False, True])
 @pytest.mark.parametrize("kw", [{}, {"bias": True}, {"cap": 3.0, "scale": 0.7}])
-def test_held_score_rows_give_the_step_band_of_autograd(tmp_path, kw, step_acc):
-    """The step's score rows held (StepGram, a host with the logits and few response tokens), alone and when the step
-    outgrows them part way (the held rows then move into the step accumulator, step_acc=True, or the step takes the
-    token pass): the step's statistics equal autograd's in every case."""
+def test_held_score_rows_give_the_step_band_of_autograd(tmp_path, kw, step_acc, rebuild):
+    """The step's score rows held (StepGram: a host with the logits, or rebuilt from the head weight where there are
+    none, and few response tokens), alone and when the step outgrows them part way (the held rows then move into the
+    step accumulator, step_acc=True, or the step takes the token pass): the step's statistics equal autograd's."""
     loss = build("dpo", beta=0.5)
     problem = head_problem(**kw)
     _, sw, sl = autograd_step_band(loss, *problem)
     ntok = int(problem[4].sum())  # every response token of the step
     for micro, held in ((1, 10**6), (2, 10**6), (8, 10**6), (1, ntok // 3), (2, ntok // 2)):
-        rec = run_monitor(tmp_path, loss, problem, micro, f"g{micro}_{held}", step_acc=step_acc, held=held)
+        rec = run_monitor(tmp_path, loss, problem, micro, f"g{micro}_{held}", step_acc=step_acc, held=held,
+                          rebuild=rebuild)
         assert rec["sw_norm"] == pytest.approx(float(sw.norm()), rel=1e-4), (micro, held)
         assert rec["sl_norm"] == pytest.approx(float(sl.norm()), rel=1e-4), (micro, held)
         assert rec["sw_dot_sl"] == pytest.approx(float((sw * sl).sum()), rel=1e-4, abs=1e-7), (micro, held)

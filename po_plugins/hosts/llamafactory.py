@@ -495,7 +495,7 @@ class PoLFDPOTrainer(TrainerPlugin, CustomDPOTrainer):
         with self.po.probe_pass():  # the head hook captures as on a scored micro-batch
             self._po_armed = True
             try:
-                out = self.concatenated_forward(self.model, batch)
+                out = self.concatenated_forward(self.model, dict(batch))  # LLaMA-Factory pops its labels
             finally:
                 self._po_armed = False
             zw = out["chosen_logps"]
