@@ -31,19 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("trl_stock", "trl_rc_dpo", "openrlhf_stock", "openrlhf_rc_dpo")
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def trl_child(mode: str, out: str, model: str, data: str, steps: int, accum: int, max_len: int) -> None:
     """One TRL run: stamps at every optimizer step's end (TrainerCallback), peak RSS over the start."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from benchmarks.overhead import _rss
 
     stamps, base = [], {}
 
@@ -122,6 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is dropped)")
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--max_len", type=int, default=64)
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument("--child", choices=["trl_stock", "trl_rc_dpo"])
     ap.add_argument("--child_out")
     ap.add_argument("--model")
@@ -135,24 +130,29 @@ def main(argv=None) -> int:
 
     reps = 1 if args.quick else args.reps
     steps = 3 if args.quick else args.steps
-    res = {m: {"step": [], "peak": []} for m in MODES}
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    res = {m: {"step": [], "peak": []} for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, data = build(work, args.quick, steps * args.accum)
         for rep in range(reps):
-            for mode in MODES:
+            for mode in modes:
                 t, peak = run_mode(mode, model, data, work, steps, args.accum, args.max_len)
                 res[mode]["step"].append(t)
                 res[mode]["peak"].append(peak)
                 print(f"rep {rep + 1}/{reps} {mode:>16}: step {t:.3f} s, peak +{peak / 2**20:.1f} MiB", flush=True)
     med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in res.items()}
-    out = {"trl_plugin_step_time_ratio": med["trl_rc_dpo"]["step"] / med["trl_stock"]["step"],
-           "trl_plugin_peak_mem_ratio": med["trl_rc_dpo"]["peak"] / max(med["trl_stock"]["peak"], 1),
-           "openrlhf_plugin_step_time_ratio": med["openrlhf_rc_dpo"]["step"] / med["openrlhf_stock"]["step"],
-           "openrlhf_plugin_peak_mem_ratio": med["openrlhf_rc_dpo"]["peak"] / max(med["openrlhf_stock"]["peak"], 1),
-           **{f"{m}_step_s": med[m]["step"] for m in MODES},
-           **{f"{m}_peak_MiB": med[m]["peak"] / 2**20 for m in MODES},
-           "reps": reps, "steps": steps, "quick": args.quick}
+    out = {}
+    for host in ("trl", "openrlhf"):
+        stock, plugin = f"{host}_stock", f"{host}_rc_dpo"
+        if stock in med and plugin in med:
+            out[f"{host}_plugin_step_time_ratio"] = med[plugin]["step"] / med[stock]["step"]
+            out[f"{host}_plugin_paired_step_time_ratio"] = statistics.median(
+                a / b for a, b in zip(res[plugin]["step"], res[stock]["step"]))
+            out[f"{host}_plugin_peak_mem_ratio"] = med[plugin]["peak"] / max(med[stock]["peak"], 1)
+    out.update({**{f"{m}_step_s": med[m]["step"] for m in modes},
+                **{f"{m}_peak_MiB": med[m]["peak"] / 2**20 for m in modes},
+                "reps": reps, "steps": steps, "quick": args.quick})
     print(json.dumps(out))
     return 0
 
