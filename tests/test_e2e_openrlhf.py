@@ -337,6 +337,33 @@ def test_overhead_benchmark_quick_prints_json_last(tmp_path):
         assert out[k] > 0, k
 
 
+def test_benchmarks_time_whole_optimizer_steps():
+    """OpenRLHF calls optimizer_step after every micro-batch; a step is the time between the accumulation
+    boundaries (every `accum`-th call), both micro-batches included."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.overhead import step_times
+
+    # micro-batch 1 ends at 1.0, the step (micro-batch 2 + optimizer) at 1.5; then 1.7 / 2.4, 2.6 / 3.1
+    assert step_times([1.0, 1.5, 1.7, 2.4, 2.6, 3.1], 2) == pytest.approx([0.9, 0.7])
+    assert step_times([1.0, 2.0, 4.0], 1) == pytest.approx([1.0, 2.0])
+
+
+def test_hosts_benchmark_quick_prints_json_last(tmp_path):
+    import subprocess
+    import sys as _sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([_sys.executable, str(root / "benchmarks" / "hosts.py"), "--quick"], cwd=root,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for k in ("trl_plugin_step_time_ratio", "trl_plugin_peak_mem_ratio", "openrlhf_plugin_step_time_ratio",
+              "openrlhf_plugin_peak_mem_ratio"):
+        assert out[k] > 0, k
+
+
 def test_memory_benchmark_quick_prints_json_last(tmp_path):
     import subprocess
     import sys as _sys
