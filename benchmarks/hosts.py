@@ -37,19 +37,14 @@ def trl_child(mode: str, out: str, model: str, data: str, steps: int, accum: int
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from benchmarks.overhead import _rss
+    from benchmarks.overhead import _rss, reset_peak
 
     stamps, base = [], {}
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if not base:
-                try:
-                    with open("/proc/self/clear_refs", "w") as f:
-                        f.write("5")
-                except OSError:
-                    pass
-                base["rss"] = _rss("VmRSS:")
+                base["rss"] = reset_peak()
                 stamps.append(time.perf_counter())  # the first step's start
 
         def on_step_end(self, args, state, control, **kw):

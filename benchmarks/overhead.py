@@ -39,6 +39,16 @@ def _rss(field: str) -> int:
     return 0
 
 
+def reset_peak() -> int:
+    """Reset this process's RSS high-water mark (VmHWM) and return the RSS now: where a training loop starts."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _rss("VmRSS:")
+
+
 def child(mode: str, out: str, argv: list[str]) -> None:
     import runpy
 
@@ -58,12 +68,7 @@ def child(mode: str, out: str, argv: list[str]) -> None:
 
     def backward(self, *a, **kw):
         if not base:  # first micro-batch: reset the high-water mark, remember where training starts
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-            base["rss"] = _rss("VmRSS:")
+            base["rss"] = reset_peak()
         return original_backward(self, *a, **kw)
 
     def optimizer_step(self, *a, **kw):
