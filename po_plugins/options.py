@@ -30,6 +30,10 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
                                  "--ref_model): the reference forward is skipped"),
     "fused_head": (bool, False, "chunked LM head: response-token log-probs and head statistics without the "
                                 "[N, T, V] logits (docs/results_memory.md)"),
+    "share_prompt": (bool, False, "each pair on one row under a block attention mask: its prompt (and the response "
+                                  "tokens both answers begin with) computed once, in the policy and the reference; "
+                                  "log-probs the stock ones; eager or sdpa attention; the chunked head "
+                                  "(docs/share_prompt.md)"),
     "head_chunk": (int, 0, "token positions per chunk of the chunked head (0: about 2^25 logits a chunk)"),
     "probe_alarm_nats": (float, -1.0, "alarm once when the probe pairs' mean chosen log-likelihood (summed over the "
                                       "response) has fallen by this much since the start: measured displacement "
@@ -54,11 +58,13 @@ HOSTS = {"openrlhf": "OpenRLHF", "trl": "TRL", "llamafactory": "LLaMA-Factory"}
 SPELL = {"openrlhf": "--po.{}", "trl": "po_{}", "llamafactory": "po_{}"}
 # options that only some hosts honour: the one table of who honours what (every other option: every host).
 # OpenRLHF only: stored reference log-probs (TRL has its own precompute_ref_log_probs, LLaMA-Factory always runs its
-# reference forward) and the chunked head (TRL has its own fused head). TRL and LLaMA-Factory only: a per-row weight
+# reference forward), the chunked head (TRL has its own fused head) and the shared prompt (TRL's and LLaMA-Factory's
+# concatenated forwards build their own batches; docs/share_prompt.md). TRL and LLaMA-Factory only: a per-row weight
 # column (OpenRLHF's dataset carries the margin column only). OpenRLHF and TRL only: a held-out probe file (tokenized
 # by the trainer's own dataset code; LLaMA-Factory builds its datasets before the trainer, from dataset_info.json).
 HOST_ONLY: dict[str, tuple[str, ...]] = {"ref_logp_keys": ("openrlhf",), "fused_head": ("openrlhf",),
-                                         "head_chunk": ("openrlhf",), "weight_key": ("trl", "llamafactory"),
+                                         "share_prompt": ("openrlhf",), "head_chunk": ("openrlhf",),
+                                         "weight_key": ("trl", "llamafactory"),
                                          "probe_file": ("openrlhf", "trl")}
 
 

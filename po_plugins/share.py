@@ -32,6 +32,33 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import OptionError
+
+
+def check_share(config, packed: bool = False, max_len: int | None = None, flag: str = "--po.share_prompt",
+                attn_flag: str = "--ds.attn_implementation", len_flag: str = "--data.max_len") -> None:
+    """One OptionError naming the fix where pair rows would not give the stock log-probs: a flash-attention model (its
+    kernels take no 4D mask), sliding-window layers whose window a sequence of `max_len` tokens can outgrow (the block
+    mask is full causal within a sequence), or layers of another kind (chunked, linear attention)."""
+    impl = str(getattr(config, "_attn_implementation", None) or "eager")
+    if impl.startswith("flash"):
+        why = (" (OpenRLHF loads flash_attention_2 whenever --ds.packing_samples is on: drop it, the pair rows already "
+               "leave out the repeated prompts)") if packed else ""
+        raise OptionError(f"{flag} lays each pair on one row under a block attention mask, which {impl} cannot take: "
+                          f"use {attn_flag} sdpa (or eager){why}")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = set(getattr(text, "layer_types", None) or ())
+    other = kinds - {"full_attention", "sliding_attention"}
+    if other:
+        raise OptionError(f"{flag}: {type(config).__name__} has {', '.join(sorted(other))} layers, which the block "
+                          f"mask does not reproduce; run without {flag}")
+    window = getattr(text, "sliding_window", None)
+    sliding = "sliding_attention" in kinds or (not kinds and bool(getattr(text, "use_sliding_window", True)))
+    if window and sliding and (max_len is None or int(max_len) > int(window)):
+        raise OptionError(f"{flag}: {type(config).__name__}'s sliding-window layers (window {window}) are not "
+                          f"reproduced by the block mask for sequences longer than the window: set {len_flag} "
+                          f"{window} or less, or run without {flag}")
+
 
 @dataclass
 class PairLayout:

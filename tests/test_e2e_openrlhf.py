@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from po_plugins.tiny import DIST_VARS, free_port, make_assets, run_module
 
@@ -495,6 +496,69 @@ def test_packed_sequences_end_to_end(assets, tmp_path):
     mu, mp = trace(tmp_path / "m_unpacked"), trace(tmp_path / "m_packed")
     assert [r["w_mean"] for r in mp] == pytest.approx([r["w_mean"] for r in mu], rel=1e-6)
     assert mp[0]["loss"] == pytest.approx(mp[0]["w_mean"] * math.log(2), abs=1e-6)
+
+
+# ---- --po.share_prompt ---------------------------------------------------------------------------------------------
+def _saved(out):
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (Path(out) / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(Path(out) / name))
+
+
+def _tb_losses(d):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(next(Path(d).iterdir())))
+    ea.Reload()
+    return [e.value for e in ea.Scalars("train/loss")]
+
+
+@pytest.mark.parametrize("stage,extra", [(0, []), (2, ["--ds.packing_samples", "--ds.attn_implementation", "sdpa"]),
+                                         (3, ["--ds.attn_implementation", "sdpa"]),
+                                         (0, ["--ds.lora.rank", "4", "--ds.lora.alpha", "8"])],
+                         ids=["zero0", "zero2-packed", "zero3", "lora"])
+def test_share_prompt_trains_the_stock_weights(shared_assets, tmp_path, stage, extra):
+    """--loss dpo --po.share_prompt against stock OpenRLHF with the same flags, on pairs whose responses share their
+    first tokens (the rejected answer continues the chosen one) behind a shared prompt: each pair is one row, its
+    prompt and shared start computed once. bf16 weights, 4 steps: per-step losses within rel 2e-3 or 1e-3 (the first is
+    log 2 in both) and the weights within 2 % of the largest move (Adam's eps at 1, so the update follows the gradient
+    instead of turning bf16 rounding of near-zero gradients into ±lr steps)."""
+    common = ["--adam.eps", "1", "--adam.lr", "1", *extra]
+    def args(name):
+        return flags(shared_assets, tmp_path / name, stage=stage, epochs=2,
+                     extra=[*common, "--logger.tensorboard_dir", tmp_path / f"tb_{name}"])
+
+    run(["openrlhf.cli.train_dpo", *args("stock")], tmp_path, module="po_plugins._cpu.run_stock")
+    res = run(["--loss", "dpo", "--po.share_prompt", *args("shared")], tmp_path)
+    assert "prompt computed once" in res.stdout + res.stderr
+    stock, shared = _tb_losses(tmp_path / "tb_stock"), _tb_losses(tmp_path / "tb_shared")
+    assert len(stock) == 4 and stock[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert shared == pytest.approx(stock, rel=2e-3, abs=1e-3)
+    a, b = _saved(tmp_path / "stock"), _saved(tmp_path / "shared")
+    if "--ds.lora.rank" in extra:
+        init = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in a.items()}  # LoRA's B starts at zero
+        init = {k: v for k, v in init.items() if "lora_B" in k}
+        a, b = {k: a[k] for k in init}, {k: b[k] for k in init}
+    else:
+        init = weights(shared_assets["model"])
+    moved = max(float((a[k].float() - init[k].float()).abs().max()) for k in a)
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert moved > 0 and diff < 0.02 * moved, diff / moved
+
+
+def test_share_prompt_keeps_rc_and_the_band(shared_assets, tmp_path):
+    """rc_dpo + monitor with --po.share_prompt: the first step (same weights) has the stock layout's log-probs, head
+    statistics, α and shared-text count; --po.shared_prefix detach composes with it (same tokens detached)."""
+    base = ["--loss", "rc_dpo", "--po.monitor", "--po.recheck_every", "1"]
+    for name, extra in (("two_rows", []), ("one_row", ["--po.share_prompt"]),
+                        ("det_two", ["--po.shared_prefix", "detach"]),
+                        ("det_one", ["--po.shared_prefix", "detach", "--po.share_prompt"])):
+        run([*base, *extra, *flags(shared_assets, tmp_path / name, micro=4, batch=4)], tmp_path)
+    for ref, got in (("two_rows", "one_row"), ("det_two", "det_one")):
+        u, p = trace(tmp_path / ref)[0], trace(tmp_path / got)[0]
+        for k in ("z_w", "z_l", "sw_norm", "sl_norm", "sw_dot_sl", "alpha", "log_r_star", "shared_frac"):
+            assert p[k] == pytest.approx(u[k], rel=2e-3, abs=1e-6), (got, k, p[k], u[k])
 
 
 @pytest.fixture(scope="module")

@@ -119,3 +119,32 @@ def test_bad_layouts_are_refused():
     gap[0, 2] = 0
     with pytest.raises(ValueError, match="row 0: the attention mask has a gap"):
         pair_layout(ids, gap, loss, 2)
+
+
+def test_models_the_block_mask_cannot_serve_are_refused_with_the_fix():
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig
+
+    from po_plugins.errors import OptionError
+    from po_plugins.share import check_share
+
+    check_share(LlamaConfig(attn_implementation="sdpa"), max_len=8192)
+    check_share(MistralConfig(), max_len=4096)  # its window (4096) is never outgrown
+    with pytest.raises(OptionError, match="flash_attention_2 cannot take: use --ds.attn_implementation sdpa"):
+        check_share(LlamaConfig(attn_implementation="flash_attention_2"))
+    with pytest.raises(OptionError, match="--ds.packing_samples is on: drop it"):
+        check_share(LlamaConfig(attn_implementation="flash_attention_2"), packed=True)
+    with pytest.raises(OptionError, match="set --data.max_len 4096 or less"):
+        check_share(Gemma2Config(), max_len=8192)
+    cfg = LlamaConfig()
+    cfg.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(OptionError, match="chunked_attention layers"):
+        check_share(cfg)
+
+
+def test_share_prompt_is_an_openrlhf_option_only():
+    from po_plugins.errors import OptionError
+    from po_plugins.options import options_for, refuse_option
+
+    assert "share_prompt" in options_for("openrlhf") and "share_prompt" not in options_for("trl")
+    with pytest.raises(OptionError, match=r"OpenRLHF \(--po.share_prompt\) only; TRL does not support it"):
+        refuse_option("trl", "share_prompt")

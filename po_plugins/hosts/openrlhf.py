@@ -24,6 +24,7 @@ from ..losses import PairBatch, build
 from ..plugin import Plugin, require_margins, row_number
 from ..prefix import detach_shared
 from ..scores import response_positions
+from ..share import check_share, pair_layout
 from . import band_params, effective_head_weight, gathered, head_spec, lora_params
 from .base import HostSpec, RunInfo, Seam, installed_version
 from .base import check_host as check_spec
@@ -303,10 +304,18 @@ def _trainer_class():
             # Scores are those of the LM-head weight, trainable or not: under LoRA the head is frozen and the
             # paper autograds the last block's adapters instead, but DeepSpeed's engine rejects extra
             # autograd.grad calls through its graph; the head statistics stay exact and ZeRO-3 safe.
-            self._po_fused = bool(getattr(po, "fused_head", False))
+            # --po.share_prompt: each pair on one row (po_plugins.share), through the chunked head's path
+            self._po_share = bool(getattr(po, "share_prompt", False))
+            self._po_fused = bool(getattr(po, "fused_head", False)) or self._po_share
             if self._po_fused and self.strategy.ring_attn_group is not None:
-                raise OptionError("--po.fused_head does not support ring attention (--ds.ring_attn_size > 1) yet; "
+                flag = "--po.share_prompt" if self._po_share else "--po.fused_head"
+                raise OptionError(f"{flag} does not support ring attention (--ds.ring_attn_size > 1) yet; "
                                   "drop one of them")
+            if self._po_share:
+                for actor in (self.model, self.ref_model):
+                    if actor is not None:
+                        check_share(_head_of(actor.model)[0].config, bool(getattr(actor, "packing_samples", False)),
+                                    int(self.args.data.max_len))
             if self.po.need_scores and not self._po_fused:
                 head.register_forward_hook(self._po_hook)
             states = getattr(self.strategy, "_po_client_states", None) or {}
@@ -318,7 +327,8 @@ def _trainer_class():
             interrupt = os.environ.get("PO_PLUGINS_INTERRUPT_AT_STEP")
             self._po_interrupt = int(interrupt) if interrupt else None
             self.po_print(self.po.banner(
-                "chunked LM head (--po.fused_head)" if self._po_fused else "",
+                "prompt computed once: pair rows under a block attention mask, chunked LM head (--po.share_prompt)"
+                if self._po_share else "chunked LM head (--po.fused_head)" if self._po_fused else "",
                 "reference-free: reference forward skipped" if self.po.loss.reference_free
                 else "reference log-probs read from the dataset: reference forward skipped"
                 if getattr(po, "ref_logp_keys", None) else ""))
@@ -470,7 +480,12 @@ def _trainer_class():
 
             engine = actor.model
             base, head, name = _head_of(engine)
-            if actor.packing_samples:
+            layout = None
+            if self._po_share:  # one row per pair (or all pairs on one packed row) under a block mask
+                layout = pair_layout(input_ids, att_masks, loss_masks, B, packed=bool(actor.packing_samples),
+                                     pad_id=int(self.tokenizer.pad_token_id or 0))
+                seqs, fwd_mask, position_ids = layout.input_ids, layout.mask(base.dtype), layout.position_ids
+            elif actor.packing_samples:
                 seqs, position_ids, _, _, _ = unpad_and_slice_tensor(input_ids, att_masks, None)
                 fwd_mask = None
             else:
@@ -496,7 +511,10 @@ def _trainer_class():
                     hidden.dtype))):  # the model rescales its head's output in its forward (not from the config)
                 raise OptionError(f"--po.fused_head: {type(base).__name__}'s forward transforms its head's "
                                  "output in a way the chunked head does not reproduce; run without --po.fused_head")
-            h, _, y, rows = response_positions(hidden, None, input_ids, att_masks, loss_masks)
+            if layout is None:
+                h, _, y, rows = response_positions(hidden, None, input_ids, att_masks, loss_masks)
+            else:  # the stock order of response tokens (share.pair_layout)
+                h, y, rows = hidden.reshape(-1, hidden.shape[-1])[layout.src], layout.labels, layout.rows
             flat = None if shared is None else shared[loss_masks.bool()]  # response_positions' order
             # RC's per-micro-batch statistics from the chunked head's own pass where it can give them (a plain linear
             # head, whole on this process): no second vocabulary pass
