@@ -515,9 +515,10 @@ def _tb_losses(d):
 
 
 @pytest.mark.parametrize("stage,extra", [(0, []), (2, ["--ds.packing_samples", "--ds.attn_implementation", "sdpa"]),
-                                         (3, ["--ds.attn_implementation", "sdpa"]),
+                                         (3, ["--ds.attn_implementation", "sdpa",
+                                              "--model.gradient_checkpointing_enable"]),
                                          (0, ["--ds.lora.rank", "4", "--ds.lora.alpha", "8"])],
-                         ids=["zero0", "zero2-packed", "zero3", "lora"])
+                         ids=["zero0", "zero2-packed", "zero3-checkpointing", "lora"])
 def test_share_prompt_trains_the_stock_weights(shared_assets, tmp_path, stage, extra):
     """--loss dpo --po.share_prompt against stock OpenRLHF with the same flags, on pairs whose responses share their
     first tokens (the rejected answer continues the chosen one) behind a shared prompt: each pair is one row, its
