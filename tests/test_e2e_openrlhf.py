@@ -374,9 +374,10 @@ def test_memory_benchmark_quick_prints_json_last(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     shape = json.loads(res.stdout.strip().splitlines()[-1])["shapes"]["quick"]
-    for k in ("rc_dpo_fused_peak_mem_ratio", "rc_dpo_fused_step_time_ratio", "dpo_fused_peak_mem_ratio",
-              "dpo_fused_step_time_ratio"):
-        assert shape[k] > 0, k
+    for mode in ("rc_dpo_fused", "dpo_fused", "rc_dpo_share", "dpo_share", "rc_dpo_fused_storedref",
+                 "rc_dpo_share_storedref"):  # every mode ran, stored reference log-probs made by score_margins
+        for k in ("peak_mem", "step_time"):
+            assert shape[f"{mode}_{k}_ratio"] > 0, (mode, k)
 
 
 def test_stored_reference_logps_replace_the_reference_forward(assets, tmp_path):
