@@ -108,6 +108,17 @@ def _final_slope(z: torch.Tensor, logit_scale: float, softcap: float | None, tem
     return None if s == T else torch.full((), s / T, device=z.device)
 
 
+def _grad_rows(z: torch.Tensor, dz, lse: torch.Tensor, y: torch.Tensor, a: int = 0) -> torch.Tensor:
+    """(e_y − softmax) ⊙ ∂z/∂u on vocabulary rows [a, a + z.shape[1]), in place on `z` (those rows' fp32 final logits,
+    [M, ·]; `dz` their ∂z/∂u or None for 1; `lse` [M, 1] the full-vocabulary log-normalisers; `y` [M] the labels):
+    each token's log-prob gradient with respect to the head's raw output, on those rows."""
+    g = z.sub_(lse).exp_().neg_()
+    hit = ((y >= a) & (y < a + g.shape[1])).nonzero(as_tuple=True)[0]
+    if hit.numel():
+        g[hit, y[hit] - a] += 1.0
+    return g if dz is None else g.mul_(dz)
+
+
 @torch.no_grad()
 def score_rows(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, logit_scale: float = 1.0,
                softcap: float | None = None, temperature: float = 1.0) -> torch.Tensor:
@@ -116,9 +127,7 @@ def score_rows(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, lo
     ∇_W log p(y_t) = a_tᵀ h_t (StepGram)."""
     z = logits.to(torch.float32, copy=True)
     dz = _final_slope(z, logit_scale, softcap, temperature)
-    a = z.sub_(lse.float().reshape(-1, 1).to(z.device)).exp_().neg_()
-    a[torch.arange(a.shape[0], device=a.device), labels.long().to(a.device)] += 1.0
-    return a if dz is None else a.mul_(dz)
+    return _grad_rows(z, dz, lse.float().reshape(-1, 1).to(z.device), labels.long().to(z.device))
 
 
 @torch.no_grad()
@@ -230,11 +239,7 @@ class ProbeRows:
             a = torch.empty(hp.shape[0], V, dtype=torch.float32, device=dev)
             for lo in range(0, V, chunk_size):
                 hi = min(lo + chunk_size, V)
-                z, dz = chunk(lo, hi)
-                g = z.sub_(lse).exp_().neg_()
-                hit = ((yp >= lo) & (yp < hi)).nonzero(as_tuple=True)[0]
-                g[hit, yp[hit] - lo] += 1.0
-                a[:, lo:hi] = g if dz is None else g.mul_(dz)
+                a[:, lo:hi] = _grad_rows(*chunk(lo, hi), lse, yp, lo)
         return cls(a, hp.float() / max(int(n_probe), 1), cp)
 
     def matrices(self) -> torch.Tensor:
@@ -469,12 +474,7 @@ def side_gram(hidden: torch.Tensor, labels: torch.Tensor, side: torch.Tensor, ls
     out = torch.zeros(k, k, dtype=torch.float32, device=hidden.device)
     for a in range(a0, b0, chunk_size):
         b = min(a + chunk_size, b0)
-        z, dz = chunk(a, b)
-        g = z.sub_(lse).exp_().neg_()  # (onehot − softmax) ⊙ ∂z/∂u on rows [a, b)
-        hit = ((y >= a) & (y < b)).nonzero(as_tuple=True)[0]
-        g[hit, y[hit] - a] += 1.0
-        if dz is not None:
-            g.mul_(dz)
+        g = _grad_rows(*chunk(a, b), lse, y, a)  # (onehot − softmax) ⊙ ∂z/∂u on rows [a, b)
         mats = torch.stack([g[i].T @ hf[i] for i in groups]).reshape(k, -1) * scale[:, None]  # [k, (b − a)·d]
         out += mats @ mats.T
     return out
@@ -570,13 +570,7 @@ def _sums(h, y, side_w, lse, chunk, a0, b0, chunk_size, method, mm_dtype=None, s
     y = y.to(h.device)
 
     def a_chunk(a, b):  # (onehot − softmax) ⊙ ∂z/∂u on vocabulary rows [a, b): [M, b − a], in place
-        z, dz = chunk(a, b)
-        out = z.sub_(lse).exp_().neg_()
-        hit = (y >= a) & (y < b)
-        if hit.any():
-            idx = hit.nonzero(as_tuple=True)[0]
-            out[idx, y[idx] - a] += 1.0
-        return out if dz is None else out.mul_(dz)
+        return _grad_rows(*chunk(a, b), lse, y, a)
 
     if method == "gram" or (method == "auto" and M < 2 * d):
         hs = h.float() * torch.where(side_w, scales[0], scales[1]).to(torch.float32)[:, None]
