@@ -24,11 +24,14 @@ HOST_FRAMEWORKS = ("openrlhf", "trl", "transformers", "llamafactory", "deepspeed
 HOST_ADAPTERS = ("po_plugins.hosts", "po_plugins.cli")
 CORE = ["po_plugins.objective", "po_plugins.losses", "po_plugins.rc", "po_plugins.madpo", "po_plugins.band",
         "po_plugins.scores", "po_plugins.head", "po_plugins.monitor", "po_plugins.options", "po_plugins.errors",
-        "po_plugins._dist"] + (["po_plugins.plugin"] if (PKG / "plugin.py").exists() else [])
+        "po_plugins._dist", "po_plugins.share", "po_plugins.prefix"] + (
+            ["po_plugins.plugin"] if (PKG / "plugin.py").exists() else [])
 # the maths core's layers, bottom (0) to top: an import between two of these modules must go to a lower layer.
 # The package's __init__ sits on top, so no layered module imports it (it re-exports `incentives` from the base).
 LAYERS = {
     "po_plugins.errors": 0, "po_plugins._dist": 0, "po_plugins.head": 0, "po_plugins.band": 0, "po_plugins.madpo": 0,
+    "po_plugins.prefix": 0,
+    "po_plugins.share": 1,  # the pair rows of --po.share_prompt (uses errors)
     "po_plugins.scores": 1,  # head score statistics (uses head)
     "po_plugins.objective": 2,  # base: PairBatch, PairLoss, Diagnostics, incentives
     "po_plugins.rc": 3,  # wrapper: reward calibration (imports only the base)
