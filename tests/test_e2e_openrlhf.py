@@ -325,15 +325,20 @@ def test_score_every_reuses_the_last_statistics(assets, tmp_path):
     assert all("chosen_up_frac" in r and r["chosen_up_frac"] is None for r in every)
 
 
-def test_overhead_benchmark_quick_prints_json_last(tmp_path):
+def _quick_benchmark(script: str) -> dict:
+    """`benchmarks/<script> --quick` in a fresh process: its last output line, one JSON object."""
     import subprocess
     import sys as _sys
 
     root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([_sys.executable, str(root / "benchmarks" / "overhead.py"), "--quick"], cwd=root,
+    res = subprocess.run([_sys.executable, str(root / "benchmarks" / script), "--quick"], cwd=root,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_overhead_benchmark_quick_prints_json_last(tmp_path):
+    out = _quick_benchmark("overhead.py")
     for k in ("step_time_ratio", "peak_mem_ratio", "autograd_step_time_ratio", "monitor_step_time_ratio"):
         assert out[k] > 0, k
 
@@ -352,28 +357,14 @@ def test_benchmarks_time_whole_optimizer_steps():
 
 
 def test_hosts_benchmark_quick_prints_json_last(tmp_path):
-    import subprocess
-    import sys as _sys
-
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([_sys.executable, str(root / "benchmarks" / "hosts.py"), "--quick"], cwd=root,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = _quick_benchmark("hosts.py")
     for k in ("trl_plugin_step_time_ratio", "trl_plugin_peak_mem_ratio", "openrlhf_plugin_step_time_ratio",
               "openrlhf_plugin_peak_mem_ratio"):
         assert out[k] > 0, k
 
 
 def test_memory_benchmark_quick_prints_json_last(tmp_path):
-    import subprocess
-    import sys as _sys
-
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([_sys.executable, str(root / "benchmarks" / "memory.py"), "--quick"], cwd=root,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    shape = json.loads(res.stdout.strip().splitlines()[-1])["shapes"]["quick"]
+    shape = _quick_benchmark("memory.py")["shapes"]["quick"]
     for mode in ("rc_dpo_fused", "dpo_fused", "rc_dpo_share", "dpo_share", "rc_dpo_fused_storedref",
                  "rc_dpo_share_storedref"):  # every mode ran, stored reference log-probs made by score_margins
         for k in ("peak_mem", "step_time"):
