@@ -209,7 +209,9 @@ def full_geometry(model, tok, rows: list[dict], k: int, max_batches: int, params
 
 
 # ---- the policy's own samples -------------------------------------------------------------------------------------
-def own_samples(model_dir: Path, tok_dir: Path, prompts: list[str], cfg: dict, quick: bool) -> dict:
+def own_samples(model_dir: Path, tok_dir: Path, prompts: list[str], cfg: dict, quick: bool, gold=None) -> dict:
+    """`own_samples` samples per prompt (T 0.7, at most `own_max_new` tokens), scored by `gold(prompts, texts)` (one
+    prompt per text; default: this page's gold, VADER or --quick's word count): mean gold reward and length."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -220,7 +222,8 @@ def own_samples(model_dir: Path, tok_dir: Path, prompts: list[str], cfg: dict, q
     chats = [tok.apply_chat_template(msg("user", p), tokenize=False, add_generation_prompt=True) for p in prompts]
     texts = [s.strip() for ss in sample(model, tok, chats, cfg["own_samples"], 0.7, cfg["own_max_new"], False, 4242)
              for s in ss]
-    gold = (tiny_gold if quick else vader_gold)(prompts, texts)
+    per_text = [p for p in prompts for _ in range(cfg["own_samples"])]
+    gold = (gold or (tiny_gold if quick else vader_gold))(per_text, texts)
     lens = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
     return {"gold": statistics.fmean(gold), "tokens": statistics.fmean(lens), "n_samples": len(texts),
             "examples": texts[:3]}
@@ -232,6 +235,59 @@ def strict(mean_ci: tuple[float, float]) -> list:
     return [m, None if c != c else c]
 
 
+def train_matrix(losses: list[str], seeds: int, cfg: dict, model_dir: Path, train_file: Path, out: Path,
+                 test_pairs: list[dict], ref_test: dict, own, files: dict | None = None, tag: str = "binding_regime"):
+    """Train every `loss[+option=value...]` at seeds 42, 43, ... (seed by seed: an interrupted study keeps whole seeds)
+    through displacement.train (the real command), and evaluate each run once (its `result.json`, kept): the held-out
+    pairs' changes and token split (displacement.metrics), the monitor's trace, and `own(run)`'s own-sample numbers.
+    `files`: option values that name a data file ({"heldout": path}: `+probe_file=heldout`)."""
+    from displacement import metrics, sequence_logps, trace_summary, train
+
+    results: dict[str, list[dict]] = {loss: [] for loss in losses}
+    runs42 = {}
+    for seed in range(42, 42 + seeds):
+        for loss in losses:
+            name, *opts = loss.split("+")
+            extra = {k: (files or {}).get(v, v) for k, v in (o.split("=", 1) for o in opts)}
+            run = train(name, cfg["lr"], model_dir, train_file, out, cfg, seed=seed, extra=extra)
+            res_file = run / "result.json"
+            if not res_file.exists():
+                res = {**metrics(loss, sequence_logps(run, test_pairs, model_dir), ref_test), **trace_summary(run),
+                       **{f"own_{k}": v for k, v in own(run).items()}}
+                res_file.write_text(json.dumps(res))
+            results[loss].append(json.loads(res_file.read_text()))
+            if seed == 42:
+                runs42[loss] = run
+            print(f"[{tag}] {run.name}: {json.dumps(results[loss][-1])}", flush=True)
+    return results, runs42
+
+
+KEYS = ["in_band_frac", "dz_w", "dz_l", "chosen_up_frac", "acc_implicit", "acc_own", "own_gold", "own_tokens"]
+SPLIT_KEYS = ["dz_w_shared", "dz_w_rest", "dz_l_rest"]
+
+
+def summarise(results: dict[str, list[dict]], initial: dict) -> dict:
+    """Per setting, every key's mean over seeds with its 95 % t-interval; prints the two markdown tables."""
+    summary = {loss: {k: strict(mean_ci([r[k] for r in rs])) for k in KEYS + SPLIT_KEYS if all(k in r for r in rs)}
+               for loss, rs in results.items() if rs}
+    print("\n| loss | steps in band | Δ log π(y_w) | Δ log π(y_l) | chosen rose | acc. (implicit) | acc. (own) "
+          "| own samples: gold | own samples: tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| initial model | — | — | — | — | — | — | {initial['gold']:+.2f} | {initial['tokens']:.1f} |")
+    for loss, s in summary.items():
+        cells = [(f"{s[k][0]:+.2f}" if k in ("dz_w", "dz_l", "own_gold", "own_tokens") else f"{s[k][0]:.2f}")
+                 + (f" ± {s[k][1]:.2f}" if s[k][1] is not None else "") for k in KEYS]
+        print(f"| {loss} | " + " | ".join(cells) + " |")
+    print("\n| loss | Δ log π(y_w) | shared start (both responses) | y_w's rest | y_l's rest |")
+    print("|---|---|---|---|---|")
+    for loss, s in summary.items():
+        if all(k in s for k in SPLIT_KEYS):
+            print(f"| {loss} | " + " | ".join(f"{s[k][0]:+.2f}" + (f" ± {s[k][1]:.2f}" if s[k][1] is not None else "")
+                                              for k in ["dz_w"] + SPLIT_KEYS) + " |")
+    print()
+    return summary
+
+
 def main(argv=None) -> int:
     ap = parser(__doc__, "runs/binding_regime")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per loss (42, 43, ...)")
@@ -239,7 +295,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     import torch
-    from displacement import metrics, plot, sequence_logps, trace_summary, train
+    from displacement import plot, sequence_logps
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(cpu_threads())
@@ -316,51 +372,16 @@ def main(argv=None) -> int:
     print(f"[binding_regime] initial model's own samples: {json.dumps(initial)}", flush=True)
 
     losses = args.losses.split(",")
-    results: dict[str, list[dict]] = {loss: [] for loss in losses}
-    runs42 = {}
-    for seed in range(42, 42 + args.seeds):  # seed by seed: an interrupted study keeps whole seeds
-        for loss in losses:
-            name, *opts = loss.split("+")
-            extra = dict(o.split("=", 1) for o in opts)
-            if extra.get("probe_file") == "heldout":  # the monitor's probe: the held-out pairs measured below
-                extra["probe_file"] = str(heldout_file)
-            run = train(name, cfg["lr"], model_dir, train_file, out, cfg, seed=seed, extra=extra)
-            res_file = run / "result.json"
-            if not res_file.exists():
-                res = {**metrics(loss, sequence_logps(run, pairs["test"], model_dir), ref["test"]),
-                       **trace_summary(run), **{f"own_{k}": v for k, v in
-                                                own_samples(run, model_dir, prompts["test"], cfg, args.quick).items()}}
-                res_file.write_text(json.dumps(res))
-            results[loss].append(json.loads(res_file.read_text()))
-            if seed == 42:
-                runs42[loss] = run
-            print(f"[binding_regime] {run.name}: {json.dumps(results[loss][-1])}", flush=True)
-
-    keys = ["in_band_frac", "dz_w", "dz_l", "chosen_up_frac", "acc_implicit", "acc_own", "own_gold", "own_tokens"]
-    split_keys = ["dz_w_shared", "dz_w_rest", "dz_l_rest"]
-    summary = {loss: {k: strict(mean_ci([r[k] for r in rs])) for k in keys + split_keys if all(k in r for r in rs)}
-               for loss, rs in results.items()}
+    results, runs42 = train_matrix(losses, args.seeds, cfg, model_dir, train_file, out, pairs["test"], ref["test"],
+                                   lambda run: own_samples(run, model_dir, prompts["test"], cfg, args.quick),
+                                   {"heldout": str(heldout_file)})
+    summary = summarise(results, initial)
     plot_pairs = [p for p in (("dpo", "rc_dpo"), ("simpo", "rc_simpo")) if all(x in runs42 for x in p)]
     img_root = Path(args.docs) if args.docs else out
     png = img_root / "img" / f"binding_regime{'_quick' if args.quick else ''}.png"
     if plot_pairs:
         model_name = "tiny" if args.quick else "SmolLM2-135M-Instruct"
         plot(runs42, png, plot_pairs, f"{model_name}: gold-labelled shared-prefix pairs (seed 42)")
-    print("\n| loss | steps in band | Δ log π(y_w) | Δ log π(y_l) | chosen rose | acc. (implicit) | acc. (own) "
-          "| own samples: gold | own samples: tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| initial model | — | — | — | — | — | — | {initial['gold']:+.2f} | {initial['tokens']:.1f} |")
-    for loss, s in summary.items():
-        cells = [(f"{s[k][0]:+.2f}" if k in ("dz_w", "dz_l", "own_gold", "own_tokens") else f"{s[k][0]:.2f}")
-                 + (f" ± {s[k][1]:.2f}" if s[k][1] is not None else "") for k in keys]
-        print(f"| {loss} | " + " | ".join(cells) + " |")
-    print("\n| loss | Δ log π(y_w) | shared start (both responses) | y_w's rest | y_l's rest |")
-    print("|---|---|---|---|---|")
-    for loss, s in summary.items():
-        if all(k in s for k in split_keys):
-            print(f"| {loss} | " + " | ".join(f"{s[k][0]:+.2f}" + (f" ± {s[k][1]:.2f}" if s[k][1] is not None else "")
-                                              for k in ["dz_w"] + split_keys) + " |")
-    print()
     headline = {"mode": "quick" if args.quick else "full",
                 "model": "tiny" if args.quick else "SmolLM2-135M-Instruct", "seeds": args.seeds,
                 "n_train": len(train_rows), "n_test": len(pairs["test"]),
@@ -371,7 +392,7 @@ def main(argv=None) -> int:
                 "geometry": geo, "initial_own": {k: initial[k] for k in ("gold", "tokens")},
                 "shared_tokens": statistics.fmean(r.get("shared_tokens", 0) for rs in results.values() for r in rs)
                 if results else None,
-                "summary": summary, "per_seed": {loss: [{k: r[k] for k in keys + split_keys if k in r} for r in rs]
+                "summary": summary, "per_seed": {loss: [{k: r[k] for k in KEYS + SPLIT_KEYS if k in r} for r in rs]
                                                  for loss, rs in results.items()},
                 "png": str(png) if plot_pairs else None, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(headline))
