@@ -35,17 +35,17 @@ import torch
 from .errors import OptionError
 
 
-def check_share(config, packed: bool = False, max_len: int | None = None, flag: str = "--po.share_prompt",
-                attn_flag: str = "--ds.attn_implementation", len_flag: str = "--data.max_len") -> None:
+def check_share(config, max_len: int | None = None, flag: str = "--po.share_prompt",
+                attn_flag: str = "--ds.attn_implementation", len_flag: str = "--data.max_len",
+                flash_hint: str = "") -> None:
     """One OptionError naming the fix where pair rows would not give the stock log-probs: a flash-attention model (its
     kernels take no 4D mask), sliding-window layers whose window a sequence of `max_len` tokens can outgrow (the block
-    mask is full causal within a sequence), or layers of another kind (chunked, linear attention)."""
+    mask is full causal within a sequence), or layers of another kind (chunked, linear attention). The flags are the
+    host's; `flash_hint`: the host's reason the model runs flash attention, if it forces it."""
     impl = str(getattr(config, "_attn_implementation", None) or "eager")
     if impl.startswith("flash"):
-        why = (" (OpenRLHF loads flash_attention_2 whenever --ds.packing_samples is on: drop it, the pair rows already "
-               "leave out the repeated prompts)") if packed else ""
         raise OptionError(f"{flag} lays each pair on one row under a block attention mask, which {impl} cannot take: "
-                          f"use {attn_flag} sdpa (or eager){why}")
+                          f"use {attn_flag} sdpa (or eager){f' ({flash_hint})' if flash_hint else ''}")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     kinds = set(getattr(text, "layer_types", None) or ())
     other = kinds - {"full_attention", "sliding_attention"}

@@ -125,6 +125,7 @@ def test_models_the_block_mask_cannot_serve_are_refused_with_the_fix():
     from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
     from po_plugins.errors import OptionError
+    from po_plugins.hosts.openrlhf import PACKED_FLASH
     from po_plugins.share import check_share
 
     check_share(LlamaConfig(attn_implementation="sdpa"), max_len=8192)
@@ -132,7 +133,7 @@ def test_models_the_block_mask_cannot_serve_are_refused_with_the_fix():
     with pytest.raises(OptionError, match="flash_attention_2 cannot take: use --ds.attn_implementation sdpa"):
         check_share(LlamaConfig(attn_implementation="flash_attention_2"))
     with pytest.raises(OptionError, match="--ds.packing_samples is on: drop it"):
-        check_share(LlamaConfig(attn_implementation="flash_attention_2"), packed=True)
+        check_share(LlamaConfig(attn_implementation="flash_attention_2"), flash_hint=PACKED_FLASH)
     with pytest.raises(OptionError, match="set --data.max_len 4096 or less"):
         check_share(Gemma2Config(), max_len=8192)
     cfg = LlamaConfig()

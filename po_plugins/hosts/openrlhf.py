@@ -48,6 +48,9 @@ SPEC = HostSpec("OpenRLHF", "openrlhf", "openrlhf", "0.10.2", "0.12", "dotted fl
 ))
 SUPPORTED = (SPEC.lo, SPEC.hi)  # >=, <
 STATE_KEY = "po_plugins"
+# why a packed OpenRLHF model runs flash attention (share_prompt's refusal says so; the block mask needs sdpa/eager)
+PACKED_FLASH = ("OpenRLHF loads flash_attention_2 whenever --ds.packing_samples is on: drop it, the pair rows already "
+                "leave out the repeated prompts")
 
 
 def host_version() -> str | None:
@@ -314,8 +317,9 @@ def _trainer_class():
             if self._po_share:
                 for actor in (self.model, self.ref_model):
                     if actor is not None:
-                        check_share(_head_of(actor.model)[0].config, bool(getattr(actor, "packing_samples", False)),
-                                    int(self.args.data.max_len))
+                        packed = bool(getattr(actor, "packing_samples", False))
+                        check_share(_head_of(actor.model)[0].config, int(self.args.data.max_len),
+                                    flash_hint=PACKED_FLASH if packed else "")
             if self.po.need_scores and not self._po_fused:
                 head.register_forward_hook(self._po_hook)
             states = getattr(self.strategy, "_po_client_states", None) or {}
