@@ -115,11 +115,12 @@ def flags(model, data, out, shape, accum) -> list[str]:
             "--ckpt.output_dir", str(out), "--ckpt.disable_ds", "--lr_warmup_ratio", "0"]
 
 
-def run_mode(mode, model, data, work, shape, accum):
+def run_mode(mode, model, data, work, shape, accum, ref_data: Path | None = None):
+    """One mode's child run; the modes with stored reference log-probs read `ref_data` (stored_refs' file)."""
     from po_plugins.tiny import run_module
 
     if "--po.ref_logp_keys" in MODES[mode]:
-        data = work / "pairs_ref.jsonl"
+        data = ref_data
 
     out = work / f"{mode}.json"
     args = ["--child", "stock" if mode == "stock" else "plugin", "--child_out", out, "--",
@@ -171,12 +172,12 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             model, data = build(work, shape, steps * args.accum * shape[3])
-            if any("--po.ref_logp_keys" in MODES[m] for m in modes):
-                stored_refs(work, model, data, shape)
+            ref_data = (stored_refs(work, model, data, shape)
+                        if any("--po.ref_logp_keys" in MODES[m] for m in modes) else None)
             res = {m: {"step": [], "peak": []} for m in modes}
             for rep in range(reps):
                 for mode in modes:  # interleaved: drift hits every mode alike
-                    t, peak = run_mode(mode, model, data, work, shape, args.accum)
+                    t, peak = run_mode(mode, model, data, work, shape, args.accum, ref_data)
                     res[mode]["step"].append(t)
                     res[mode]["peak"].append(peak)
                     print(f"{name} rep {rep + 1}/{reps} {mode:>13}: step {t:.3f} s, peak +{peak / 2**20:.0f} MiB",
