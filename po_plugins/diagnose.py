@@ -228,6 +228,12 @@ def recommend(loss_name: str, shared_frac: float, whole_in: float, ratio: float 
     r = r_star if rc and r_star is not None else ratio
     what = f"RC moves r to the band's centre r* = {r:.2f}" if rc and r is not None else \
         f"{loss_name}'s incentive ratio r = d_w/d_l is {r:.2f}" if r is not None else ""
+    if shared_frac >= 0.05 and r is not None and r < 0.95 and rc:
+        return (f"{shared_frac:.0%} of the response text is shared starts and {what}, below 1: that pushes the "
+                f"shared text down in both responses (the binding regime: rc_{base} below {base}); train with "
+                "--po.rc_target nearest (calibrates only the micro-batches outside their band: it kept "
+                f"{base}'s result there), or at least --po.shared_prefix guard (takes back the shared part only; "
+                "docs/choosing.md)")
     if shared_frac >= 0.05 and r is not None and r < 0.95:
         return (f"{shared_frac:.0%} of the response text is shared starts and {what}, below 1: that pushes the "
                 "shared text down in both responses; train with --po.shared_prefix guard (a pair's shared start keeps "
@@ -245,7 +251,8 @@ def recommend(loss_name: str, shared_frac: float, whole_in: float, ratio: float 
                 f"would{other}: with such add --po.shared_prefix guard (docs/choosing.md)")
     if whole_in < 0.5 and not rc:
         return (f"{loss_name} is out of band in most batches at the initial model: watch the monitor's alarm; "
-                f"rc_{base} calibrates the ratio (docs/choosing.md)")
+                f"rc_{base} calibrates the ratio, and with --po.rc_target nearest it was never worse than {base} in "
+                "the regimes measured (docs/choosing.md)")
     return f"{loss_name} is in band in most batches and the pairs share little text: train as is (docs/choosing.md)"
 
 

@@ -152,11 +152,16 @@ class Plugin:
     _scoped = False
 
     def _alarm_hint(self, run) -> str:
-        """What to try when the chosen responses are measured falling, in the host's terms: the other side of the
-        calibration (each side displaced where the other did not: docs/results_binding_regime.md, docs/demo.md), a
-        lower learning rate, a chosen-NLL term where the host has one."""
+        """What to try when the chosen responses are measured falling, in the host's terms: for the band-centre
+        calibration its do-no-harm target (`rc_target nearest`: never worse than the base objective in the regimes of
+        docs/choosing.md), the other side of the calibration (each side displaced where the other did not:
+        docs/results_binding_regime.md, docs/demo.md), a lower learning rate, a chosen-NLL term where the host has
+        one."""
         name = self.loss.name
-        other = (f"{run.spell_loss(name[3:])} (uncalibrated)" if self.calibrating
+        near = ""
+        if self.calibrating and getattr(self.loss, "rc_target", "nearest") == "center":
+            near = f"{run.spell_option('rc_target', 'nearest')} (calibrates only micro-batches outside their band), "
+        other = (f"{near}{run.spell_loss(name[3:])} (uncalibrated)" if self.calibrating
                  else f"{run.spell_loss('rc_' + name)} (calibrated)")
         nll = f", a chosen-NLL term ({run.nll_flag})" if getattr(run, "nll_flag", "") else ""
         return f"{other}, a lower learning rate{nll}"

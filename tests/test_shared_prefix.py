@@ -261,3 +261,29 @@ def test_guard_decides_per_pair_from_the_backwards_own_gradient():
     assert torch.equal(out, torch.zeros(4))
     (g,) = torch.autograd.grad((out * torch.tensor([-2.0, -1.0, 1.0, 3.0])).sum(), [p])
     assert g.tolist() == [-2.0, 0.0, 1.0, 0.0]  # pair 0: −2 + 1 < 0 kept; pair 1: −1 + 3 > 0 dropped
+
+
+@pytest.mark.parametrize("loss,hp,names_nearest", [("rc_dpo", {}, True), ("rc_dpo", {"rc_target": "nearest"}, False),
+                                                   ("dpo", {}, False)])
+def test_the_alarm_names_the_do_no_harm_target_for_centre_calibration(tmp_path, loss, hp, names_nearest):
+    """The measured alarm's advice (Plugin._alarm_hint) puts `rc_target nearest` first for the paper's centre target
+    (never worse than the base objective in docs/choosing.md's regimes), in the host's spelling; not when it is
+    already on, nor for an uncalibrated objective (which is told of its rc_ twin)."""
+    from po_plugins.hosts.base import RunInfo
+    from po_plugins.plugin import Plugin
+
+    run = RunInfo(1, 1, str(tmp_path), lambda n: f"--loss {n}", spell_option=lambda k, v: f"po_{k}={v!r}")
+    hint = Plugin(build(loss, **hp), {"recheck_every": 0}, _Host(), run)._alarm_hint(run)
+    assert hint.startswith("po_rc_target='nearest'") == names_nearest, hint
+    assert ("--loss dpo (uncalibrated)" in hint) == loss.startswith("rc_")
+    assert ("--loss rc_dpo (calibrated)" in hint) == (loss == "dpo")
+
+
+def test_diagnose_recommends_nearest_where_rc_pushes_shared_text_down():
+    from po_plugins.diagnose import recommend
+
+    down = recommend("rc_dpo", 0.49, 0.9, 1.0, r_star=0.6)
+    assert "--po.rc_target nearest" in down and "--po.shared_prefix guard" in down and "r* = 0.60" in down
+    assert "--po.rc_target nearest" not in recommend("rc_dpo", 0.49, 0.9, 1.0, r_star=1.3)  # pushes it up: keep RC
+    assert "--po.rc_target nearest" not in recommend("simpo", 0.49, 0.5, 0.34)  # base objective: guard
+    assert "rc_dpo calibrates the ratio, and with --po.rc_target nearest" in recommend("dpo", 0.0, 0.3, 1.0)
