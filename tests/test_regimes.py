@@ -41,12 +41,17 @@ def test_fact_pairs_are_gold_labelled_and_held_out_by_country():
     assert gold([q, q], [f"It is {right.lower()}.", "It is Atlantis."]) == [1.0, 0.0]
 
 
-def test_regimes_quick_fact_edit_end_to_end(tmp_path):
-    res = subprocess.run([sys.executable, str(BENCH / "regimes.py"), "--regime", "fact_edit", "--quick", "--out",
-                          str(tmp_path), "--seeds", "1", "--losses", "dpo,rc_dpo+rc_target=nearest"],
-                         capture_output=True, text=True, timeout=900)
+def _quick(tmp_path, regime: str, losses: str) -> dict:
+    """benchmarks/regimes.py --quick, one seed: its last line, the headline JSON."""
+    res = subprocess.run([sys.executable, str(BENCH / "regimes.py"), "--regime", regime, "--quick", "--out",
+                          str(tmp_path), "--seeds", "1", "--losses", losses], capture_output=True, text=True,
+                         timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    head = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_regimes_quick_fact_edit_end_to_end(tmp_path):
+    head = _quick(tmp_path, "fact_edit", "dpo,rc_dpo+rc_target=nearest")
     assert head["regime"] == "fact_edit" and head["n_train"] == 144 and head["n_test"] == 96
     assert head["test_shared_pairs_frac"] == 1.0  # every pair shares "The capital of X is"
     for setting in ("dpo", "rc_dpo+rc_target=nearest"):
@@ -58,10 +63,6 @@ def test_regimes_quick_fact_edit_end_to_end(tmp_path):
 
 
 def test_regimes_quick_human_end_to_end(tmp_path):
-    res = subprocess.run([sys.executable, str(BENCH / "regimes.py"), "--regime", "human", "--quick", "--out",
-                          str(tmp_path), "--seeds", "1", "--losses", "simpo"],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    head = json.loads(res.stdout.strip().splitlines()[-1])
+    head = _quick(tmp_path, "human", "simpo")
     assert head["regime"] == "human" and head["n_train"] == 32 and head["n_test"] == 16
     assert set(head["summary"]) == {"simpo"}
