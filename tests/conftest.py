@@ -3,6 +3,8 @@
 
 import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +33,22 @@ def _nearest_alpha_counts(recs, margin, tol=1e-4):
             assert a != 1.0 and min(abs(r["log_r"] - lo), abs(r["log_r"] - hi)) < tol and r["in_band"] == 1.0, r
             moved += 1
     return inside, moved
+
+
+def _load_benchmark(name: str):
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))  # the script's own imports (common, band_regimes, ...)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def load_benchmark():
+    """`load_benchmark("regimes")`: benchmarks/regimes.py as a module, for tests of its functions."""
+    return _load_benchmark
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """benchmarks/band_regimes.py (issue 13, item 2): its --quick mode runs end to end, the regimes are built as the
 page says, and the batch statistics behave as the band's geometry requires."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,20 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-def _load():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_band_regimes", BENCH / "band_regimes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_band_regimes_quick(tmp_path):
+def test_band_regimes_quick(tmp_path, load_benchmark):
     res = subprocess.run([sys.executable, str(BENCH / "band_regimes.py"), "--quick", "--out", str(tmp_path)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    mod = _load()
+    mod = load_benchmark("band_regimes")
     assert out["mode"] == "quick" and out["batch"] == 8
     reg = out["regimes"]
     assert list(reg) == mod.REGIMES
@@ -50,8 +41,8 @@ def test_band_regimes_quick(tmp_path):
     assert reg["unrelated_human"]["identical_frac"] == 0.0
 
 
-def test_identical_pair_and_edits(tmp_path):
-    mod = _load()
+def test_identical_pair_and_edits(tmp_path, load_benchmark):
+    mod = load_benchmark("band_regimes")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,7 +1,6 @@
 """Experiments 2 and 3 of issue 6: their --quick modes run end to end through the real CLIs, and their data
 construction (human-rated pairs, quality tiers, Bradley-Terry labels, the VADER corpus reader) is right."""
 
-import importlib.util
 import io
 import json
 import math
@@ -14,14 +13,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-
-
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _quick(script, tmp_path, timeout, *extra):
@@ -68,8 +59,8 @@ def test_displacement_quick(tmp_path):
     assert all(r["chosen_rating"] - r["rejected_rating"] >= 1.5 for s in rows for r in rows[s])
 
 
-def test_displacement_pairs_follow_human_ratings():
-    mod = _load("displacement")
+def test_displacement_pairs_follow_human_ratings(load_benchmark):
+    mod = load_benchmark("displacement")
     snippets = [{"id": str(i), "rating": (i % 9) - 4.0, "text": f"snippet number {i} is here"} for i in range(300)]
     cfg = dict(mod.QUICK, train_pairs=40, val_pairs=10, test_pairs=10)
     pairs = mod.make_pairs(snippets, cfg)
@@ -83,8 +74,8 @@ def test_displacement_pairs_follow_human_ratings():
         mod.make_pairs([dict(s, rating=0.0) for s in snippets], cfg)
 
 
-def test_tiers_and_bradley_terry_labels():
-    mod = _load("madpo_tiers")
+def test_tiers_and_bradley_terry_labels(load_benchmark):
+    mod = load_benchmark("madpo_tiers")
     rows = [{"prompt": f"p{i}", "samples": [f"a{i}", f"b{i}"], "sample_rewards": [0.5 * (i % 5), 1.05],
              "human": f"h{i}", "human_reward": 2.5} for i in range(4000)]
     high, medium, low = (mod.tier_pairs(rows, t, seed=3) for t in ("high", "medium", "low"))
@@ -180,9 +171,9 @@ def test_madpo_tiers_oracle_quick(tmp_path):
     assert Path(out["png"]).name == "madpo_tiers_oracle_quick.png"
 
 
-def test_movie_snippets_reader(tmp_path, monkeypatch):
+def test_movie_snippets_reader(tmp_path, monkeypatch, load_benchmark):
     """The reader takes the ground-truth file out of the tarball inside the sdist, without the network."""
-    mod = _load("real_assets")
+    mod = load_benchmark("real_assets")
     lines = "".join(f"{i}\t{(i % 9) - 4:.2f}\tsnippet {i}, with\ttab\n" for i in range(1, 10_101))
     inner = io.BytesIO()
     with tarfile.open(fileobj=inner, mode="w:gz") as t:

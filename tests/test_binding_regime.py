@@ -1,7 +1,6 @@
 """benchmarks/binding_regime.py (issue 13, item 2, training): its --quick mode runs end to end through the real
 label_pairs and train_dpo commands, the pairs are what the page says, and a re-run reuses every finished part."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -66,7 +65,7 @@ def test_binding_regime_quick(tmp_path):
     assert head2["summary"] == head["summary"] and head2["per_seed"] == head["per_seed"]
 
 
-def test_full_model_band_of_the_head_weight_alone_is_the_head_band(tmp_path):
+def test_full_model_band_of_the_head_weight_alone_is_the_head_band(tmp_path, load_benchmark):
     """full_geometry's autograd scores, restricted to the (untied) head weight, give the head band that
     band_regimes.batch_stats computes in closed form from hidden states (po_plugins.scores.step_score_sums)."""
     import torch
@@ -74,10 +73,7 @@ def test_full_model_band_of_the_head_weight_alone_is_the_head_band(tmp_path):
 
     from po_plugins.tiny import make_model, shared_pair_rows
 
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_binding_regime", BENCH / "binding_regime.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("binding_regime")
     model_dir = make_model(tmp_path / "m", hidden_size=32, layers=2, heads=4)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()

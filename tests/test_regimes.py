@@ -3,7 +3,6 @@ its --quick mode trains and evaluates through the real command end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,16 +11,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _module():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_regimes", BENCH / "regimes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_fact_pairs_are_gold_labelled_and_held_out_by_country():
-    mod = _module()
+def test_fact_pairs_are_gold_labelled_and_held_out_by_country(load_benchmark):
+    mod = load_benchmark("regimes")
     cfg = mod.FULL["fact_edit"]
     pairs, questions, gold = mod.fact_data(cfg)
     capital = dict(mod.CAPITALS)
