@@ -228,13 +228,13 @@ def recommend(loss_name: str, shared_frac: float, whole_in: float, ratio: float 
     r = r_star if rc and r_star is not None else ratio
     what = f"RC moves r to the band's centre r* = {r:.2f}" if rc and r is not None else \
         f"{loss_name}'s incentive ratio r = d_w/d_l is {r:.2f}" if r is not None else ""
-    if shared_frac >= 0.05 and r is not None and r < 0.95 and rc:
-        return (f"{shared_frac:.0%} of the response text is shared starts and {what}, below 1: that pushes the "
-                f"shared text down in both responses (the binding regime: rc_{base} below {base}); train with "
-                "--po.rc_target nearest (calibrates only the micro-batches outside their band: it kept "
-                f"{base}'s result there), or at least --po.shared_prefix guard (takes back the shared part only; "
-                "docs/choosing.md)")
     if shared_frac >= 0.05 and r is not None and r < 0.95:
+        if rc:
+            return (f"{shared_frac:.0%} of the response text is shared starts and {what}, below 1: that pushes the "
+                    f"shared text down in both responses (the binding regime: rc_{base} below {base}); train with "
+                    "--po.rc_target nearest (calibrates only the micro-batches outside their band: it kept "
+                    f"{base}'s result there), or at least --po.shared_prefix guard (takes back the shared part only; "
+                    "docs/choosing.md)")
         return (f"{shared_frac:.0%} of the response text is shared starts and {what}, below 1: that pushes the "
                 "shared text down in both responses; train with --po.shared_prefix guard (a pair's shared start keeps "
                 "its gradient where the pair pushes it up, loses it where it would push it down; docs/choosing.md)")
